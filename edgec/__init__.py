@@ -1,0 +1,2 @@
+"""edgec: edge-deployment pipeline."""
+__version__ = "0.1.0"
