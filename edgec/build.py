@@ -19,6 +19,7 @@ from rich.console import Console
 
 from edgec.pipeline.artifact import BUNDLE, CHECKPOINT_FILE
 from edgec.pipeline.cache import StageCache
+from edgec.pipeline.export import MANIFEST
 from edgec.pipeline.registry import IMPLEMENTED, PLANNED
 from edgec.pipeline.runner import StepResult, run_chain
 from edgec.pipeline.source import make_source
@@ -30,6 +31,7 @@ from .data import load_dataset
 from .errors import ConfigError, InputError
 
 BUILD_FILE = "build.json"
+REFERENCE_FILE = "reference.pt"
 BUNDLE_DIR = "bundle"
 
 
@@ -90,7 +92,7 @@ def _build(config: BuildConfig, target, console: Console, force: str | None) -> 
         ],
         "config": config.model_dump(mode="json"),
     }
-    _publish(final_dir, steps[-1] if steps else None, source, summary)
+    _publish(final_dir, steps, source, summary)
     return BuildResult(final_dir, steps, time.perf_counter() - start, summary)
 
 
@@ -104,14 +106,28 @@ def _check_writable(folder: Path) -> None:
         raise InputError(f"cannot write to {folder} ({e.strerror}); choose another folder with --out / --cache-dir") from None
 
 
-def _publish(final_dir: Path, last: StepResult | None, source, summary: dict[str, Any]) -> None:
+def _write_lineage(manifest_path: Path, summary: dict[str, Any]) -> None:
+    """The manifest's lineage names every stage with its config and cache key. The manifest is
+    not in its own file table, so this does not disturb the recorded hashes."""
+    manifest = json.loads(manifest_path.read_text())
+    manifest["lineage"] = [
+        {"stage": s["stage"], "config": summary["config"].get(s["stage"]), "cache_key": s["key"]} for s in summary["stages"]
+    ]
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _publish(final_dir: Path, steps: list[StepResult], source, summary: dict[str, Any]) -> None:
+    """build.json, the bundle (when the chain exports) and the model that went into export as
+    reference.pt (``edgec bench --reference`` times it); or model.pt when the chain ends on a model."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}-", dir=final_dir.parent))
     try:
-        artifact = last.artifact if last else source
-        if artifact.kind == BUNDLE:
-            shutil.copytree(artifact.path, tmp / BUNDLE_DIR, ignore=shutil.ignore_patterns("entry.json"))
+        artifacts = [source] + [s.artifact for s in steps]
+        if artifacts[-1].kind == BUNDLE:
+            shutil.copytree(artifacts[-1].path, tmp / BUNDLE_DIR, ignore=shutil.ignore_patterns("entry.json"))
+            _write_lineage(tmp / BUNDLE_DIR / MANIFEST, summary)
+            shutil.copy2(artifacts[-2].path / CHECKPOINT_FILE, tmp / REFERENCE_FILE)
         else:
-            shutil.copy2(artifact.path / CHECKPOINT_FILE, tmp / CHECKPOINT_FILE)
+            shutil.copy2(artifacts[-1].path / CHECKPOINT_FILE, tmp / CHECKPOINT_FILE)
         (tmp / BUILD_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         old = final_dir.with_name(f".{final_dir.name}-old")
         if old.exists():

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import ConfigError, EdgecError
+from .errors import ConfigError, EdgecError, RunError
 
 app = typer.Typer(
     name="edgec",
@@ -180,3 +180,165 @@ def main() -> None:
         print(f"error: internal error {type(e).__name__}: {e} (rerun with --debug and report it)", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _ondevice_errors():
+    from edgec.ondevice.errors import BundleError
+
+    return BundleError
+
+
+@app.command()
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (OUT/<target>/bundle).")],
+    exact: Annotated[bool, typer.Option(help="Demand bit-identical outputs instead of the manifest's tolerance.")] = False,
+    runtime: Annotated[Optional[str], typer.Option(help="Force a runtime package: ai-edge-litert, tflite-runtime or onnxruntime.")] = None,
+    emulate: Annotated[Optional[str], typer.Option(help="Run the check on an emulated device: arm64 (Raspberry Pi OS bookworm under qemu-user).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file ('-' for stdout).")] = None,
+) -> None:
+    """Check every file's sha256, the transport payload, load the model in its runtime, reproduce the test vectors, measure accuracy."""
+    from edgec.ondevice import render_verify, verify_bundle
+
+    BundleError = _ondevice_errors()
+    console = Console(stderr=json_out is not None and str(json_out) == "-")
+    try:
+        if emulate is not None:
+            results = _verify_emulated(bundle, emulate, console)
+        else:
+            results = [verify_bundle(str(bundle), exact=exact, runtime=runtime)]
+    except BundleError as e:
+        raise ConfigError(str(e)) from None
+    for result in results:
+        _echo(render_verify(result), json_out)
+    _write_json(json_out, results[0] if len(results) == 1 else {"schema": "edgec-verify-emulated", "runs": results})
+    failed = [r for r in results if not r["ok"]]
+    if failed:
+        raise RunError("verify failed: " + "; ".join(e for r in failed for e in r.get("errors", [])[:3]))
+
+
+def _verify_emulated(bundle: Path, emulate: str, console: Console) -> list[dict]:
+    """arm64: ai-edge-litert must reproduce the build's outputs bit for bit; tflite-runtime (whose
+    kernels may round an int8 output one step differently) within the manifest's tolerance."""
+    from edgec.emulation import DEFAULT_CACHE_DIR, verify_bundle_emulated
+    from edgec.ondevice import load_bundle
+
+    if emulate != "arm64":
+        raise ConfigError(f"--emulate {emulate!r}: only arm64 is supported")
+    if load_bundle(str(bundle)).runtime_name != "tflite":
+        raise ConfigError("--emulate arm64 checks TFLite bundles (rpi, mobile); this bundle is for onnxruntime")
+    results = []
+    with console.status("preparing emulated arm64 userland") as status:
+        for runtime, exact in (("ai-edge-litert", True), ("tflite-runtime", False)):
+            result = verify_bundle_emulated(bundle, DEFAULT_CACHE_DIR, runtime, progress=status.update, exact=exact)
+            if result.get("top1_agreement") not in (None, 1.0):
+                result["ok"] = False
+                result.setdefault("errors", []).append(
+                    f"{runtime}: top-1 predictions differ from the build machine's (agreement {result['top1_agreement']})"
+                )
+            emu = result["emulation"]
+            console.print(f"[bold]{emu.get('machine')}[/] {runtime} {emu.get('runtime_version', '')} "
+                          f"({'bit-exact' if exact else 'within tolerance'}): {'[green]ok[/]' if result['ok'] else '[red]FAILED[/]'}")
+            results.append(result)
+    return results
+
+
+def _echo(text: str, json_out: Optional[Path]) -> None:
+    """Pre-rendered tables go out as they are (rich would re-wrap them); to stderr when stdout carries JSON."""
+    print(text, file=sys.stderr if json_out is not None and str(json_out) == "-" else sys.stdout)
+
+
+def _write_json(dest: Optional[Path], obj: dict) -> None:
+    if dest is None:
+        return
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    if str(dest) == "-":
+        sys.stdout.write(text)
+    else:
+        dest.write_text(text)
+
+
+@app.command()
+def bench(
+    bundle: Annotated[Optional[Path], typer.Argument(help="Bundle directory.")] = None,
+    warmup: Annotated[int, typer.Option(help="Warmup runs before timing.")] = 10,
+    runs: Annotated[int, typer.Option(help="Minimum timed runs at batch 1.")] = 200,
+    min_seconds: Annotated[float, typer.Option(help="Keep timing until at least this many seconds have passed.")] = 1.0,
+    sweep: Annotated[bool, typer.Option(help="Sweep runtime settings (threads, XNNPACK / provider, graph optimisation) and keep the best.")] = True,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes for throughput, comma-separated.")] = "1,8,32",
+    runtime: Annotated[Optional[str], typer.Option(help="Force a runtime package: ai-edge-litert, tflite-runtime or onnxruntime.")] = None,
+    reference: Annotated[bool, typer.Option(help="Also time the fp32 torch model (OUT/<target>/reference.pt) in this run and report the speedup.")] = False,
+    write_recommended: Annotated[bool, typer.Option(help="Write the best setting into the bundle's manifest as runtime.recommended.")] = True,
+    compare: Annotated[Optional[list[Path]], typer.Option(help="Compare two bench JSON files (give --compare A --compare B) instead of running.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file ('-' for stdout).")] = None,
+    markdown: Annotated[bool, typer.Option(help="Print a Markdown table instead of the text table.")] = False,
+) -> None:
+    """Measure a bundle: load, first inference, latency percentiles, throughput, memory, accuracy."""
+    from edgec.benchmarking import compare_results, render_comparison, run_bench
+
+    if compare:
+        if len(compare) != 2 or bundle is not None:
+            raise ConfigError("--compare takes exactly two bench JSON files: --compare A.json --compare B.json (and no bundle)")
+        comparison = compare_results(compare[0], compare[1])
+        _echo(render_comparison(comparison, markdown), json_out)
+        _write_json(json_out, comparison)
+        if comparison["regressions"]:
+            raise RunError(f"{len(comparison['regressions'])} regression(s): " + ", ".join(r["figure"] for r in comparison["regressions"]))
+        return
+    if bundle is None:
+        raise ConfigError("give a bundle directory, or --compare A.json --compare B.json")
+    sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    console = Console(stderr=json_out is not None and str(json_out) == "-")
+    result, text = run_bench(bundle, console, warmup=warmup, runs=runs, min_seconds=min_seconds, sweep=sweep,
+                             batch_sizes=sizes, runtime=runtime, reference=reference,
+                             write_recommended=write_recommended, markdown=markdown)
+    _echo(text, json_out)
+    _write_json(json_out, result)
+    if not result["ok"]:
+        raise RunError("bench failed: " + "; ".join(result.get("errors", [])[:3]))
+
+
+@app.command()
+def check(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    bench_result: Annotated[Optional[Path], typer.Option("--bench", help="A bench JSON (edgec bench --json) for the latency budget.")] = None,
+    max_model_bytes: Annotated[Optional[int], typer.Option(help="Override the target's budget.")] = None,
+    max_transport_bytes: Annotated[Optional[int], typer.Option(help="Override the target's budget.")] = None,
+    max_p95_ms: Annotated[Optional[float], typer.Option(help="Override the target's budget (needs --bench).")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Override the target's budget.")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option(help="Override the target's budget.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file ('-' for stdout).")] = None,
+) -> None:
+    """Apply the target's budgets; exit 1 listing every violation, 0 when all hold."""
+    from edgec.budgets import check_budgets
+    from edgec.ondevice import load_bundle
+    from edgec.targets.profile import Budgets
+
+    BundleError = _ondevice_errors()
+    try:
+        manifest = load_bundle(str(bundle)).manifest
+    except BundleError as e:
+        raise ConfigError(str(e)) from None
+    budgets = Budgets.model_validate(manifest["target"]["profile"]["budgets"])
+    overrides = {
+        "max_model_bytes": max_model_bytes, "max_transport_bytes": max_transport_bytes, "max_p95_ms": max_p95_ms,
+        "max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
+    }
+    budgets = budgets.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    bench_data = None
+    if bench_result is not None:
+        from edgec.benchmarking import load_bench_json
+
+        bench_data = load_bench_json(bench_result)
+    rows = check_budgets(manifest, budgets, bench_data)
+    table = Table(title=f"budgets: {manifest['target']['name']}", show_edge=False)
+    for col in ("budget", "limit", "actual", "result"):
+        table.add_column(col)
+    for r in rows:
+        verdict = "[dim]unknown (no --bench)[/]" if r["ok"] is None else ("[green]ok[/]" if r["ok"] else "[red]VIOLATED[/]")
+        table.add_row(r["budget"], f"{r['op']} {r['limit']}", "-" if r["actual"] is None else f"{r['actual']:.6g}", verdict)
+    console = Console(stderr=json_out is not None and str(json_out) == "-")
+    console.print(table)
+    _write_json(json_out, {"schema": "edgec-check", "schema_version": 1, "budgets": rows})
+    violated = [r for r in rows if r["ok"] is False]
+    if violated:
+        raise RunError("budget violated: " + "; ".join(f"{r['budget']} {r['actual']:.6g} (limit {r['op']} {r['limit']})" for r in violated))

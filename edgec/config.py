@@ -13,6 +13,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgec.pipeline.registry import DEFAULT_STAGES, IMPLEMENTED, PLANNED
+from edgec.pipeline.distill import DistillConfig
+from edgec.pipeline.export import ExportConfig
+from edgec.pipeline.prune import PruneConfig
+from edgec.pipeline.retrain import RetrainConfig
+from edgec.pipeline.share import ShareConfig
 from edgec.pipeline.train import TrainConfig
 
 from .errors import ConfigError
@@ -56,6 +61,11 @@ class BuildConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    prune: PruneConfig = PruneConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    share: ShareConfig = ShareConfig()
+    distill: DistillConfig = DistillConfig()
+    export: ExportConfig = ExportConfig()
 
     def stage_config(self, name: str):
         return getattr(self, name)

@@ -10,6 +10,8 @@ Field reference (also in the README):
   providers               onnxruntime execution providers in order of preference (onnx only)
   fp32_fallback           also ship an fp32 model file beside a reduced-precision one (onnx only)
   requirements            pip requirement lines for the device (written to the bundle's requirements.txt)
+  requirements_file       or: a requirements file beside the built-in profiles (rpi: the same file the
+                          arm64 emulation and Dockerfile.arm64 install, so there is one install list)
   budgets                 limits enforced by ``edgec check``; a missing limit is not checked
 """
 
@@ -19,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgec.errors import ConfigError
 
@@ -50,8 +52,22 @@ class TargetProfile(BaseModel):
     threads: int = Field(1, ge=1)
     providers: list[str] = ["CPUExecutionProvider"]
     fp32_fallback: bool = False
-    requirements: list[str]
+    requirements: list[str] = []
+    requirements_file: str | None = None
     budgets: Budgets = Budgets()
+
+    @model_validator(mode="after")
+    def _read_requirements_file(self):
+        if self.requirements_file:
+            path = Path(__file__).parent / self.requirements_file
+            if not path.is_file():
+                raise ValueError(f"requirements_file {self.requirements_file!r} not found beside the built-in profiles")
+            self.requirements = [
+                line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+            ]
+        if not self.requirements:
+            raise ValueError("a target needs requirements (or requirements_file): the packages its device installs")
+        return self
 
 
 def builtin_targets() -> dict[str, TargetProfile]:

@@ -1,0 +1,219 @@
+"""Command line: ``python run.py verify|bench|predict`` (inside a bundle) or ``python -m edgec_ondevice``.
+
+Exit codes: 0 ok, 1 a check failed (integrity, test vectors, accuracy), 2 usage error,
+bad bundle or missing runtime. Errors are one line on stderr (``--debug`` for a traceback).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import BundleError, SettingsError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _settings_args(p):
+    g = p.add_argument_group("runtime settings (default: the manifest's runtime.recommended)")
+    g.add_argument("--threads", type=int, help="number of threads")
+    g.add_argument("--xnnpack", choices=("on", "off"), help="TFLite: XNNPACK delegate on/off")
+    g.add_argument("--provider", help="ONNX: execution provider (cpu, cuda, tensorrt or a full name)")
+    g.add_argument("--graph-opt", choices=("all", "extended", "basic", "disable_all"),
+                   help="ONNX: graph optimisation level")
+
+
+def _common_args(p, bundle_dir):
+    p.add_argument("--bundle", default=bundle_dir or ".", help="bundle directory (default: %(default)s)")
+    p.add_argument("--runtime", default=None,
+                   help="runtime package: ai-edge-litert | tflite-runtime | onnxruntime (default: auto)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser(bundle_dir=None, prog=None):
+    ap = argparse.ArgumentParser(prog=prog, description="Verify, benchmark or run an edgec bundle on this device "
+                                 "(numpy + the runtime only).")
+    sub = ap.add_subparsers(dest="command", metavar="{verify,bench,predict}")
+    sub.required = True
+
+    v = sub.add_parser("verify", help="integrity + load + test vectors + accuracy")
+    _common_args(v, bundle_dir)
+    v.add_argument("--exact", action="store_true", help="demand bit-identical outputs on the test vectors")
+    v.add_argument("--no-accuracy", action="store_true", help="skip the eval.npz accuracy run")
+    v.add_argument("--json", metavar="FILE", help="write the result as JSON ('-' for stdout)")
+    v.add_argument("--markdown", action="store_true", help="print Markdown instead of plain text")
+    _settings_args(v)
+
+    b = sub.add_parser("bench", help="latency/throughput/memory, swept over runtime settings")
+    _common_args(b, bundle_dir)
+    b.add_argument("--warmup", type=int, default=10, help="warmup runs (default: %(default)s)")
+    b.add_argument("--warmup-seconds", type=float, default=0.5, help="minimum warmup seconds (default: %(default)s)")
+    b.add_argument("--runs", type=int, default=100, help="minimum timed runs at batch 1 (default: %(default)s)")
+    b.add_argument("--min-seconds", type=float, default=1.0, help="minimum timed seconds (default: %(default)s)")
+    b.add_argument("--max-seconds", type=float, default=30.0, help="cap per timed loop (default: %(default)s)")
+    b.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="sweep threads x XNNPACK (TFLite) or provider x graph level (ONNX) (default: on)")
+    b.add_argument("--batch-sizes", default="1,8,32", help="throughput batch sizes (default: %(default)s)")
+    b.add_argument("--max-threads", type=int, help="sweep threads 1..N (default: min(cpus, recommended or 4))")
+    b.add_argument("--in-process", action="store_true",
+                   help="measure in this process instead of one fresh subprocess per setting")
+    b.add_argument("--no-accuracy", action="store_true", help="skip the eval.npz accuracy run")
+    b.add_argument("--json", metavar="FILE", help="write the result as JSON ('-' for stdout)")
+    b.add_argument("--markdown", action="store_true", help="print Markdown instead of plain text")
+    b.add_argument("--quiet", action="store_true", help="no per-setting progress lines on stderr")
+    _settings_args(b)
+
+    p = sub.add_parser("predict", help="raw samples (.npy, or .npz with x) -> labels")
+    _common_args(p, bundle_dir)
+    p.add_argument("file", help="a .npy of raw samples (N, *raw_shape) or one sample; or a .npz with 'x'")
+    p.add_argument("--json", metavar="FILE", help="write predictions as JSON ('-' for stdout)")
+    _settings_args(p)
+    return ap
+
+
+def _settings_from(args):
+    s = {}
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SettingsError("--threads must be >= 1", "e.g. --threads 2")
+        s["threads"] = args.threads
+    if args.xnnpack is not None:
+        s["xnnpack"] = args.xnnpack == "on"
+    if args.provider:
+        s["provider"] = args.provider
+    if args.graph_opt:
+        s["graph_optimization_level"] = args.graph_opt
+    return s or None
+
+
+def _check_settings_fit(runtime_name, settings):
+    if not settings:
+        return
+    if runtime_name == "tflite" and ({"provider", "graph_optimization_level"} & set(settings)):
+        raise SettingsError("--provider/--graph-opt apply to ONNX bundles; this bundle is TFLite",
+                            "use --threads/--xnnpack")
+    if runtime_name == "onnxruntime" and "xnnpack" in settings:
+        raise SettingsError("--xnnpack applies to TFLite bundles; this bundle is ONNX",
+                            "use --threads/--provider/--graph-opt")
+
+
+def _write_json(obj, dest):
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str, allow_nan=True)
+    if dest == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
+
+
+def _load_samples(path):
+    import numpy as np
+    if not os.path.isfile(path):
+        raise BundleError("%s not found" % path, "pass a .npy file of raw samples")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise BundleError("%s cannot be read as .npy/.npz (%s)" % (path, str(e).splitlines()[0] if str(e) else e),
+                          "save samples with numpy.save") from e
+    if hasattr(data, "files"):
+        with data:
+            if "x" not in data.files:
+                raise BundleError("%s has no 'x' array (has %s)" % (path, ", ".join(data.files)),
+                                  "save raw samples as x, e.g. numpy.savez(f, x=samples)")
+            return data["x"]
+    return data
+
+
+def _cmd_verify(args, settings):
+    from .manifest import load_bundle
+    from .report import render_verify
+    from .verify import verify_bundle
+    _check_settings_fit(load_bundle(args.bundle).runtime_name, settings)
+    res = verify_bundle(args.bundle, exact=args.exact, runtime=args.runtime, settings=settings,
+                        check_accuracy=not args.no_accuracy)
+    if args.json:
+        _write_json(res, args.json)
+    if args.json != "-":
+        sys.stdout.write(render_verify(res, markdown=args.markdown))
+    if not res["ok"]:
+        sys.stderr.write("error: verify failed: %s\n" % (res["errors"][0] if res["errors"] else "see above"))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_bench(args, settings):
+    from .bench import bench_bundle, bench_exit_code
+    from .manifest import load_bundle
+    from .report import render_bench
+    _check_settings_fit(load_bundle(args.bundle).runtime_name, settings)
+    try:
+        sizes = tuple(int(x) for x in str(args.batch_sizes).split(",") if x.strip())
+    except ValueError:
+        raise SettingsError("--batch-sizes must be comma-separated integers, got %r" % args.batch_sizes,
+                            "e.g. --batch-sizes 1,8,32") from None
+    if not sizes or min(sizes) < 1 or args.runs < 1 or args.warmup < 0:
+        raise SettingsError("--batch-sizes and --runs must be >= 1 and --warmup >= 0", "e.g. --runs 100")
+
+    def progress(line):
+        if not args.quiet:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+    res = bench_bundle(args.bundle, warmup=args.warmup, runs=args.runs, min_seconds=args.min_seconds,
+                       sweep=args.sweep, batch_sizes=sizes, runtime=args.runtime,
+                       warmup_seconds=args.warmup_seconds, max_seconds=args.max_seconds, settings=settings,
+                       max_threads=args.max_threads, isolate=not args.in_process, accuracy=not args.no_accuracy,
+                       progress=progress)
+    if args.json:
+        _write_json(res, args.json)
+    if args.json != "-":
+        sys.stdout.write(render_bench(res, markdown=args.markdown))
+    code = bench_exit_code(res)
+    if code:
+        why = res["errors"][0] if res["errors"] else "test vectors disagree with the runtime's outputs"
+        sys.stderr.write("error: bench failed: %s\n" % why)
+    return code
+
+
+def _cmd_predict(args, settings):
+    from .evaluate import predict_labels
+    from .manifest import load_bundle
+    bundle = load_bundle(args.bundle)
+    _check_settings_fit(bundle.runtime_name, settings)
+    bundle.require_intact()
+    raw = _load_samples(args.file)
+    model = bundle.open_model(settings, runtime=args.runtime)
+    preds = predict_labels(model, raw, bundle.labels())
+    if args.json:
+        _write_json({"file": args.file, "predictions": preds}, args.json)
+    if args.json != "-":
+        for p in preds:
+            sys.stdout.write("%d\t%s\t%d\t%.4f\n" % (p["index"], p["label"], p["class"], p["score"]))
+    return EXIT_OK
+
+
+def main(argv=None, bundle_dir=None, prog=None):
+    """Run the CLI; returns the exit code (does not call sys.exit)."""
+    parser = build_parser(bundle_dir, prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or usage error (2)
+        return int(e.code or 0)
+    debug = getattr(args, "debug", False)
+    try:
+        settings = _settings_from(args)
+        cmd = {"verify": _cmd_verify, "bench": _cmd_bench, "predict": _cmd_predict}[args.command]
+        return cmd(args, settings)
+    except BundleError as e:
+        if debug:
+            raise
+        sys.stderr.write("error: %s\n" % e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split())[:300]
+        sys.stderr.write("error: %s: %s (hint: rerun with --debug for a traceback)\n" % (type(e).__name__, msg))
+        return EXIT_USAGE

@@ -1,0 +1,29 @@
+"""Figures every compression stage records: sparsity per layer and sizes, honestly counted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgec.checkpoint import Checkpoint
+from edgec.data import Dataset
+
+from .modelinfo import model_info
+from .pruning import prunable_parameters, sparsity_report
+from .storage import deep_compression_bytes, pack_weights
+
+
+def compressed_model_info(model: nn.Module, ckpt: Checkpoint, data: Dataset) -> dict[str, Any]:
+    """model_info plus per-layer sparsity, distinct values, the Deep Compression storage estimate
+    and the packed-weights size (the transport payload of the torch weights)."""
+    state = model.state_dict()
+    shared = prunable_parameters(model)
+    return {
+        **model_info(model, data),
+        "sparsity": sparsity_report(model, ckpt.masks or None),
+        "distinct_values": {name: int(torch.unique(p.detach()[p.detach() != 0]).numel()) for name, p in shared.items()},
+        "deep_compression_bytes": deep_compression_bytes(state, ckpt.codebooks)["total"]["bytes"],
+        "packed_weights_bytes": len(pack_weights(state, ckpt.masks, ckpt.codebooks)),
+    }

@@ -1,0 +1,142 @@
+"""PyTorch -> ONNX in fp32, fp16 or int8, checked with onnx and loaded back with onnxruntime.
+
+- fp32: ``torch.onnx.export`` with the TorchScript exporter (``dynamo=False``: it needs no
+  onnxscript and gave the same numbers here), opset 17, dynamic batch dimension.
+- fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``:
+  float16 weights and compute, float32 inputs and outputs.
+- int8: ``onnxruntime.quantization.quant_pre_process`` (shape inference, BatchNorm folding), then
+  ``quantize_static`` in QDQ format with int8 activations and weights (s8s8), per-channel weights
+  by default, calibrated by feeding the calibration samples one at a time. Inputs and outputs stay
+  float32 (QDQ keeps the float interface); the graph quantizes at its edges.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+from onnxruntime.transformers.float16 import convert_float_to_float16
+from onnxruntime.transformers.onnx_model import OnnxModel
+
+from edgec.calibration.readers import OnnxCalibrationReader
+from edgec.calibration.samples import calibration_digest
+from edgec.errors import ExportError
+
+from .exported import ExportedModelInfo, calibration_inputs, quiet_converter, staged_file, tensor_spec
+
+OPSET = 17  # >= 13 for per-channel QuantizeLinear; every onnxruntime >= 1.20 runs it
+INPUT_NAME = "input"
+
+_CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    *,
+    precision: Literal["fp32", "fp16", "int8"],
+    calibration: np.ndarray | None = None,
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
+    per_channel: bool = True,
+) -> ExportedModelInfo:
+    """Write ``model`` to ``path`` as ONNX at ``precision``; nothing is left at ``path`` on failure.
+
+    ``example`` is a batch-1 float32 input; ``calibration`` (N, ...) float32 inputs preprocessed
+    like it, required for int8. Raises ExportError when conversion or the read-back fails.
+    """
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    if calibration_method not in _CALIBRATION_METHODS:
+        raise ValueError(f"calibration_method must be one of {sorted(_CALIBRATION_METHODS)}, got {calibration_method!r}")
+    path = Path(path)
+    samples = calibration_inputs(calibration, example) if precision == "int8" else None
+    conversion: dict = {"precision": precision, "opset": OPSET}
+    with staged_file(path) as tmp, tempfile.TemporaryDirectory() as work, quiet_converter():
+        fp32_path = tmp if precision == "fp32" else Path(work) / "fp32.onnx"
+        try:
+            _export_fp32(model, example, fp32_path)
+            if precision == "fp16":
+                _save_fp16(fp32_path, tmp)
+                conversion["tool"] = "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)"
+            elif precision == "int8":
+                prepared = Path(work) / "prepared.onnx"
+                quant_pre_process(fp32_path, prepared)
+                quantize_static(
+                    prepared,
+                    tmp,
+                    OnnxCalibrationReader(samples, INPUT_NAME),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=_CALIBRATION_METHODS[calibration_method],
+                )
+                conversion |= {
+                    "tool": "onnxruntime.quantization.quantize_static(QDQ, s8s8)",
+                    "per_channel": per_channel,
+                    "calibration_method": calibration_method,
+                    "calibration_samples": len(samples),
+                    "calibration_digest": calibration_digest(samples),
+                }
+            else:
+                conversion["tool"] = "torch.onnx.export(dynamo=False)"
+            onnx.checker.check_model(str(tmp), full_check=True)
+            inputs, outputs = _read_back(tmp, example)
+        except ExportError:
+            raise
+        except Exception as e:
+            raise ExportError(f"ONNX {precision} export failed: {type(e).__name__}: {e}") from e
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
+    return ExportedModelInfo(path, inputs, outputs, versions, conversion)
+
+
+def _export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        out = model(example)
+    output_names = ["output"] if isinstance(out, torch.Tensor) else [f"output_{i}" for i in range(len(out))]
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=OPSET,
+        input_names=[INPUT_NAME],
+        output_names=output_names,
+        dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *output_names]},
+    )
+
+
+def _save_fp16(fp32_path: Path, path: Path) -> None:
+    fp16 = OnnxModel(convert_float_to_float16(onnx.load(fp32_path), keep_io_types=True))
+    # The converter appends the float32<->float16 Casts for kept I/O types at the end of the node
+    # list; onnxruntime accepts that, the ONNX checker (and other runtimes) need topological order.
+    fp16.topological_sort(is_deterministic=True)
+    onnx.save(fp16.model, path)
+
+
+def _read_back(path: Path, example: torch.Tensor) -> tuple[list[dict], list[dict]]:
+    """I/O tensors as onnxruntime sees them, after one run on ``example`` proves the file runs."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the CPU provider warns about fp16 node placement
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, {session.get_inputs()[0].name: example.numpy()})
+
+    def spec(arg) -> dict:
+        shape = [d if isinstance(d, int) else -1 for d in arg.shape]
+        return tensor_spec(arg.name, shape, _ORT_DTYPES[arg.type])
+
+    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]

@@ -1,0 +1,79 @@
+import pytest
+import torch
+from rich.console import Console
+
+from edgec.checkpoint import Checkpoint, build_model, zoo_arch
+from edgec.config import load_config
+from edgec.data import load_dataset
+from edgec.errors import ConfigError
+from edgec.pipeline.artifact import CHECKPOINT_FILE, MODEL
+from edgec.pipeline.cache import StageCache
+from edgec.pipeline.distill import DistillConfig, DistillStage, distillation_loss
+from edgec.pipeline.runner import run_chain
+from edgec.pipeline.stage import StageContext
+from edgec.pipeline.train import TrainConfig, TrainStage
+
+
+def test_loss_matches_hand_computation():
+    s, t, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([0])
+    T, a = 2.0, 0.5
+    ps, pt = torch.softmax(s / T, 1), torch.softmax(t / T, 1)
+    kl = (pt * (pt.log() - ps.log())).sum()
+    ce = -torch.log_softmax(s, 1)[0, 0]
+    assert distillation_loss(s, t, y, T, a).item() == pytest.approx((a * T * T * kl + (1 - a) * ce).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [({"distill.temperature": 0}, "temperature must be > 0"), ({"distill.alpha": 1.5}, "alpha must be in \\[0, 1\\]")],
+)
+def test_bad_hyperparameters(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)
+
+
+@pytest.fixture(scope="module")
+def teacher_setup(tmp_path_factory):
+    """A trained CNN teacher on the digits (a few seconds)."""
+    data = load_dataset("digits")
+    cache = StageCache(tmp_path_factory.mktemp("cache"))
+    arch = zoo_arch("cnn-small", data.input_shape, data.num_classes, channels=[32, 64])
+    torch.manual_seed(0)
+    source = cache.put("source", "s", MODEL, lambda out: Checkpoint(arch, build_model(arch).state_dict()).save(out / CHECKPOINT_FILE) or {})
+    ctx = StageContext(data=data, seed=0, target=None, console=Console(quiet=True))
+    (step,) = run_chain([TrainStage(TrainConfig(epochs=30, patience=10))], source, ctx, cache)
+    return step.artifact, ctx, cache
+
+
+def test_student_matches_or_beats_scratch_twin(teacher_setup):
+    teacher, ctx, cache = teacher_setup
+    cfg = DistillConfig(student="mlp", student_args={"widths": [16]}, epochs=40, lr=1e-2, patience=10,
+                        temperature=4, alpha=0.9, baseline=True)
+    (step,) = run_chain([DistillStage(cfg)], teacher, ctx, cache)
+    info = step.artifact.info
+    assert info["params"] * 10 < info["teacher"]["params"]
+    assert info["accuracy"] >= info["baseline"]["accuracy"]
+
+
+def test_width_scaled_student_and_hint(teacher_setup):
+    teacher, ctx, cache = teacher_setup
+    cfg = DistillConfig(width=0.25, epochs=2, hint_layers=("features.1", "features.1"))
+    (step,) = run_chain([DistillStage(cfg)], teacher, ctx, cache)
+    student = step.artifact.checkpoint()
+    assert student.arch["kwargs"]["width"] == 0.25
+    assert "adapter" not in " ".join(student.state_dict)  # the hint adapter is not shipped
+
+
+def test_student_with_other_output_size_is_refused(teacher_setup, tmp_path, monkeypatch):
+    teacher, ctx, cache = teacher_setup
+    module = tmp_path / "odd_models.py"
+    module.write_text("import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="student outputs \\[3\\].*teacher outputs \\[10\\]"):
+        run_chain([DistillStage(DistillConfig(student="odd_models:make", epochs=1))], teacher, ctx, cache)
+
+
+def test_bad_hint_layer(teacher_setup):
+    teacher, ctx, cache = teacher_setup
+    with pytest.raises(ConfigError, match="no module 'nope'"):
+        run_chain([DistillStage(DistillConfig(epochs=1, hint_layers=("nope", "features.1")))], teacher, ctx, cache)

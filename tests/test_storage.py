@@ -1,0 +1,184 @@
+import lzma
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import edgec.pipeline.weightcodec as weightcodec
+from edgec.errors import ConfigError, InputError
+from edgec.pipeline.pruning import LayerSparsity, apply_masks, compute_masks
+from edgec.pipeline.sharing import apply_sharing, cluster_weights
+from edgec.pipeline.storage import (
+    buffer_fp32_bytes,
+    compressed_file_bytes,
+    deep_compression_bytes,
+    dense_fp32_bytes,
+    huffman_code_lengths,
+    pack_weights,
+    relative_index,
+    unpack_weights,
+)
+from edgec.zoo import LeNet300100
+
+
+def lenet_300_100_compressed(bits: int = 6):
+    """Random LeNet-300-100 pruned to the paper's keep ratios (ip1 8%, ip2 9%, ip3 26%) and shared."""
+    torch.manual_seed(0)
+    model = LeNet300100((1, 28, 28), 10)
+    masks = compute_masks(model, LayerSparsity({"fc1": 0.92, "fc2": 0.91, "fc3": 0.74}))
+    apply_masks(model, masks)
+    codebooks, assignments = cluster_weights(model, bits)
+    apply_sharing(model, codebooks, assignments)
+    return model, masks, codebooks
+
+
+def test_dense_fp32_bytes_counts_parameters_and_buffers_apart():
+    model = LeNet300100((1, 28, 28), 10)
+    assert dense_fp32_bytes(model) == 4 * (784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10) == 1_066_440
+    assert buffer_fp32_bytes(model) == 0
+    bn = nn.BatchNorm1d(7)
+    assert dense_fp32_bytes(bn) == 4 * 14
+    assert buffer_fp32_bytes(bn) == 4 * 14  # running mean and var; num_batches_tracked is an integer
+
+
+def test_huffman_code_lengths():
+    # CLRS's example: a:45 b:13 c:12 d:16 e:9 f:5 -> a 1 bit, b c d 3 bits, e f 4 bits (224 bits).
+    lengths = huffman_code_lengths({"a": 45, "b": 13, "c": 12, "d": 16, "e": 9, "f": 5})
+    assert lengths == {"a": 1, "b": 3, "c": 3, "d": 3, "e": 4, "f": 4}
+    assert huffman_code_lengths({"x": 7, "unused": 0}) == {"x": 1}
+    assert huffman_code_lengths({}) == {}
+
+
+def test_relative_index_inserts_fillers():
+    # 2-bit runs (0..3 zeros). Gap of 6 zeros before 9: filler after 3 zeros (at 6), then run 2.
+    runs, filler = relative_index(np.array([1, 2, 9, 10, 15]), 2)
+    assert runs.tolist() == [1, 0, 3, 2, 0, 3, 0]
+    assert filler.tolist() == [False, False, True, False, False, True, False]
+    runs, filler = relative_index(np.array([8]), 2)  # exactly two spans of 4 before position 8
+    assert runs.tolist() == [3, 3, 0] and filler.tolist() == [True, True, False]
+
+
+def test_deep_compression_bytes_by_hand():
+    # A 2x8 linear weight, row-major positions 0..15, non-zeros at 1, 2, 9, 10, 15 and a 3-entry codebook.
+    codebook = torch.tensor([-0.5, 0.25, 1.0])
+    weight = torch.zeros(16)
+    weight[[1, 2, 9, 10, 15]] = torch.tensor([0.25, 0.25, -0.5, 0.25, 1.0])
+    state = {"w": weight.view(2, 8), "b": torch.zeros(2), "steps": torch.tensor(3)}
+    report = deep_compression_bytes(state, {"w": codebook}, index_bits={"linear": 2})
+    # Relative index with 2 bits (runs 0..3): runs 1, 0, [filler 3], 2, 0, [filler 3], 0 -> 7 entries.
+    # Weight symbols (codebook index, 3 = filler zero): 1, 1, 3, 0, 1, 3, 2.
+    # Fixed width: alphabet of 3 + filler = 4 symbols -> 2 bits; 7 entries * (2 + 2) bits = 28 bits
+    #   -> 4 bytes, + codebook 3 * 4 bytes = 16 bytes.
+    # Huffman, weights {1: 3, 3: 2, 0: 1, 2: 1}: merge 0+2 (2), then 3 + (0,2) (4), then 1 + rest:
+    #   lengths 1:1, 3:2, 0:3, 2:3 -> 3*1 + 2*2 + 1*3 + 1*3 = 13 bits -> 2 bytes.
+    # Huffman, runs {0: 3, 3: 2, 1: 1, 2: 1}: the same counts -> 13 bits -> 2 bytes.
+    # Tables: one byte per symbol, 4 weight symbols + 2**2 run symbols = 8 bytes.
+    # Total 2 + 2 + 12 (codebook) + 8 = 24 bytes.
+    w_row, b_row = report["layers"]
+    assert w_row == {
+        "tensor": "w",
+        "encoding": "shared",
+        "params": 16,
+        "nonzero": 5,
+        "fillers": 2,
+        "codebook": 3,
+        "weight_bits": 2,
+        "index_bits": 2,
+        "bytes_without_huffman": 16,
+        "bytes": 24,
+    }
+    # The bias is fp32 (2 * 4 bytes); the integer buffer is not counted.
+    assert b_row == {"tensor": "b", "encoding": "fp32", "params": 2, "bytes_without_huffman": 8, "bytes": 8}
+    assert report["total"] == {"bytes": 32, "bytes_without_huffman": 24}
+
+
+def test_deep_compression_defaults_and_bad_input():
+    conv = torch.zeros(2, 1, 3, 3)
+    conv[0, 0, 0, 0] = 1.0
+    row = deep_compression_bytes({"c": conv}, {"c": torch.tensor([1.0])})["layers"][0]
+    assert row["index_bits"] == 8 and row["weight_bits"] == 1 and row["fillers"] == 0
+    with pytest.raises(ConfigError, match="'fc'"):
+        deep_compression_bytes({"c": conv}, {}, index_bits={"fc": 4})
+    with pytest.raises(ConfigError, match="0"):
+        deep_compression_bytes({"c": conv}, {}, index_bits={"conv": 0})
+    with pytest.raises(InputError, match="not in its codebook|not values of its codebook"):
+        deep_compression_bytes({"c": conv}, {"c": torch.tensor([0.5])})
+
+
+def test_lenet_300_100_sizes():
+    model, masks, codebooks = lenet_300_100_compressed()
+    estimate = deep_compression_bytes(model.state_dict(), codebooks)["total"]["bytes"]
+    packed = len(pack_weights(model.state_dict(), masks, codebooks))
+    assert dense_fp32_bytes(model) / estimate > 30  # the paper: 1070 KB -> 27 KB (40x) on trained weights
+    assert packed <= 1.05 * estimate  # the real payload is as small as the estimate
+
+
+def test_pack_round_trip_is_bit_identical():
+    model, masks, codebooks = lenet_300_100_compressed()
+    state = dict(model.state_dict())
+    sparse = torch.zeros(300, 1000)  # only masked (no codebook), with runs past 255 and 255**2 zeros
+    sparse.view(-1)[[0, 700, 200_000, 299_999]] = torch.tensor([1.5, -2.0, 3.25, -0.0])
+    state["sparse"] = sparse
+    state["raw"] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), 1e-45])
+    state["steps"] = torch.tensor(12, dtype=torch.int64)
+    state["half"] = torch.randn(3, 3).half()
+    wide = torch.arange(1, 301, dtype=torch.float32) / 7  # a 300-entry codebook needs 2-byte indices
+    state["wide"] = wide[torch.randint(0, 300, (40, 40))]
+    codebooks = {**codebooks, "wide": wide}
+    masks = {**masks, "sparse": sparse != 0}
+    masks["sparse"].view(-1)[299_999] = True  # -0.0 == 0, but its bits are kept as a stored value
+    blob = pack_weights(state, masks, codebooks)
+    decoded = unpack_weights(blob)
+    assert list(decoded) == list(state)
+    for name, tensor in state.items():
+        expected = tensor.numpy()
+        assert decoded[name].dtype == expected.dtype and decoded[name].shape == expected.shape
+        assert decoded[name].tobytes() == expected.tobytes(), name
+
+
+def test_pack_rejects_weights_it_cannot_encode():
+    model, masks, codebooks = lenet_300_100_compressed()
+    state = dict(model.state_dict())
+    off_codebook = state["fc2.weight"].clone()
+    off_codebook[off_codebook != 0] += 1e-3
+    with pytest.raises(InputError, match="fc2.weight"):
+        pack_weights({**state, "fc2.weight": off_codebook}, masks, codebooks)
+    revived = state["fc1.weight"].clone()
+    revived[~masks["fc1.weight"]] = 0.5
+    with pytest.raises(InputError, match="fc1.weight has non-zero weights where its pruning mask"):
+        pack_weights({**state, "fc1.weight": revived}, masks, codebooks)
+    with pytest.raises(ValueError, match="magic"):
+        unpack_weights(b"nope")
+
+
+def test_decoder_needs_numpy_and_stdlib_only(tmp_path):
+    model, masks, codebooks = lenet_300_100_compressed(bits=4)
+    (tmp_path / "payload.bin").write_bytes(pack_weights(model.state_dict(), masks, codebooks))
+    np.savez(tmp_path / "expected.npz", **{k: v.numpy() for k, v in model.state_dict().items()})
+    script = f"""
+import importlib.util, sys
+sys.modules["torch"] = None  # any torch import fails
+spec = importlib.util.spec_from_file_location("weightcodec", {str(Path(weightcodec.__file__))!r})
+codec = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(codec)
+import numpy as np
+decoded = codec.unpack_weights(open({str(tmp_path / "payload.bin")!r}, "rb").read())
+expected = np.load({str(tmp_path / "expected.npz")!r})
+assert sorted(decoded) == sorted(expected.files)
+assert all(decoded[k].tobytes() == expected[k].tobytes() for k in expected.files)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_compressed_file_bytes(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(10_000) + b"edgec" * 100)
+    assert compressed_file_bytes(path) == len(lzma.compress(path.read_bytes(), preset=9))
+    assert compressed_file_bytes(path) < 500
