@@ -2,7 +2,8 @@
 
 - fp32: ``litert_torch.convert``.
 - fp16: the same conversion with litert-torch's fp16 recipe (ai-edge-quantizer float casting):
-  float16 weights, dequantized on load, which is what mobile GPU delegates want. I/O float32.
+  float16 weights behind DEQUANTIZE ops, the form mobile GPU delegates run in half precision
+  (the CPU dequantizes them once at load). Inputs and outputs stay float32.
 - int8: full-integer, int8 input and int8 output tensors (tflite-runtime 2.14 and ai-edge-litert
   run it; the Raspberry Pi target needs it). litert-torch's PT2E quantizer (static int8
   activations, symmetric per-channel int8 weights) is calibrated by running the calibration
@@ -93,7 +94,7 @@ def export_tflite(
 
 
 def _convert_float(model: torch.nn.Module, example: torch.Tensor, precision: str):
-    import litert_torch
+    litert_torch = _load_litert()
     from litert_torch.generative.quantize import quant_recipes
 
     if precision == "fp16":
@@ -104,7 +105,7 @@ def _convert_float(model: torch.nn.Module, example: torch.Tensor, precision: str
 
 
 def _convert_int8(model: torch.nn.Module, example: torch.Tensor, samples: np.ndarray):
-    import litert_torch
+    litert_torch = _load_litert()
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -257,6 +258,21 @@ def _float_ops(path: Path) -> list[str]:
             if outputs_float and name not in ("QUANTIZE", "DEQUANTIZE"):
                 found.append(name)
     return found
+
+
+def _load_litert():
+    """Import litert-torch with its dependencies' import-time warnings muted: torchao reports its
+    CUDA kernels missing on a CPU machine, and torch deprecates a pytree call torchao makes."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import litert_torch
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return litert_torch
 
 
 @contextlib.contextmanager

@@ -59,13 +59,18 @@ class ResidualGAP(nn.Module):
 
 
 class LeNet5(nn.Module):
-    def __init__(self):
+    """conv20 5x5, maxpool, conv50 5x5, maxpool, fc500, relu, fc10; optionally a ReLU after each
+    pooling layer, as edgec's zoo LeNet-5 has (the int8 converter needs care with pool -> relu)."""
+
+    def __init__(self, relu_after_pool: bool = False):
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(1, 20, 5), nn.Conv2d(20, 50, 5)
         self.fc1, self.fc2 = nn.Linear(800, 500), nn.Linear(500, 10)
+        self.act = nn.ReLU() if relu_after_pool else nn.Identity()
 
     def forward(self, x):
-        x = F.max_pool2d(self.conv2(F.max_pool2d(self.conv1(x), 2)), 2)
+        x = self.act(F.max_pool2d(self.conv1(x), 2))
+        x = self.act(F.max_pool2d(self.conv2(x), 2))
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
@@ -80,6 +85,17 @@ class OddEdges(nn.Module):
         return torch.tanh(self.body(x.clamp(0, 1) * 0.5)) / 0.7
 
 
+class FixedBatch(nn.Module):
+    """Hard-codes batch 1, so it cannot be captured with a dynamic batch dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x):
+        return self.body(x.reshape(1, 64))
+
+
 class Broken(nn.Module):
     def forward(self, x):
         raise RuntimeError("this model cannot be traced")
@@ -90,10 +106,16 @@ class Broken(nn.Module):
 
 @pytest.fixture(scope="module")
 def digits():
+    """(train images, train labels, held-out images) from scikit-learn's 8x8 digits, in [0, 1]."""
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]
     y = d.target.astype(np.int64)
-    return x[:1200], y[:1200], x[1200:], y[1200:]
+    return x[:1200], y[:1200], x[1200:]
+
+
+def flat(data):
+    x, y, x_test = data
+    return x.reshape(len(x), -1), y, x_test.reshape(len(x_test), -1)
 
 
 def train(factory, x: np.ndarray, y: np.ndarray, epochs: int) -> nn.Module:
@@ -118,19 +140,17 @@ def train(factory, x: np.ndarray, y: np.ndarray, epochs: int) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def trained(digits):
-    x, y, _, _ = digits
+    """name -> (trained model, its data split)."""
     return {
-        "mlp": (train(mlp, x.reshape(len(x), -1), y, 20), True),
-        "cnn": (train(SmallCNN, x, y, 10), False),
+        "mlp": (train(mlp, *flat(digits)[:2], 20), flat(digits)),
+        "cnn": (train(SmallCNN, *digits[:2], 10), digits),
     }
 
 
-def inputs_for(flat: bool, x: np.ndarray) -> np.ndarray:
-    return x.reshape(len(x), -1) if flat else x
-
-
-def calibration_set(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return x[select_calibration_indices(y, 128)]
+def export(exporter, model, x, y, path, precision, **options):
+    """Export with the first training sample as the example and 128 stratified calibration samples."""
+    calibration = x[select_calibration_indices(y, 128)] if precision == "int8" else None
+    return exporter(model, torch.from_numpy(x[:1]), path, precision=precision, calibration=calibration, **options)
 
 
 # ---- runtimes -----------------------------------------------------------------------------------
@@ -162,134 +182,141 @@ def run_onnx(path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
+def reference(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(1) == b.argmax(1)).mean())
 
 
-def reference(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()
+def dtypes(info) -> list[str]:
+    return [t["dtype"] for t in info.inputs + info.outputs]
 
 
 # ---- TFLite -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_tflite_int8_is_full_integer_agrees_and_leaves_the_model_alone(tmp_path, trained, digits, name):
-    model, flat = trained[name]
-    x, y, x_test, _ = (inputs_for(flat, a) if i in (0, 2) else a for i, a in enumerate(digits))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    modules_before = [type(m) for m in model.modules()]
+def test_tflite_int8_is_full_integer_agrees_and_leaves_the_model_alone(tmp_path, trained, name):
+    model, (x, y, x_test) = trained[name]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
 
-    info = export_tflite(model, torch.from_numpy(x[:1]), tmp_path / "m.tflite", precision="int8", calibration=calibration_set(x, y))
+    info = export(export_tflite, model, x, y, tmp_path / "m.tflite", "int8")
 
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not model.training and [type(m) for m in model.modules()] == modules_before
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert not model.training and [type(m) for m in model.modules()] == modules
     interpreter = Interpreter(model_path=str(info.path))
-    for spec, detail in zip(info.inputs + info.outputs, interpreter.get_input_details() + interpreter.get_output_details()):
+    details = interpreter.get_input_details() + interpreter.get_output_details()
+    for spec, detail in zip(info.inputs + info.outputs, details, strict=True):
+        scale, zero_point = detail["quantization"]
         assert detail["dtype"] == np.int8 and spec["dtype"] == "int8"
-        assert spec["quantization"] == {"scale": pytest.approx(detail["quantization"][0]), "zero_point": detail["quantization"][1]}
+        assert spec["quantization"] == {"scale": pytest.approx(scale), "zero_point": zero_point}
         assert spec["shape"] == detail["shape"].tolist()
-    assert info.inputs[0]["layout"] == ("NC" if flat else "NCHW") and info.outputs[0]["layout"] == "NC"
+    assert info.inputs[0]["layout"] == ("NC" if x.ndim == 2 else "NCHW") and info.outputs[0]["layout"] == "NC"
     assert info.conversion["float_ops"] == []
     assert agreement(run_tflite(info.path, x_test), reference(model, x_test)) >= MIN_AGREEMENT
 
 
-def test_tflite_fp16_has_float16_weights_and_float32_io(tmp_path, trained, digits):
-    model, _ = trained["cnn"]
-    x, _, x_test, _ = digits
-    info = export_tflite(model, torch.from_numpy(x[:1]), tmp_path / "m.tflite", precision="fp16")
-    assert [t["dtype"] for t in info.inputs + info.outputs] == ["float32", "float32"]
-    tensor_types = {d["dtype"] for d in Interpreter(model_path=str(info.path)).get_tensor_details()}
-    assert np.float16 in tensor_types
+def test_tflite_fp16_has_float16_weights_and_float32_io(tmp_path, trained):
+    model, (x, y, x_test) = trained["cnn"]
+    info = export(export_tflite, model, x, y, tmp_path / "m.tflite", "fp16")
+    assert dtypes(info) == ["float32", "float32"]
+    assert np.float16 in {d["dtype"] for d in Interpreter(model_path=str(info.path)).get_tensor_details()}
     out, ref = run_tflite(info.path, x_test), reference(model, x_test)
     assert agreement(out, ref) >= MIN_AGREEMENT and np.abs(out - ref).max() < 0.05
 
 
-def test_tflite_fp32_matches_torch(tmp_path, trained, digits):
-    model, _ = trained["mlp"]
-    x, _, x_test, _ = (a.reshape(len(a), -1) if a.ndim == 4 else a for a in digits)
-    info = export_tflite(model, torch.from_numpy(x[:1]), tmp_path / "m.tflite", precision="fp32")
-    assert info.inputs[0] | {"name": None} == {"name": None, "shape": [1, 64], "dtype": "float32", "layout": "NC", "quantization": None}
+def test_tflite_fp32_matches_torch(tmp_path, trained):
+    model, (x, y, x_test) = trained["mlp"]
+    info = export(export_tflite, model, x, y, tmp_path / "m.tflite", "fp32")
+    expected = {"shape": [1, 64], "dtype": "float32", "layout": "NC", "quantization": None}
+    assert {k: v for k, v in info.inputs[0].items() if k != "name"} == expected
     assert np.abs(run_tflite(info.path, x_test) - reference(model, x_test)).max() < 1e-4
     assert set(info.runtime_versions) >= {"torch", "litert-torch", "ai-edge-litert"}
 
 
 def test_tflite_int8_quantizes_residual_add_and_global_pooling(tmp_path, digits):
-    x, y, x_test, _ = digits
+    x, y, x_test = digits
     model = train(ResidualGAP, x, y, 30)
-    info = export_tflite(model, torch.from_numpy(x[:1]), tmp_path / "m.tflite", precision="int8", calibration=calibration_set(x, y))
+    info = export(export_tflite, model, x, y, tmp_path / "m.tflite", "int8")
     assert info.conversion["float_ops"] == [] and info.conversion["capture"] == "strict, dynamic batch"
     assert agreement(run_tflite(info.path, x_test), reference(model, x_test)) >= MIN_AGREEMENT
 
 
 def test_tflite_int8_io_stays_int8_when_edge_ops_have_no_int8_pattern(tmp_path, digits):
-    x, y, x_test, _ = (a.reshape(len(a), -1) if a.ndim == 4 else a for a in digits)
+    x, y, x_test = flat(digits)
     model = OddEdges().eval()
-    info = export_tflite(model, torch.from_numpy(x[:1]), tmp_path / "m.tflite", precision="int8", calibration=calibration_set(x, y))
-    assert [t["dtype"] for t in info.inputs + info.outputs] == ["int8", "int8"]
+    info = export(export_tflite, model, x, y, tmp_path / "m.tflite", "int8")
+    assert dtypes(info) == ["int8", "int8"]
     assert "TANH" in info.conversion["float_ops"]
     out, ref = run_tflite(info.path, x_test), reference(model, x_test)
     assert np.abs(out - ref).max() < 0.1 * np.ptp(ref)
 
 
-def test_lenet5_28x28_converts_to_full_integer_tflite_and_int8_onnx(tmp_path):
+def test_tflite_int8_falls_back_to_a_static_batch_capture(tmp_path, digits):
+    x, y, _ = flat(digits)
+    info = export(export_tflite, FixedBatch().eval(), x, y, tmp_path / "m.tflite", "int8")
+    assert info.conversion["capture"] == "strict" and info.conversion["float_ops"] == []
+    assert dtypes(info) == ["int8", "int8"]
+
+
+@pytest.mark.parametrize("relu_after_pool", [False, True])
+def test_lenet5_28x28_converts_to_full_integer_tflite_and_int8_onnx(tmp_path, relu_after_pool):
     torch.manual_seed(0)
-    model = LeNet5().eval()
-    calibration = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
-    example = torch.from_numpy(calibration[:1])
-    tfl = export_tflite(model, example, tmp_path / "m.tflite", precision="int8", calibration=calibration)
-    assert [t["dtype"] for t in tfl.inputs + tfl.outputs] == ["int8", "int8"] and tfl.conversion["float_ops"] == []
+    model = LeNet5(relu_after_pool).eval()
+    x = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
+    y = np.arange(16) % 10
+    tfl = export(export_tflite, model, x, y, tmp_path / "m.tflite", "int8")
+    assert dtypes(tfl) == ["int8", "int8"] and tfl.conversion["float_ops"] == []
     assert tfl.inputs[0]["shape"] == [1, 1, 28, 28] and tfl.inputs[0]["layout"] == "NCHW"
-    onx = export_onnx(model, example, tmp_path / "m.onnx", precision="int8", calibration=calibration)
-    ref = reference(model, calibration)
-    for out in (run_tflite(tfl.path, calibration), run_onnx(onx.path, calibration)):
+    onx = export(export_onnx, model, x, y, tmp_path / "m.onnx", "int8")
+    ref = reference(model, x)
+    for out in (run_tflite(tfl.path, x), run_onnx(onx.path, x)):
         assert np.abs(out - ref).max() < 0.1 * np.ptp(ref)
 
 
 # ---- ONNX ---------------------------------------------------------------------------------------
 
 
-def test_onnx_fp32_has_a_dynamic_batch_and_matches_torch(tmp_path, trained, digits):
-    model, _ = trained["cnn"]
-    x, _, x_test, _ = digits
-    info = export_onnx(model, torch.from_numpy(x[:1]), tmp_path / "m.onnx", precision="fp32")
-    assert info.inputs == [{"name": "input", "shape": [-1, 1, 8, 8], "dtype": "float32", "layout": "NCHW", "quantization": None}]
+def test_onnx_fp32_has_a_dynamic_batch_and_matches_torch(tmp_path, trained):
+    model, (x, y, x_test) = trained["cnn"]
+    info = export(export_onnx, model, x, y, tmp_path / "m.onnx", "fp32")
+    expected = {"name": "input", "shape": [-1, 1, 8, 8], "dtype": "float32", "layout": "NCHW", "quantization": None}
+    assert info.inputs == [expected]
     assert info.outputs[0]["shape"] == [-1, 10] and info.outputs[0]["layout"] == "NC"
     assert np.abs(run_onnx(info.path, x_test) - reference(model, x_test)).max() < 1e-4
     assert set(info.runtime_versions) == {"torch", "onnx", "onnxruntime"}
 
 
-def test_onnx_fp16_keeps_float32_io(tmp_path, trained, digits):
-    model, _ = trained["cnn"]
-    x, _, x_test, _ = digits
-    info = export_onnx(model, torch.from_numpy(x[:1]), tmp_path / "m.onnx", precision="fp16")
-    assert [t["dtype"] for t in info.inputs + info.outputs] == ["float32", "float32"]
+def test_onnx_fp16_keeps_float32_io(tmp_path, trained):
+    model, (x, y, x_test) = trained["cnn"]
+    info = export(export_onnx, model, x, y, tmp_path / "m.onnx", "fp16")
+    assert dtypes(info) == ["float32", "float32"]
     graph = onnx.load(info.path).graph
     assert {i.data_type for i in graph.initializer if i.dims} == {onnx.TensorProto.FLOAT16}
     out, ref = run_onnx(info.path, x_test), reference(model, x_test)
     assert agreement(out, ref) >= MIN_AGREEMENT and np.abs(out - ref).max() < 0.05
 
 
-@pytest.mark.parametrize(
-    "name, method",
-    [("mlp", "minmax"), ("mlp", "percentile"), ("mlp", "entropy"), ("cnn", "minmax")],
-)
-def test_onnx_int8_is_per_channel_qdq_and_agrees(tmp_path, trained, digits, name, method):
-    model, flat = trained[name]
-    x, y, x_test, _ = (inputs_for(flat, a) if i in (0, 2) else a for i, a in enumerate(digits))
-    info = export_onnx(
-        model, torch.from_numpy(x[:1]), tmp_path / "m.onnx", precision="int8",
-        calibration=calibration_set(x, y), calibration_method=method,
-    )
-    graph = onnx.load(info.path).graph
+def _per_channel_weight_scales(graph) -> list:
+    """Scales of the DequantizeLinear nodes that read int8 weight matrices or kernels."""
     initializers = {i.name: i for i in graph.initializer}
-    weight_scales = [
-        initializers[n.input[1]] for n in graph.node
-        if n.op_type == "DequantizeLinear" and initializers.get(n.input[0]) is not None
-        and initializers[n.input[0]].data_type == onnx.TensorProto.INT8 and len(initializers[n.input[0]].dims) > 1
-    ]
-    assert weight_scales and all(s.dims[0] > 1 for s in weight_scales)  # one scale per output channel
+    weights = {n for n, i in initializers.items() if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1}
+    return [initializers[n.input[1]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
+
+
+@pytest.mark.parametrize(
+    "name, method", [("mlp", "minmax"), ("mlp", "percentile"), ("mlp", "entropy"), ("cnn", "minmax")]
+)
+def test_onnx_int8_is_per_channel_qdq_and_agrees(tmp_path, trained, name, method):
+    model, (x, y, x_test) = trained[name]
+    info = export(export_onnx, model, x, y, tmp_path / "m.onnx", "int8", calibration_method=method)
+    graph = onnx.load(info.path).graph
+    scales = _per_channel_weight_scales(graph)
+    assert scales and all(s.dims[0] > 1 for s in scales)  # one scale per output channel
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)
     assert info.conversion["calibration_method"] == method and info.conversion["calibration_samples"] == 128
     assert agreement(run_onnx(info.path, x_test), reference(model, x_test)) >= MIN_AGREEMENT
@@ -298,33 +325,33 @@ def test_onnx_int8_is_per_channel_qdq_and_agrees(tmp_path, trained, digits, name
 def test_onnx_mlp_on_28x28_images_with_flatten(tmp_path):
     torch.manual_seed(0)
     model = mlp(784).eval()
-    calibration = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
-    info = export_onnx(model, torch.from_numpy(calibration[:1]), tmp_path / "m.onnx", precision="int8", calibration=calibration)
+    x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    info = export(export_onnx, model, x, np.arange(8), tmp_path / "m.onnx", "int8")
     assert info.inputs[0]["shape"] == [-1, 1, 28, 28] and info.inputs[0]["layout"] == "NCHW"
-    ref = reference(model, calibration)
-    assert np.abs(run_onnx(info.path, calibration) - ref).max() < 0.1 * np.ptp(ref)
+    ref = reference(model, x)
+    assert np.abs(run_onnx(info.path, x) - ref).max() < 0.1 * np.ptp(ref)
 
 
 # ---- failures -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("export", [export_onnx, export_tflite])
+@pytest.mark.parametrize("exporter", [export_onnx, export_tflite])
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_a_failed_export_raises_export_error_and_leaves_no_file(tmp_path, export, precision):
+def test_a_failed_export_raises_export_error_and_leaves_no_file(tmp_path, exporter, precision):
     path = tmp_path / "out" / "model.bin"
     path.parent.mkdir()
     path.write_bytes(b"an older model")
-    example = torch.zeros(1, 4)
+    x = np.zeros((4, 4), np.float32)
     with pytest.raises(ExportError):
-        export(Broken(), example, path, precision=precision, calibration=np.zeros((4, 4), np.float32))
+        export(exporter, Broken(), x, np.arange(4), path, precision)
     assert list(path.parent.iterdir()) == []
 
 
-@pytest.mark.parametrize("export", [export_onnx, export_tflite])
-def test_int8_needs_well_shaped_calibration(tmp_path, export):
+@pytest.mark.parametrize("exporter", [export_onnx, export_tflite])
+def test_int8_needs_well_shaped_calibration(tmp_path, exporter):
     model, example = mlp(4).eval(), torch.zeros(1, 4)
     with pytest.raises(ExportError, match="calibration"):
-        export(model, example, tmp_path / "m", precision="int8")
+        exporter(model, example, tmp_path / "m", precision="int8")
     with pytest.raises(ExportError, match="shape"):
-        export(model, example, tmp_path / "m", precision="int8", calibration=np.zeros((3, 5), np.float32))
+        exporter(model, example, tmp_path / "m", precision="int8", calibration=np.zeros((3, 5), np.float32))
     assert list(tmp_path.iterdir()) == []

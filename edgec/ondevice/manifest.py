@@ -73,14 +73,14 @@ def load_manifest(path):
         else os.path.join(path, MANIFEST_NAME)
     if not os.path.exists(os.path.dirname(mpath) or "."):
         raise NotABundleError("%s does not exist" % os.path.dirname(mpath),
-                              "pass the bundle folder (<out>/<target>/) written by edgec export")
+                              "pass the bundle folder <out>/<target>/bundle written by edgec build")
     if not os.path.isfile(mpath):
         where = os.path.dirname(mpath) or "."
         if not os.path.isdir(where):
             raise NotABundleError("%s is not a directory" % where,
-                                  "pass the bundle folder (<out>/<target>/) written by edgec export")
+                                  "pass the bundle folder <out>/<target>/bundle written by edgec build")
         raise NotABundleError("%s is not an edgec bundle (no manifest.json)" % where,
-                              "pass the bundle folder (<out>/<target>/) written by edgec export")
+                              "pass the bundle folder <out>/<target>/bundle written by edgec build")
     try:
         with open(mpath, "rb") as f:
             raw = f.read()
