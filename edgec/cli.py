@@ -104,10 +104,25 @@ def build(
         return
     console = Console(stderr=json_out)
     result = run_build(cfg, console, force=force)
+    report_path = _write_build_report(result.build_dir, console)
     if json_out:
-        print(json.dumps({"build_dir": str(result.build_dir), "seconds": round(result.seconds, 2), **result.summary}, indent=2))
+        print(json.dumps({"build_dir": str(result.build_dir), "seconds": round(result.seconds, 2),
+                          "report": str(report_path) if report_path else None, **result.summary}, indent=2))
         return
     _print_summary(console, result)
+    if report_path:
+        console.print(f"report {report_path}")
+
+
+def _write_build_report(build_dir: Path, console: Console) -> Path | None:
+    """report.html / report.md beside the bundle; a report problem never fails a finished build."""
+    from .report import write_report
+
+    try:
+        return write_report(build_dir)["html"]
+    except Exception as e:  # the bundle is already published; the report is a convenience
+        console.print(f"[yellow]report not written[/]: {type(e).__name__}: {e}")
+        return None
 
 
 def _print_summary(console: Console, result) -> None:
@@ -192,6 +207,20 @@ def main() -> None:
         print(f"error: internal error {type(e).__name__}: {e} (rerun with --debug and report it)", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+@app.command()
+def report(
+    build_dir: Annotated[Path, typer.Argument(help="Build directory (OUT/<target>/) written by `edgec build`.")],
+    bench_result: Annotated[Optional[Path], typer.Option("--bench", help="A bench JSON (edgec bench --json) for the latency plot and the p95 budget. Default: BUILD_DIR/bench.json when present.")] = None,
+) -> None:
+    """Write report.html (self-contained) and report.md (+ report/*.png) into a build directory."""
+    from .report import write_report
+
+    paths = write_report(build_dir, bench=bench_result)
+    console = Console()
+    console.print(f"report {paths['html']}")
+    console.print(f"       {paths['markdown']} (plots in {paths['assets']}/)")
 
 
 def _ondevice_errors():

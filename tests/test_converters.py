@@ -31,11 +31,14 @@ def mlp(features: int = 64) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
+def conv_block(c_in: int, c_out: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))
+
+
 class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
-        block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
-        self.features = nn.Sequential(block(1, 8), block(8, 16))
+        self.features = nn.Sequential(conv_block(1, 8), conv_block(8, 16))
         self.fc = nn.Linear(16 * 2 * 2, 10)
 
     def forward(self, x):
