@@ -80,7 +80,10 @@ def describe_arch(arch: dict[str, Any]) -> str:
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
     if arch["kind"] == "zoo":
-        return ZOO[arch["name"]](**arch["kwargs"])
+        try:
+            return ZOO[arch["name"]](**arch["kwargs"])
+        except TypeError as e:  # an unknown keyword in [model] args
+            raise ConfigError(f"model {arch['name']!r}: {e}; check [model] args") from None
     module_name, _, attr = arch["factory"].partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)

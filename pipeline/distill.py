@@ -31,11 +31,16 @@ from .training import OptimConfig, fit, seed_everything
 
 
 class DistillConfig(OptimConfig):
+    # Defaults measured on the built-in digits (cnn-small teacher, half-width student): the
+    # student reaches the teacher's accuracy; T=4/alpha=0.9/lr=1e-3 left it 1 point short.
+    epochs: int = Field(60, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    patience: int = Field(10, ge=1)
     student: str | None = Field(None, description="zoo name or package.module:factory; default: the teacher's architecture scaled by `width`")
     student_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the student")
     width: float = Field(0.5, gt=0, description="width multiplier when the student is the teacher's architecture")
-    temperature: float = Field(4.0, description="softmax temperature T (> 0)")
-    alpha: float = Field(0.9, description="weight of the soft-target term, in [0, 1]")
+    temperature: float = Field(2.0, description="softmax temperature T (> 0)")
+    alpha: float = Field(0.7, description="weight of the soft-target term, in [0, 1]")
     hint_layers: tuple[str, str] | None = Field(None, description="(teacher module, student module) whose outputs the hint loss matches")
     hint_weight: float = Field(1.0, ge=0)
     baseline: bool = Field(False, description="also train the student on labels alone (same epochs and seed) and report it")

@@ -9,7 +9,6 @@ accuracy drop exceeds its budget, the stage fails and no bundle is written (opti
 from __future__ import annotations
 
 import json
-import lzma
 import platform
 import shutil
 from importlib.metadata import PackageNotFoundError, version
@@ -31,6 +30,7 @@ from edgec.targets.tflite_export import export_tflite
 from .artifact import BUNDLE, Artifact
 from .cache import sha256_file
 from .stage import Stage, StageConfig, StageContext
+from .transport_codec import encode_transport
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -111,8 +111,9 @@ class ExportStage(Stage):
         shutil.copy2(RUNNER_TEMPLATE, out_dir / "run.py")
 
         model_bytes = (out_dir / model_file).stat().st_size
-        transport = out_dir / f"{model_file}.xz"
-        transport.write_bytes(lzma.compress((out_dir / model_file).read_bytes(), preset=9 | lzma.PRESET_EXTREME))
+        transport = out_dir / f"{model_file}.edgt"
+        codebooks = [c.detach().cpu().numpy() for c in ckpt.codebooks.values()]
+        transport.write_bytes(encode_transport((out_dir / model_file).read_bytes(), codebooks))
         size = {
             "reference_fp32_bytes": 4 * sum(p.numel() for p in model.parameters()),
             "model_bytes": model_bytes,

@@ -29,6 +29,8 @@ def resolve_arch(name: str | None, args: dict, weights: Path | None, data: Datas
             )
         return loaded.arch, loaded
     if not name:
+        if weights is None:
+            raise ConfigError("no model given: name one with --model (or [model] name), or pass --weights")
         raise ConfigError(f"{weights} is a plain state dict: say which model it belongs to with --model")
     arch = zoo_arch(name, data.input_shape, data.num_classes, **args) if name in ZOO else factory_arch(name, **args)
     if loaded is None:

@@ -20,18 +20,25 @@ def _check(name, ok, detail, skipped=False):
 
 
 def _check_transport(bundle):
-    """Decode ``size.transport_file`` (xz) and compare it byte for byte with the model file."""
+    """Decode ``size.transport_file`` and compare it byte for byte with the model file.
+
+    The payload is an edgec transport payload (``transport.py``: sparse weights and codebook
+    indices) or, in bundles from earlier edgec versions, an xz file.
+    """
     import hashlib
     import lzma
     import os
+
+    from .transport import TransportError, decode, is_transport
 
     name = (bundle.manifest.get("size") or {}).get("transport_file")
     if not name:
         return None
     try:
         with open(os.path.join(bundle.path, name), "rb") as f:
-            decoded = lzma.decompress(f.read())
-    except (OSError, lzma.LZMAError) as e:
+            payload = f.read()
+        decoded = decode(payload) if is_transport(payload) else lzma.decompress(payload)
+    except (OSError, lzma.LZMAError, TransportError) as e:
         return _check("transport", False, "%s does not decode (%s)" % (name, e))
     with open(bundle.model_path, "rb") as f:
         model_sha = hashlib.sha256(f.read()).hexdigest()
