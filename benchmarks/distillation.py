@@ -41,12 +41,12 @@ GAP_TARGET = 0.6
 TEACHER = {"name": "mlp", "args": {"widths": [1200, 1200]}}
 STUDENT = {"name": "mlp", "args": {"widths": [200, 100]}}
 TEACHER_TRAIN = {
-    "epochs": 12, "batch_size": 128, "lr": 1e-3, "patience": 12,
+    "epochs": 15, "batch_size": 128, "lr": 1e-3, "patience": 15,
     "augment": {"enabled": True, "max_shift": 2.0, "max_rotation": 10.0},
 }
 STUDENT_DISTILL = {
     "epochs": 20, "batch_size": 128, "lr": 1e-3, "patience": 20,
-    "temperature": 8.0, "alpha": 0.9, "baseline": True,
+    "temperature": 8.0, "alpha": 0.5, "baseline": True,
 }
 
 

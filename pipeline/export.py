@@ -60,8 +60,9 @@ class ExportStage(Stage):
     Config = ExportConfig
 
     def key_material(self, ctx: StageContext) -> dict[str, Any]:
-        # The on-device runner is part of the bundle: a change to it is a new bundle.
-        runner = {p.name: sha256_file(p) for p in sorted(ONDEVICE_PACKAGE.glob("*.py"))}
+        # The on-device runner and the transport encoder shape the bundle: a change to them is a new bundle.
+        sources = sorted(ONDEVICE_PACKAGE.glob("*.py")) + [Path(__file__).with_name("transport_codec.py")]
+        runner = {p.name: sha256_file(p) for p in sources}
         return {**super().key_material(ctx), "runner": runner}
 
     def run(self, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def test_builds_are_byte_identical(workdir, bundles):
     assert (first.parent / "reference.pt").read_bytes() == (second.parent / "reference.pt").read_bytes()
 
 
-@pytest.mark.parametrize("victim", ["model.tflite", "model.tflite.xz", "eval.npz", "edgec_ondevice/runtimes.py"])
+@pytest.mark.parametrize("victim", ["model.tflite", "model.tflite.edgt", "eval.npz", "edgec_ondevice/runtimes.py"])
 def test_one_flipped_byte_is_caught(bundles, workdir, tmp_path, victim):
     bundle = tmp_path / "bundle"
     shutil.copytree(bundles["rpi"], bundle)
@@ -103,7 +103,7 @@ def test_refuses_to_ship_on_mismatch(workdir):
 
 
 def test_user_model_with_batchnorm_residual_and_gap(workdir):
-    out = json.loads(build(workdir, "rpi", "--model", "user_models:make", out="user",
+    out = json.loads(build(workdir, "rpi", "--model", "user_models:make", "--epochs", "20", out="user",
                            env={"PYTHONPATH": str(FIXTURES)}).stdout)
     assert out["stages"][-1]["info"]["top1_agreement"] >= 0.99
     run_cli("verify", workdir / "user" / "rpi" / "bundle", cwd=workdir)

@@ -7,7 +7,9 @@ import torch
 
 from support import run_cli
 
-FAST = ["--epochs", "3"]
+# The whole default chain, with a few epochs per training stage.
+FAST = ["--epochs", "3", "--set", "prune.steps=1", "--set", "retrain.epochs=2", "--set", "share.epochs=1",
+        "--set", "distill.epochs=3"]
 
 
 def test_version_and_targets(tmp_path):
