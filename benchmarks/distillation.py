@@ -19,8 +19,9 @@ mean and sample std over the student seeds, and
 
 Everything runs through ``edgec.pipeline.runner.run_chain`` with a fresh stage cache, so the figures
 are what ``edgec build`` with examples/mnist-distill.toml produces for the same seed.
-Torch uses 1 thread by default (--threads): on a busy 2-core machine two OpenMP threads fighting
-other processes for the cores ran up to 30x slower than one.
+Torch uses 1 thread by default (--threads): on a busy 2-core machine two spinning OpenMP threads
+fighting other processes for the cores ran up to 30x slower than one (measured here; the results
+are bit-identical run to run at 1 thread).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main() -> None:
                          "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
                          "t10k-labels-idx1-ubyte.gz")
 
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does: waiting OpenMP threads sleep, not spin
     import torch
     from rich.console import Console
 
@@ -172,7 +174,7 @@ def main() -> None:
     print(f"{'scratch':10} {arch(STUDENT):16} {student_params:>10,} {_pct(s_mean, s_std):>16}   {', '.join(_pct(e) for e in scratch)}")
     print(f"{'distilled':10} {arch(STUDENT):16} {student_params:>10,} {_pct(d_mean, d_std):>16}   {', '.join(_pct(e) for e in distilled)}")
     print(f"teacher/student parameters: {teacher_params / student_params:.1f}x")
-    print(f"gap closed: {gap:.2f} (from mean errors; per seed {', '.join(f'{g:.2f}' for g in (r['gap_closed'] for r in rows))}; "
+    print(f"gap closed: {gap:.3f} (from mean errors; per seed {', '.join(f'{g:.2f}' for g in (r['gap_closed'] for r in rows))}; "
           f"target >= {GAP_TARGET}: {'PASS' if gap >= GAP_TARGET else 'FAIL'})")
     print("Hinton et al. 2015: teacher 0.67%, student 1.46%, distilled 0.74% -> gap closed 0.91")
     print(f"total {seconds:.0f} s (teacher {sum(t.seconds for t in teachers.values()):.0f} s, "

@@ -93,8 +93,11 @@ class _Hint(nn.Module):
             modules_t[names[0]].register_forward_hook(lambda m, i, o: self.features.__setitem__("t", o)),
             modules_s[names[1]].register_forward_hook(lambda m, i, o: self.features.__setitem__("s", o)),
         ]
+        was_training = student.training
+        student.eval()  # probing shapes must not move the student's BatchNorm statistics
         with torch.no_grad():
             teacher(example), student(example)
+        student.train(was_training)
         t, s = self.features["t"], self.features["s"]
         if t.dim() != s.dim() or t.shape[2:] != s.shape[2:]:
             raise ConfigError(f"distill.hint_layers: feature maps {list(t.shape[1:])} and {list(s.shape[1:])} differ in spatial shape")

@@ -103,8 +103,9 @@ def test_refuses_to_ship_on_mismatch(workdir):
 
 
 def test_user_model_with_batchnorm_residual_and_gap(workdir):
-    out = json.loads(build(workdir, "rpi", "--model", "user_models:make", "--epochs", "20", out="user",
-                           env={"PYTHONPATH": str(FIXTURES)}).stdout)
+    # 16 channels: with 8 the int8 model agreed on 0.98 of the digits test split, and export refused it.
+    out = json.loads(build(workdir, "rpi", "--model", "user_models:make", "--epochs", "20",
+                           "--set", "model.args.channels=16", out="user", env={"PYTHONPATH": str(FIXTURES)}).stdout)
     assert out["stages"][-1]["info"]["top1_agreement"] >= 0.99
     run_cli("verify", workdir / "user" / "rpi" / "bundle", cwd=workdir)
 
