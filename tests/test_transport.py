@@ -148,8 +148,9 @@ def test_verify_checks_the_payload(tmp_path, synthetic):
     check = _check_transport(bundle)
     assert not check["ok"] and "does not decode to model.tflite" in check["detail"]
 
-    (tmp_path / "model.tflite.edgt").write_bytes(lzma.compress(model))  # bundles from before the codec
-    assert _check_transport(bundle)["ok"]
+    (tmp_path / "model.tflite.edgt").write_bytes(lzma.compress(model))  # not an edgec payload
+    check = _check_transport(bundle)
+    assert not check["ok"] and "bad magic" in check["detail"]
 
 
 @pytest.mark.slow

@@ -20,16 +20,11 @@ def _check(name, ok, detail, skipped=False):
 
 
 def _check_transport(bundle):
-    """Decode ``size.transport_file`` and compare it byte for byte with the model file.
-
-    The payload is an edgec transport payload (``transport.py``: sparse weights and codebook
-    indices) or, in bundles from earlier edgec versions, an xz file.
-    """
+    """Decode ``size.transport_file`` (``transport.py``) and compare it byte for byte with the model file."""
     import hashlib
-    import lzma
     import os
 
-    from .transport import TransportError, decode, is_transport
+    from .transport import TransportError, decode
 
     name = (bundle.manifest.get("size") or {}).get("transport_file")
     if not name:
@@ -37,8 +32,8 @@ def _check_transport(bundle):
     try:
         with open(os.path.join(bundle.path, name), "rb") as f:
             payload = f.read()
-        decoded = decode(payload) if is_transport(payload) else lzma.decompress(payload)
-    except (OSError, lzma.LZMAError, TransportError) as e:
+        decoded = decode(payload)
+    except (OSError, TransportError) as e:
         return _check("transport", False, "%s does not decode (%s)" % (name, e))
     with open(bundle.model_path, "rb") as f:
         model_sha = hashlib.sha256(f.read()).hexdigest()
