@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -102,7 +103,8 @@ def build(
     if print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return
-    console = Console(stderr=json_out)
+    # Logs and pipes get 120 columns (rich would use 80), so the summary table is not truncated.
+    console = Console(stderr=json_out, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
     result = run_build(cfg, console, force=force)
     report_path = _write_build_report(result.build_dir, console)
     if json_out:
@@ -128,7 +130,7 @@ def _write_build_report(build_dir: Path, console: Console) -> Path | None:
 def _print_summary(console: Console, result) -> None:
     table = Table(title=f"edgec build: {result.summary['target']}", show_edge=False)
     for col in ("stage", "status", "accuracy", "params", "non-zero", "fp32 bytes", "model bytes", "transport bytes", "seconds"):
-        table.add_column(col, justify="left" if col in ("stage", "status") else "right")
+        table.add_column(col, justify="left" if col in ("stage", "status") else "right", no_wrap=True)
     rows = [("source", "-", result.summary["source"])] + [
         (s["stage"], "cached" if s["cached"] else "ran", s["info"] | {"seconds": s["seconds"]})
         for s in result.summary["stages"]
