@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from edgec.errors import ConfigError, InputError
+from edgec.errors import InputError
 
 BENCH_SCHEMA = "edgec-bench"
 REFERENCE_FILE = "reference.pt"
@@ -37,13 +37,8 @@ COMPARED = [
 
 def run_bench(bundle: Path, console: Console, *, reference: bool, write_recommended: bool, markdown: bool, **options) -> tuple[dict, str]:
     from edgec.ondevice import bench_bundle, render_bench
-    from edgec.ondevice.errors import BundleError
-
-    try:
-        with console.status("benchmarking") as status:
-            result = bench_bundle(str(bundle), progress=status.update, **options)
-    except BundleError as e:
-        raise ConfigError(str(e)) from None
+    with console.status("benchmarking") as status:
+        result = bench_bundle(str(bundle), progress=status.update, **options)
     if reference:
         result["reference"] = time_reference(bundle, result, options.get("warmup", 10), options.get("runs", 200))
         p50 = (result.get("latency_ms") or {}).get("p50")

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import ConfigError, EdgecError, RunError
+from .ondevice.errors import BundleError
 
 app = typer.Typer(
     name="edgec",
@@ -193,7 +194,7 @@ def main() -> None:
     _configure_libraries()
     try:
         code = app(standalone_mode=False)
-    except EdgecError as e:
+    except (EdgecError, BundleError) as e:  # both carry their exit code; BundleError comes from the runner
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -228,12 +229,6 @@ def report(
     console.print(f"       {paths['markdown']} (plots in {paths['assets']}/)")
 
 
-def _ondevice_errors():
-    from edgec.ondevice.errors import BundleError
-
-    return BundleError
-
-
 @app.command()
 def verify(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (OUT/<target>/bundle).")],
@@ -245,15 +240,11 @@ def verify(
     """Check every file's sha256, the transport payload, load the model in its runtime, reproduce the test vectors, measure accuracy."""
     from edgec.ondevice import render_verify, verify_bundle
 
-    BundleError = _ondevice_errors()
     console = Console(stderr=json_out is not None and str(json_out) == "-")
-    try:
-        if emulate is not None:
-            results = _verify_emulated(bundle, emulate, console)
-        else:
-            results = [verify_bundle(str(bundle), exact=exact, runtime=runtime)]
-    except BundleError as e:
-        raise ConfigError(str(e)) from None
+    if emulate is not None:
+        results = _verify_emulated(bundle, emulate, console)
+    else:
+        results = [verify_bundle(str(bundle), exact=exact, runtime=runtime)]
     for result in results:
         _echo(render_verify(result), json_out)
     _write_json(json_out, results[0] if len(results) == 1 else {"schema": "edgec-verify-emulated", "runs": results})
@@ -363,11 +354,7 @@ def check(
     from edgec.ondevice import load_bundle
     from edgec.targets.profile import Budgets
 
-    BundleError = _ondevice_errors()
-    try:
-        manifest = load_bundle(str(bundle)).manifest
-    except BundleError as e:
-        raise ConfigError(str(e)) from None
+    manifest = load_bundle(str(bundle)).manifest
     budgets = Budgets.model_validate(manifest["target"]["profile"]["budgets"])
     overrides = {
         "max_model_bytes": max_model_bytes, "max_transport_bytes": max_transport_bytes, "max_p95_ms": max_p95_ms,
