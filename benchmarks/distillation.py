@@ -85,14 +85,15 @@ def main() -> None:
     import torch
     from rich.console import Console
 
+    from edgec.architecture import ModelTrust
     from edgec.data import load_dataset
     from edgec.errors import EdgecError
     from edgec.pipeline.cache import StageCache
-    from edgec.pipeline.distill import DistillConfig, DistillStage
+    from edgec.pipeline.stages.distill import DistillConfig, DistillStage
     from edgec.pipeline.runner import run_chain
     from edgec.pipeline.source import make_source
     from edgec.pipeline.stage import StageContext
-    from edgec.pipeline.train import TrainConfig, TrainStage
+    from edgec.pipeline.stages.train import TrainConfig, TrainStage
 
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
@@ -117,7 +118,7 @@ def main() -> None:
 
         def train_teacher(seed: int):
             ctx = StageContext(data=data, seed=seed, target=None, console=console)
-            source = make_source(TEACHER["name"], TEACHER["args"], None, data, seed, cache)
+            source = make_source(TEACHER["name"], TEACHER["args"], None, data, seed, cache, ModelTrust())
             (step,) = run_chain([TrainStage(train_cfg)], source, ctx, cache)
             return step
 

@@ -54,3 +54,14 @@ def calibration_digest(x: np.ndarray) -> str:
     h.update(f"{x.dtype}{x.shape}".encode())
     h.update(np.ascontiguousarray(x).tobytes())
     return h.hexdigest()
+
+
+def quantile_bins(values: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Bin index (0..bins-1) of each value by the values' own quantiles: stratifying a continuous
+    quantity (a regression target) with :func:`select_calibration_indices` spreads the chosen
+    samples over its whole range."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if values.size == 0:
+        raise ValueError("values must not be empty")
+    edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+    return np.searchsorted(edges, values, side="right").astype(np.int64)

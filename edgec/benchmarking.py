@@ -2,14 +2,21 @@
 
 - ``--reference``: the fp32 torch model that was exported (``OUT/<target>/reference.pt``) is timed in
   the same run on the same inputs, so the speedup is a ratio measured side by side;
-- the best runtime setting is written back into the manifest as ``runtime.recommended`` (the
-  manifest is not in its own file table, so the bundle stays verifiable);
+- the reference is an edgec checkpoint; one that names a user factory is rebuilt only when the
+  user names that factory (``--model``), like every file edgec reads;
+- ``--baseline``: the uncompressed model (``OUT/<target>/uncompressed.pt``: the model before the
+  first compression stage) is exported for the bundle's target with the same converter and
+  precision and benched by the same harness in the same run; ``baseline.speedup_p50`` (its p50 over
+  the bundle's, each at its best setting) is what the ``min_speedup`` budget checks;
 - ``--compare``: ratios per figure between two bench results, regressions flagged.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,8 @@ from edgec.errors import InputError
 
 BENCH_SCHEMA = "edgec-bench"
 REFERENCE_FILE = "reference.pt"
+UNCOMPRESSED_FILE = "uncompressed.pt"
+BASELINE_CALIBRATION_SAMPLES = 512
 # Figures compared by --compare: (path in the result, lower is better, regression threshold)
 COMPARED = [
     ("latency_ms.p50", True, 0.10),
@@ -35,20 +44,20 @@ COMPARED = [
 ]
 
 
-def run_bench(bundle: Path, console: Console, *, reference: bool, write_recommended: bool, markdown: bool, **options) -> tuple[dict, str]:
+def run_bench(bundle: Path, console: Console, *, reference: bool, markdown: bool, trusted_model: str | None = None,
+              baseline: bool = False, **options) -> tuple[dict, str]:
     from edgec.ondevice import bench_bundle, render_bench
+    if baseline:
+        _uncompressed_path(bundle)  # before the bundle's sweep: a missing file costs no time
     with console.status("benchmarking") as status:
         result = bench_bundle(str(bundle), progress=status.update, **options)
+        if baseline:
+            result["baseline"] = bench_baseline(bundle, result, options, trusted_model, progress=status.update)
     if reference:
-        result["reference"] = time_reference(bundle, result, options.get("warmup", 10), options.get("runs", 200))
+        result["reference"] = time_reference(bundle, result, options.get("warmup", 10), options.get("runs", 200), trusted_model)
         p50 = (result.get("latency_ms") or {}).get("p50")
         if p50:
             result["reference"]["speedup_p50"] = result["reference"]["latency_ms"]["p50"] / p50
-    if write_recommended and result.get("ok") and result.get("recommended"):
-        manifest_path = bundle / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
-        manifest["runtime"]["recommended"] = result["recommended"]
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     text = render_bench(result, markdown=markdown)
     if "reference" in result:
         ref = result["reference"]
@@ -56,19 +65,127 @@ def run_bench(bundle: Path, console: Console, *, reference: bool, write_recommen
             f"\ntorch eager fp32 reference (same run, batch 1, {ref['threads']} thread(s)): p50 {ref['latency_ms']['p50']:.4f} ms"
             + (f" -> bundle is {ref['speedup_p50']:.1f}x faster at p50" if "speedup_p50" in ref else "")
         )
+    if "baseline" in result:
+        base = result["baseline"]
+        text += (
+            f"\nuncompressed model ({UNCOMPRESSED_FILE}, {base['precision']} for {base['target']}, same harness, same run): "
+            + (f"p50 {base['p50_ms']:.4f} ms ({base['best_setting']}), bundle p50 {base['bundle_p50_ms']:.4f} ms -> "
+               f"speedup {base['speedup_p50']:.2f}x at p50" if base.get("speedup_p50") else
+               "not measured: " + "; ".join(base.get("errors") or ["no setting succeeded"])[:300])
+        )
     return result, text
 
 
-def time_reference(bundle: Path, result: dict, warmup: int, runs: int) -> dict[str, Any]:
+def bench_baseline(bundle: Path, result: dict, options: dict[str, Any], trusted_model: str | None = None,
+                   progress=None) -> dict[str, Any]:
+    """Export the uncompressed model for the bundle's target (same converter, same precision) into a
+    temporary bundle and bench it with the same harness and options as the bundle itself."""
+    from edgec.architecture import ModelTrust
+    from edgec.checkpoint import load_checkpoint
+    from edgec.ondevice import bench_bundle
+
+    model = load_checkpoint(_uncompressed_path(bundle)).build(ModelTrust(frozenset({trusted_model} if trusted_model else ())))
+    with tempfile.TemporaryDirectory(prefix="edgec-baseline-") as tmp:
+        if progress:
+            progress("exporting the uncompressed model for the bundle's target")
+        made = baseline_bundle(bundle, model, Path(tmp) / "bundle")
+        opts = dict(options, save_recommendation=False)
+        res = bench_bundle(str(Path(tmp) / "bundle"), progress=(lambda m: progress(f"baseline {m}")) if progress else None,
+                           **opts)
+    p50, bundle_p50 = (res.get("latency_ms") or {}).get("p50"), (result.get("latency_ms") or {}).get("p50")
+    return {
+        "model": UNCOMPRESSED_FILE, **made, "ok": bool(res.get("ok")),
+        "p50_ms": p50, "bundle_p50_ms": bundle_p50,
+        "speedup_p50": p50 / bundle_p50 if p50 and bundle_p50 else None,
+        "best_setting": (res.get("best") or {}).get("id"),
+        "latency_ms": res.get("latency_ms"), "load_ms": res.get("load_ms"), "peak_rss_bytes": res.get("peak_rss_bytes"),
+        "accuracy": res.get("accuracy"), "size": {k: (res.get("size") or {}).get(k) for k in ("model_bytes", "transport_bytes")},
+        "settings": [{"id": r.get("id"), "ok": r.get("ok"), "p50_ms": (r.get("latency_ms") or {}).get("p50")}
+                     for r in res.get("settings") or []],
+        "errors": res.get("errors") or [],
+    }
+
+
+def _uncompressed_path(bundle: Path) -> Path:
+    path = bundle.parent / UNCOMPRESSED_FILE
+    if not path.is_file():
+        raise InputError(f"--baseline needs {path}, the model before the first compression stage (written by `edgec build` "
+                         "beside the bundle; rebuild with this edgec version)")
+    return path
+
+
+def baseline_bundle(bundle: Path, model, out: Path) -> dict[str, Any]:
+    """A copy of ``bundle`` whose model file is ``model`` exported like the bundle's (format and
+    precision; int8 calibrated on the bundle's eval set, since the train split is not at hand):
+    test vectors, transport payload and manifest rewritten to match. It exists to be timed."""
+    import torch
+
+    from edgec.ondevice import load_bundle
+    from edgec.ondevice.preprocess import preprocess_raw
+    from edgec.ondevice.runtimes import open_model
+    from edgec.pipeline.algorithms.transport_codec import encode_transport
+    from edgec.pipeline.manifest import write_manifest
+    from edgec.targets.onnx_export import export_onnx
+    from edgec.targets.tflite_export import export_tflite
+
+    source = load_bundle(str(bundle))
+    source.require_intact()
+    manifest = copy.deepcopy(source.manifest)
+    precision, inp = manifest["precision"], manifest["inputs"][0]
+    evalset = source.eval_set()
+    if evalset is None:
+        raise InputError(f"--baseline: {bundle} has no eval.npz to calibrate the uncompressed model with")
+    x = preprocess_raw(evalset[0], manifest["preprocessing"], inp["shape"][1:], inp.get("layout"))
+    calibration = x[np.linspace(0, len(x) - 1, min(len(x), BASELINE_CALIBRATION_SAMPLES)).astype(int)]
+    shutil.copytree(bundle, out, ignore=shutil.ignore_patterns("manifest.json", "manifest.sig", "recommended.json",
+                                                               "__pycache__"))
+    model_path = out / manifest["model_file"]
+    model_path.unlink()
+    example = torch.from_numpy(calibration[:1])
+    if source.runtime_name == "tflite":
+        exported = export_tflite(model, example, model_path, precision=precision, calibration=calibration)
+    else:
+        method = (manifest.get("conversion") or {}).get("calibration_method", "minmax")
+        exported = export_onnx(model, example, model_path, precision=precision, calibration=calibration,
+                               calibration_method=method if method in ("minmax", "percentile", "entropy") else "minmax")
+        for extra in manifest.get("extra_model_files") or []:
+            (out / extra).unlink(missing_ok=True)
+            export_onnx(model, example, out / extra, precision="fp32")
+    vectors = source.test_vectors()
+    if vectors is not None:
+        runner = open_model(str(model_path), source.runtime_name, io_meta={"input": exported.inputs[0],
+                                                                          "output": exported.outputs[0]})
+        inputs = np.asarray(vectors["inputs"], dtype=np.float32)
+        expected = runner.run_model_input(inputs)
+        runner.close()
+        with torch.no_grad():
+            reference = model.eval()(torch.from_numpy(inputs)).numpy()
+        np.savez_compressed(out / "test_vectors.npz", inputs=inputs, expected=expected, reference=reference)
+    transport_file = (manifest.get("size") or {}).get("transport_file")
+    if transport_file:
+        (out / transport_file).write_bytes(encode_transport(model_path.read_bytes()))
+    q = exported.outputs[0].get("quantization")
+    manifest.update(inputs=exported.inputs, outputs=exported.outputs, conversion=exported.conversion, lineage=[])
+    manifest["tolerance"]["atol"] = float(q["scale"]) * 1.01 if q else manifest["tolerance"]["atol"]
+    params = sum(p.numel() for p in model.parameters())
+    manifest["size"] = {**manifest["size"], "reference_fp32_bytes": 4 * params, "model_bytes": model_path.stat().st_size,
+                        **({"transport_bytes": (out / transport_file).stat().st_size} if transport_file else {})}
+    write_manifest(out, manifest)
+    return {"target": (manifest.get("target") or {}).get("name"), "format": source.runtime_name, "precision": precision,
+            "params": params, "calibration": f"{len(calibration)} samples of the bundle's eval set"}
+
+
+def time_reference(bundle: Path, result: dict, warmup: int, runs: int, trusted_model: str | None = None) -> dict[str, Any]:
     """Latency of the fp32 torch model at batch 1 with the best setting's thread count."""
     import torch
 
+    from edgec.architecture import ModelTrust
     from edgec.checkpoint import load_checkpoint
 
     path = bundle.parent / REFERENCE_FILE
     if not path.is_file():
         raise InputError(f"--reference needs {path} (written by `edgec build` beside the bundle)")
-    model = load_checkpoint(path).build()
+    model = load_checkpoint(path).build(ModelTrust(frozenset({trusted_model} if trusted_model else ())))
     with np.load(bundle / "test_vectors.npz") as vectors:
         inputs = torch.from_numpy(vectors["inputs"][:1])
     threads = int((result.get("recommended") or {}).get("threads", 1))

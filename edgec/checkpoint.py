@@ -1,13 +1,20 @@
-"""edgec checkpoints: architecture + weights (+ pruning masks and codebooks) in one file.
+"""edgec checkpoints: architecture record + weights (+ masks, codebooks, stage state) in one file.
 
 A checkpoint is a plain dict of tensors, strings and numbers, so ``torch.load(weights_only=True)``
-reads it without unpickling code. The architecture is stored as a spec (zoo name or
-``package.module:factory`` plus keyword arguments), so ``--weights ckpt.pt`` needs no ``--model``.
+reads it without unpickling code. The architecture is a record (:mod:`edgec.architecture`): a base
+model plus plain-data edits, so ``--weights ckpt.pt`` needs no ``--model`` for zoo models and any
+model a stage changed (wider, deeper, fewer channels, new heads) can be rebuilt.
+
+Format 2 (format 1, whose ``arch`` was the base alone, still loads)::
+
+    {"format": "edgec-checkpoint", "format_version": 2,
+     "arch": {"base": {...}, "edits": [...]},
+     "state_dict": {name: tensor}, "masks": {param: bool tensor}, "codebooks": {param: tensor},
+     "extensions": {namespace: plain data or tensors}}   # stage state, e.g. per-task masks
 """
 
 from __future__ import annotations
 
-import importlib
 import io
 import pickle
 from dataclasses import dataclass, field
@@ -17,11 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, InputError
-from .zoo import ZOO
+from . import architecture
+from .architecture import ModelTrust
+from .errors import InputError
 
 FORMAT = "edgec-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_KEYS = {
+    1: {"format", "format_version", "arch", "state_dict", "masks", "codebooks"},
+    2: {"format", "format_version", "arch", "state_dict", "masks", "codebooks", "extensions"},
+}
 
 
 @dataclass
@@ -30,16 +42,34 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     codebooks: dict[str, torch.Tensor] = field(default_factory=dict)
+    extensions: dict[str, Any] = field(default_factory=dict)
+    origin: str = "the checkpoint"
 
-    def build(self) -> nn.Module:
-        """A fresh eval-mode model with these weights (the checkpoint itself is untouched)."""
-        model = build_model(self.arch)
+    def build(self, trust: ModelTrust) -> nn.Module:
+        """A fresh eval-mode model with these weights (the checkpoint itself is untouched).
+
+        The record is first built on the meta device and its shapes compared with the weights, so a
+        file cannot make edgec allocate more than the weights it holds."""
+        expected = {k: tuple(v.shape) for k, v in self.state_dict.items()}
+        shapes = architecture.dry_shapes(self.arch, trust, self.origin)
+        if shapes is not None and shapes != expected:
+            raise InputError(f"weights do not fit the model {architecture.describe(self.arch)}: {_first_difference(shapes, expected)}")
+        model = architecture.build(self.arch, trust, self.origin)
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as e:
             first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-            raise InputError(f"weights do not fit the model {describe_arch(self.arch)}: {first}") from None
+            raise InputError(f"weights do not fit the model {architecture.describe(self.arch)}: {first}") from None
         return model.eval()
+
+    def with_model(self, model: nn.Module, trust: ModelTrust) -> Checkpoint:
+        """A new checkpoint for ``model``, whose modules a stage may have changed: the record gets the
+        edits that rebuild it; masks and codebooks of parameters whose shape changed are dropped."""
+        base = architecture.build(architecture.record(self.arch["base"]), trust, self.origin)
+        arch = architecture.record(self.arch["base"], architecture.diff_edits(base, model))
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        keep = lambda d: {k: v for k, v in d.items() if k in state and _fits(v, state[k])}  # noqa: E731
+        return Checkpoint(arch, state, keep(self.masks), keep(self.codebooks), dict(self.extensions), self.origin)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +79,7 @@ class Checkpoint:
             "state_dict": self.state_dict,
             "masks": self.masks,
             "codebooks": self.codebooks,
+            "extensions": self.extensions,
         }
 
     def save(self, path: Path) -> None:
@@ -58,61 +89,58 @@ class Checkpoint:
         path.write_bytes(buf.getvalue())
 
 
-def zoo_arch(name: str, input_shape, num_classes: int, **kwargs) -> dict[str, Any]:
-    if name not in ZOO:
-        raise ConfigError(f"unknown model {name!r}: use one of {', '.join(ZOO)} or package.module:factory")
-    return {
-        "kind": "zoo",
-        "name": name,
-        "kwargs": {"input_shape": list(input_shape), "num_classes": int(num_classes), **kwargs},
-    }
+def _fits(aux: torch.Tensor, weight: torch.Tensor) -> bool:
+    return aux.dim() <= 1 or aux.shape == weight.shape
 
 
-def factory_arch(factory: str, **kwargs) -> dict[str, Any]:
-    if ":" not in factory:
-        raise ConfigError(f"model {factory!r} is neither a zoo name ({', '.join(ZOO)}) nor package.module:factory")
-    return {"kind": "factory", "factory": factory, "kwargs": kwargs}
-
-
-def describe_arch(arch: dict[str, Any]) -> str:
-    return arch["name"] if arch["kind"] == "zoo" else arch["factory"]
-
-
-def build_model(arch: dict[str, Any]) -> nn.Module:
-    if arch["kind"] == "zoo":
-        try:
-            return ZOO[arch["name"]](**arch["kwargs"])
-        except TypeError as e:  # an unknown keyword in [model] args
-            raise ConfigError(f"model {arch['name']!r}: {e}; check [model] args") from None
-    module_name, _, attr = arch["factory"].partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise InputError(
-            f"cannot import model factory {arch['factory']!r} ({e}); make the module importable (PYTHONPATH) "
-            "and check the name"
-        ) from None
-    model = factory(**arch["kwargs"])
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model factory {arch['factory']!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+def _first_difference(a: dict, b: dict) -> str:
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            return f"{k}: the model has {list(a[k]) if k in a else 'no such tensor'}, the weights {list(b[k]) if k in b else 'none'}"
+    return "shapes differ"
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Load an edgec checkpoint written by this module."""
-    obj = _safe_load(path)
+    """Load an edgec checkpoint; everything in it is checked before anything is built."""
+    return _from_dict(_safe_load(path), path)
+
+
+def _from_dict(obj: Any, path: Path) -> Checkpoint:
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise InputError(f"{path} is not an edgec checkpoint")
-    if obj.get("format_version", 0) > FORMAT_VERSION:
-        raise InputError(f"{path} has checkpoint format {obj['format_version']}; upgrade edgec to read it")
-    return Checkpoint(obj["arch"], obj["state_dict"], obj.get("masks", {}), obj.get("codebooks", {}))
+    version = obj.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise InputError(f"{path}: format_version {version!r} is not a checkpoint version")
+    if version > FORMAT_VERSION:
+        raise InputError(f"{path} has checkpoint format {version}; upgrade edgec to read it")
+    unknown = set(obj) - _KEYS[version]
+    if unknown:
+        raise InputError(f"{path}: keys {sorted(unknown)} are not part of checkpoint format {version}; the file was altered "
+                         "or written by another tool")
+    arch = obj.get("arch")
+    if version == 1:
+        arch = {"base": arch, "edits": []}
+    arch = architecture.validate_record(arch, str(path))
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise InputError(f"{path}: state_dict is not a mapping of names to tensors")
+    tables = {}
+    for key in ("masks", "codebooks"):
+        table = obj.get(key, {})
+        if not isinstance(table, dict) or not all(k in state and isinstance(v, torch.Tensor) for k, v in table.items()):
+            raise InputError(f"{path}: {key} must map parameter names of state_dict to tensors")
+        tables[key] = table
+    extensions = obj.get("extensions", {})
+    if not isinstance(extensions, dict) or not all(isinstance(k, str) for k in extensions):
+        raise InputError(f"{path}: extensions must map namespaces to data")
+    return Checkpoint(arch, state, tables["masks"], tables["codebooks"], extensions, origin=str(path))
 
 
 def load_weights(path: Path) -> Checkpoint | dict[str, torch.Tensor]:
     """Read ``--weights``: an edgec checkpoint, or a plain state dict (which then needs ``--model``)."""
     obj = _safe_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return load_checkpoint(path)
+        return _from_dict(obj, path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # the common {"state_dict": ..., "epoch": ...} training checkpoint
     if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):

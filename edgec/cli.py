@@ -7,14 +7,15 @@ traceback instead.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -43,7 +44,7 @@ def _root(
     version: Annotated[
         Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors (anywhere on the command line).")] = False,
 ) -> None:
     """edgec: train -> prune -> retrain -> share -> distill -> export, cached stage by stage."""
 
@@ -72,41 +73,47 @@ def build(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder; the build lands in OUT/<target>/. Default: ./edgec-out.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Stage cache. Default: $EDGEC_CACHE_DIR or ~/.cache/edgec.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation, shuffling and augmentation. Default: 0.")] = None,
-    stages: Annotated[Optional[str], typer.Option(help="Comma-separated stage list, e.g. train,export.")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="Comma-separated stages to run, e.g. train,export: kinds for the shorthand list, ids to select from [[stages]] tables.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Precision of the shipped model: int8, fp16 or fp32. Default: the target's.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (train stage).")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random shifts and rotations while training.")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Override any config key: --set train.lr=0.01 (repeatable).")] = [],
-    force: Annotated[Optional[str], typer.Option(help="Rerun this stage and every stage after it, ignoring the cache.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override any config key: --set train.lr=0.01, or by stage id: --set prune-fine.sparsity=0.9 (repeatable).")] = [],
+    force: Annotated[Optional[str], typer.Option(help="Rerun this stage (id or kind) and every stage after it, ignoring the cache.")] = None,
+    sign_key: Annotated[Optional[Path], typer.Option(help="Sign the bundle with this Ed25519 private key (edgec keys generate).")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config as JSON and exit.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the build summary as JSON on stdout (progress goes to stderr).")] = False,
 ) -> None:
     """Build a deployable bundle for a target."""
-    from .build import build as run_build
-    from .config import load_config
+    from .api import build as run_build
+    from .config import Overrides, load_config
 
-    overrides: dict[str, Any] = {}
+    keys: dict[str, Any] = {}
     for key, value in (
         ("target", target), ("data.source", data), ("model.weights", weights), ("out", out),
-        ("cache_dir", cache_dir), ("seed", seed), ("train.epochs", epochs), ("train.augment.enabled", augment),
-        ("export.precision", precision),
+        ("cache_dir", cache_dir), ("seed", seed), ("sign_key", sign_key),
     ):
         if value is not None:
-            overrides[key] = str(value) if isinstance(value, Path) else value
+            keys[key] = str(value) if isinstance(value, Path) else value
     if model is not None:
-        overrides["model.name"] = model
+        keys["model.name"] = model
     elif weights is not None:
-        overrides["model.name"] = None  # an edgec checkpoint names its own model
-    if stages is not None:
-        overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
-    overrides.update(_parse_set(set_))
-    cfg = load_config(config, overrides)
+        keys["model.name"] = None  # an edgec checkpoint names its own model
+    per_kind: dict[str, dict[str, Any]] = {"train": {}, "export": {}}
+    if epochs is not None:
+        per_kind["train"]["epochs"] = epochs
+    if augment is not None:
+        per_kind["train"]["augment.enabled"] = augment
+    if precision is not None:
+        per_kind["export"]["precision"] = precision
+    keys.update(_parse_set(set_))
+    selected = [s.strip() for s in stages.split(",") if s.strip()] if stages is not None else None
+    cfg = load_config(config, Overrides(keys, per_kind, selected))
     if print_config:
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(json.dumps(cfg.canonical(), indent=2))
         return
     # Logs and pipes get 120 columns (rich would use 80), so the summary table is not truncated.
     console = Console(stderr=json_out, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
-    result = run_build(cfg, console, force=force)
+    result = run_build(cfg, console=console, force=force)
     report_path = _write_build_report(result.build_dir, console)
     if json_out:
         print(json.dumps({"build_dir": str(result.build_dir), "seconds": round(result.seconds, 2),
@@ -130,17 +137,16 @@ def _write_build_report(build_dir: Path, console: Console) -> Path | None:
 
 def _print_summary(console: Console, result) -> None:
     table = Table(title=f"edgec build: {result.summary['target']}", show_edge=False)
-    for col in ("stage", "status", "accuracy", "params", "non-zero", "fp32 bytes", "model bytes", "transport bytes", "seconds"):
+    for col in ("stage", "status", "quality", "params", "non-zero", "fp32 bytes", "model bytes", "transport bytes", "seconds"):
         table.add_column(col, justify="left" if col in ("stage", "status") else "right", no_wrap=True)
     rows = [("source", "-", result.summary["source"])] + [
-        (s["stage"], "cached" if s["cached"] else "ran", s["info"] | {"seconds": s["seconds"]})
-        for s in result.summary["stages"]
+        (s.id, "cached" if s.cached else "ran", s.info | {"seconds": round(s.seconds, 3)}) for s in result.stages
     ]
     for name, status, info in rows:
         table.add_row(
             name,
             status,
-            _fmt(info.get("accuracy"), "{:.4f}"),
+            _fmt(_quality(info), "{}"),
             _fmt(info.get("params"), "{:,}"),
             _fmt(info.get("nonzero_params"), "{:,}"),
             _fmt(info.get("fp32_bytes"), "{:,}"),
@@ -149,8 +155,17 @@ def _print_summary(console: Console, result) -> None:
             _fmt(info.get("seconds"), "{:.1f}"),
         )
     console.print(table)
-    ran = sum(not s["cached"] for s in result.summary["stages"])
-    console.print(f"[bold green]done[/] in {result.seconds:.1f} s ({ran} stage(s) ran) -> {result.build_dir}")
+    reached = result.summary.get("reached_bundle") or []
+    console.print(f"in the bundle: {', '.join(reached) if reached else 'the trained model, uncompressed'}")
+    console.print(f"[bold green]done[/] in {result.seconds:.1f} s ({result.stages_run} stage(s) ran) -> {result.build_dir}")
+
+
+def _quality(info: dict) -> str | None:
+    """Accuracy for classification; the task's headline figure (AUC, MSE, R²) otherwise."""
+    if info.get("accuracy") is not None:
+        return f"{info['accuracy']:.4f}"
+    metric = info.get("metric")
+    return f"{metric} {info[metric]:.4f}" if metric and isinstance(info.get(metric), (int, float)) else None
 
 
 def _fmt(value, pattern: str) -> str:
@@ -189,28 +204,177 @@ def _configure_libraries() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
+DEBUG_FLAG = "--debug"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so that every ``finally`` and
+    ``except BaseException`` cleanup (cache temp folders, half-built outputs) runs before the exit."""
+
+
+_signal_received: int | None = None
+
+
+def _on_signal(signum: int, frame) -> None:
+    global _signal_received
+    _signal_received = signum
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _install_signal_handlers() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup / background jobs: keep ignoring
+                signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread (main() called from a thread): keep Python's defaults
+            return
+
+
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` is accepted anywhere before ``--``: take it out before typer parses the line."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    rest = [a for a in argv[:end] if a != DEBUG_FLAG] + argv[end:]
+    return rest, len(rest) != len(argv)
+
+
+def _click_exceptions():
+    """(UsageError, ClickException, Abort, NoArgsIsHelpError) classes of the click typer uses: recent
+    typer vendors click as ``typer._click``, older typer uses click itself; catch both."""
+    modules = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            modules.append(__import__(name, fromlist=["ClickException"]))
+        except ImportError:
+            pass
+    aborts = [m.Abort for m in modules if hasattr(m, "Abort")]
+    aborts.append(typer.Abort)
+
+    def classes(name):
+        return tuple(getattr(m, name) for m in modules if hasattr(m, name))
+
+    return classes("UsageError"), classes("ClickException"), tuple(aborts), classes("NoArgsIsHelpError")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _usage_error(e, args: list[str]) -> str:
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        command = ctx.command_path
+    else:  # raised while parsing, before the subcommand's context exists
+        names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands if c.callback}
+        command = f"edgec {args[0]}" if args and args[0] in names else "edgec"
+    return f"error: {_one_line(e.format_message())} (see '{command} --help')"
+
+
+# OSError by errno: (exit code, what happened, what to do). 2 where the fix is a different folder or
+# permission (the user's choice), 1 where the run failed on the machine's state.
+_OS_ERRORS = {
+    errno.ENOSPC: (1, "no space left on device", "free some space or point --out / --cache-dir at another disk"),
+    errno.EDQUOT: (1, "disk quota exceeded", "free some space or point --out / --cache-dir at another disk"),
+    errno.EACCES: (2, "permission denied", "fix its permissions or choose a folder you can write with --out / --cache-dir"),
+    errno.EPERM: (2, "operation not permitted", "fix its permissions or choose a folder you can write with --out / --cache-dir"),
+    errno.EROFS: (2, "read-only file system", "choose a writable folder with --out / --cache-dir"),
+    errno.ENAMETOOLONG: (2, "file name too long", "choose a shorter folder path"),
+    errno.EMFILE: (1, "too many open files", "raise the limit (ulimit -n) and rerun"),
+    errno.EIO: (1, "input/output error", "check the disk and rerun"),
+}
+
+
+def _path_of(e: OSError) -> str | None:
+    """The path an OSError is about: its filename, else (a write() on an open file names none) the
+    innermost file open for writing or pathlib path among the failing frames' locals."""
+    for name in (e.filename, e.filename2):
+        if isinstance(name, (str, bytes, os.PathLike)):
+            return os.fsdecode(name)
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    paths = []
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            mode, name = getattr(value, "mode", None), getattr(value, "name", None)
+            if hasattr(value, "write") and isinstance(mode, str) and isinstance(name, str) and any(c in mode for c in "wax+"):
+                return name
+            if isinstance(value, os.PathLike):
+                paths.append(os.fspath(value))
+    return paths[0] if paths else None
+
+
+def _os_error(e: OSError) -> tuple[str, int]:
+    code, what, fix = _OS_ERRORS.get(e.errno, (1, None, "rerun with --debug for details"))
+    what = what or _one_line(e.strerror or e)
+    path = _path_of(e)
+    return f"error: {what}{f': {path}' if path else ''}; {fix}", code
+
+
+def _internal(e: BaseException) -> str:
+    return f"error: internal error {type(e).__name__}: {_one_line(e)} (rerun with --debug and report it)"
+
+
 def main() -> None:
-    debug = "--debug" in sys.argv[1:]
+    args, debug = _split_debug(sys.argv[1:])
+    if debug:
+        os.environ["EDGEC_DEBUG"] = "1"  # native libraries' logs (edgec.quiet) are shown too
+    usage_errors, click_errors, aborts, no_args_help = _click_exceptions()
+    _install_signal_handlers()
     _configure_libraries()
+    code: Any = 0
     try:
-        code = app(standalone_mode=False)
+        try:
+            code = app(args=args, prog_name="edgec", standalone_mode=False)
+        finally:
+            if _signal_received is not None:  # typer turns KeyboardInterrupt into a plain exit 130
+                raise Terminated() if _signal_received == signal.SIGTERM else KeyboardInterrupt()
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM: cleanup has run while this unwound
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        terminated = isinstance(e, Terminated)
+        print("terminated (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
     except (EdgecError, BundleError) as e:  # both carry their exit code; BundleError comes from the runner
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except no_args_help as e:  # plain `edgec`: the help, as a usage error
+        text = e.format_message()  # typer's rich help has already been printed; plain click's is returned
+        if text.strip():
+            print(text, file=sys.stderr)
+        sys.exit(2)
+    except usage_errors as e:  # unknown command or option, missing argument, a value of the wrong type
+        print(_usage_error(e, args), file=sys.stderr)
+        sys.exit(2)
+    except click_errors as e:
+        if debug:
+            raise
+        print(f"error: {_one_line(e.format_message())}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except aborts:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except OSError as e:  # disk full, permissions, read-only file system: the machine, not edgec
+        if debug:
+            raise
+        if e.errno == errno.EPIPE:  # whoever read stdout went away (`| head`): nothing to say
+            sys.exit(1)
+        message, exit_code = _os_error(e) if e.errno is not None else (_internal(e), 1)
+        print(message, file=sys.stderr)
+        sys.exit(exit_code)
+    except MemoryError:
+        if debug:
+            raise
+        print("error: out of memory; use a smaller data set, model or batch size, or a machine with more memory",
+              file=sys.stderr)
+        sys.exit(1)
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             raise
-        print(f"error: internal error {type(e).__name__}: {e} (rerun with --debug and report it)", file=sys.stderr)
+        print(_internal(e), file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
@@ -236,15 +400,16 @@ def verify(
     runtime: Annotated[Optional[str], typer.Option(help="Force a runtime package: ai-edge-litert, tflite-runtime or onnxruntime.")] = None,
     emulate: Annotated[Optional[str], typer.Option(help="Run the check on an emulated device: arm64 (Raspberry Pi OS bookworm under qemu-user).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file ('-' for stdout).")] = None,
+    public_key: Annotated[Optional[Path], typer.Option("--public-key", help="Check the bundle's signature (manifest.sig) with this Ed25519 public key (edgec.pub): refuse an unsigned bundle, another key's, or any file changed, added or removed after signing.")] = None,
 ) -> None:
-    """Check every file's sha256, the transport payload, load the model in its runtime, reproduce the test vectors, measure accuracy."""
+    """Check the signature (--public-key), every file's sha256 (and that no other file is present), the transport payload, load the model in its runtime, reproduce the test vectors, measure accuracy."""
     from edgec.ondevice import render_verify, verify_bundle
 
     console = Console(stderr=json_out is not None and str(json_out) == "-")
     if emulate is not None:
-        results = _verify_emulated(bundle, emulate, console)
+        results = _verify_emulated(bundle, emulate, console, public_key)
     else:
-        results = [verify_bundle(str(bundle), exact=exact, runtime=runtime)]
+        results = [verify_bundle(str(bundle), exact=exact, runtime=runtime, public_key=public_key)]
     for result in results:
         _echo(render_verify(result), json_out)
     _write_json(json_out, results[0] if len(results) == 1 else {"schema": "edgec-verify-emulated", "runs": results})
@@ -253,7 +418,7 @@ def verify(
         raise RunError("verify failed: " + "; ".join(e for r in failed for e in r.get("errors", [])[:3]))
 
 
-def _verify_emulated(bundle: Path, emulate: str, console: Console) -> list[dict]:
+def _verify_emulated(bundle: Path, emulate: str, console: Console, public_key: Optional[Path] = None) -> list[dict]:
     """arm64: for int8 bundles ai-edge-litert must reproduce the build's outputs bit for bit;
     tflite-runtime (whose kernels may round an int8 output one step differently) and float models
     (whose last bits differ between x86 and Arm) are checked within the manifest's tolerance.
@@ -270,7 +435,8 @@ def _verify_emulated(bundle: Path, emulate: str, console: Console) -> list[dict]
     results = []
     with console.status("preparing emulated arm64 userland") as status:
         for runtime, exact in (("ai-edge-litert", int8), ("tflite-runtime", False)):
-            result = verify_bundle_emulated(bundle, DEFAULT_CACHE_DIR, runtime, progress=status.update, exact=exact)
+            result = verify_bundle_emulated(bundle, DEFAULT_CACHE_DIR, runtime, progress=status.update, exact=exact,
+                                            public_key=public_key)
             if result.get("top1_agreement") not in (None, 1.0):
                 result["ok"] = False
                 result.setdefault("errors", []).append(
@@ -308,7 +474,9 @@ def bench(
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes for throughput, comma-separated.")] = "1,8,32",
     runtime: Annotated[Optional[str], typer.Option(help="Force a runtime package: ai-edge-litert, tflite-runtime or onnxruntime.")] = None,
     reference: Annotated[bool, typer.Option(help="Also time the fp32 torch model (OUT/<target>/reference.pt) in this run and report the speedup.")] = False,
-    write_recommended: Annotated[bool, typer.Option(help="Write the best setting into the bundle's manifest as runtime.recommended.")] = True,
+    baseline: Annotated[bool, typer.Option(help="Also export the uncompressed model (OUT/<target>/uncompressed.pt) for the bundle's target with the same converter and precision, bench it with the same harness in this run and record baseline.speedup_p50 (what `edgec check --min-speedup` gates).")] = False,
+    model: Annotated[Optional[str], typer.Option(help="With --reference / --baseline: the package.module:factory the model was built from (needed for user models; a file never chooses code to import).")] = None,
+    write_recommended: Annotated[bool, typer.Option(help="Keep the best setting of a full sweep for this machine in the bundle's recommended.json (the manifest is never changed).")] = True,
     compare: Annotated[Optional[list[Path]], typer.Option(help="Compare two bench JSON files (give --compare A --compare B) instead of running.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file ('-' for stdout).")] = None,
     markdown: Annotated[bool, typer.Option(help="Print a Markdown table instead of the text table.")] = False,
@@ -329,13 +497,31 @@ def bench(
         raise ConfigError("give a bundle directory, or --compare A.json --compare B.json")
     sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
     console = Console(stderr=json_out is not None and str(json_out) == "-")
+    # Per machine, in recommended.json (edgec/ondevice/recommend.py): never into the (signed) manifest.
     result, text = run_bench(bundle, console, warmup=warmup, runs=runs, min_seconds=min_seconds, sweep=sweep,
-                             batch_sizes=sizes, runtime=runtime, reference=reference,
-                             write_recommended=write_recommended, markdown=markdown)
+                             batch_sizes=sizes, runtime=runtime, reference=reference, baseline=baseline,
+                             save_recommendation=write_recommended, markdown=markdown, trusted_model=model)
     _echo(text, json_out)
     _write_json(json_out, result)
     if not result["ok"]:
         raise RunError("bench failed: " + "; ".join(result.get("errors", [])[:3]))
+
+
+keys_app = typer.Typer(help="Ed25519 keys for signed bundles.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for edgec.key (private, mode 0600) and edgec.pub (public).")],
+    force: Annotated[bool, typer.Option(help="Replace an existing key pair in that folder.")] = False,
+) -> None:
+    """Write a new Ed25519 key pair: sign bundles with edgec.key, verify them with edgec.pub."""
+    from edgec.signing import generate_keypair, public_key_fingerprint
+
+    private_path, public_path = generate_keypair(out, force=force)
+    print(f"private key {private_path} (keep it secret, off devices and out of version control)")
+    print(f"public key  {public_path} ({public_key_fingerprint(public_path)})")
 
 
 @app.command()
@@ -347,6 +533,7 @@ def check(
     max_p95_ms: Annotated[Optional[float], typer.Option(help="Override the target's budget (needs --bench).")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Override the target's budget.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Override the target's budget.")] = None,
+    min_speedup: Annotated[Optional[float], typer.Option(help="The bundle's p50 must be this many times lower than the uncompressed model's (needs --bench from `edgec bench --baseline`). Overrides the target's budget.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file ('-' for stdout).")] = None,
 ) -> None:
     """Apply the target's budgets; exit 1 listing every violation, 0 when all hold."""
@@ -358,7 +545,7 @@ def check(
     budgets = Budgets.model_validate(manifest["target"]["profile"]["budgets"])
     overrides = {
         "max_model_bytes": max_model_bytes, "max_transport_bytes": max_transport_bytes, "max_p95_ms": max_p95_ms,
-        "max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
+        "max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement, "min_speedup": min_speedup,
     }
     budgets = budgets.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     bench_data = None
@@ -371,7 +558,11 @@ def check(
     for col in ("budget", "limit", "actual", "result"):
         table.add_column(col)
     for r in rows:
-        verdict = "[dim]unknown (no --bench)[/]" if r["ok"] is None else ("[green]ok[/]" if r["ok"] else "[red]VIOLATED[/]")
+        unknown = "unknown (no --bench)" if bench_data is None else (
+            "unknown (bench without --baseline)" if r["budget"] == "min_speedup" else "unknown (not in the bench result)")
+        verdict = f"[dim]{unknown}[/]" if r["ok"] is None else ("[green]ok[/]" if r["ok"] else "[red]VIOLATED[/]")
+        if r.get("p50_ms"):  # min_speedup: show both latencies
+            verdict += f" (p50 {r['p50_ms']['bundle']:.4g} ms vs uncompressed {r['p50_ms']['uncompressed']:.4g} ms)"
         table.add_row(r["budget"], f"{r['op']} {r['limit']}", "-" if r["actual"] is None else f"{r['actual']:.6g}", verdict)
     console = Console(stderr=json_out is not None and str(json_out) == "-")
     console.print(table)
@@ -379,3 +570,66 @@ def check(
     violated = [r for r in rows if r["ok"] is False]
     if violated:
         raise RunError("budget violated: " + "; ".join(f"{r['budget']} {r['actual']:.6g} (limit {r['op']} {r['limit']})" for r in violated))
+
+
+@app.command()
+def search(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Search config: a build config (edgec.toml keys) plus a [search] table with [search.space].")],
+    target: Annotated[Optional[list[str]], typer.Option("--target", "-t", help="Target to rank points for (repeatable: one Pareto front each). Default: the config's target, else rpi.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="digits | mnist:DIR | npz:FILE | folder:DIR (overrides the config's [data] source).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: search.json, report, pareto/ bundles, best.toml, trials/.")] = Path("edgec-search"),
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Stage cache shared by every trial (on Ray: storage every node sees). Default: $EDGEC_CACHE_DIR or ~/.cache/edgec.")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="grid | random | tpe (overrides [search] strategy).")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Trials for random / tpe (overrides [search] trials).")] = None,
+    cpus_per_trial: Annotated[Optional[int], typer.Option(help="CPUs and torch threads per trial, embedded and on Ray (overrides [search] cpus_per_trial; default 1).")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run the trials on a local Ray cluster started for this search (Ray Tune).")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="Join an existing Ray cluster (e.g. HEAD_IP:6379 from `ray start --head`, or auto) and run the trials there.")] = None,
+    ray_cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local cluster --ray starts. Default: all of this machine's.")] = None,
+    keep_builds: Annotated[bool, typer.Option(help="Keep every trial's build folder in OUT/builds (default: only the Pareto bundles, in OUT/pareto).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every point against every target at plan time (no training) and exit: 2 when none is valid.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print search.json on stdout (progress goes to stderr).")] = False,
+) -> None:
+    """Search pipeline configs (sparsity, bits, width, precision, ...) for the best trade-offs per target:
+    a Pareto front of accuracy, bytes and latency under the target's budgets. Trials run here one after
+    another, or on Ray with --ray / --ray-address. A restarted search reuses its finished trials."""
+    from .search import search as run_search
+
+    if ray_cpus is not None and not ray:
+        raise ConfigError("--ray-cpus sizes the local cluster that --ray starts; add --ray")
+    if ray and ray_address:
+        raise ConfigError("give --ray (start a local cluster) or --ray-address (join one), not both")
+    console = Console(stderr=json_out, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
+    if dry_run:
+        from .search import load_setup
+        from .search.runner import check_points
+
+        setup = load_setup(config, targets=target or None, data=data, out=out, cache_dir=cache_dir, strategy=strategy,
+                           trials=trials, cpus_per_trial=cpus_per_trial)
+        rows = check_points(setup)
+        if json_out:
+            print(json.dumps(rows, indent=2))
+        else:
+            table = Table(title=f"{len(rows)} point(s), checked at plan time (nothing trained)", show_edge=False)
+            for col in ("#", "point", *setup.targets):
+                table.add_column(col)
+            for row in rows:
+                cells = [f"ok ({t['cached']}/{t['stages']} stages cached)" if t["status"] == "ok" else f"[red]rejected[/]: {t['reason']}"
+                         for t in (row["targets"][name] for name in setup.targets)]
+                table.add_row(str(row["number"]), ", ".join(f"{k}={json.dumps(v)}" for k, v in row["point"].items()), *cells)
+            console.print(table)
+        if not any(t["status"] == "ok" for row in rows for t in row["targets"].values()):
+            raise ConfigError("no point of the space passes the plan-time check for any target")
+        return
+    result = run_search(config, targets=target or None, data=data, out=out, cache_dir=cache_dir, strategy=strategy,
+                        trials=trials, cpus_per_trial=cpus_per_trial, use_ray=ray, ray_address=ray_address,
+                        ray_cpus=ray_cpus, keep_builds=keep_builds, console=console)
+    from .search.output import print_summary
+
+    if json_out:
+        print(json.dumps(result.summary, indent=2, default=str))
+    else:
+        print_summary(console, result.summary, result.out)
+    empty = [t for t, s in result.summary["targets"].items() if not s["feasible_trials"]]
+    if empty:
+        raise RunError(f"no feasible point for {', '.join(empty)}: every trial was rejected, failed or broke a budget "
+                       f"(see {result.out / 'report.md'})")

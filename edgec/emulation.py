@@ -57,6 +57,12 @@ DEBIAN_SOURCES = "".join(
 USERLAND_DEBS = ["python3.11", "libstdc++6"]
 # Dependencies of those that an interpreter never needs (maintainer-script machinery).
 SKIPPED_DEBS = {"debconf", "dpkg", "perl", "perl-base", "tzdata", "media-types"}
+# Packages a check may need besides the runtime's list: name -> (requirement, module that must import).
+# cryptography checks a signed bundle's manifest.sig (`run.py verify --public-key`); its aarch64
+# wheels (abi3, manylinux) come from PyPI like the runtimes'.
+EXTRA_PACKAGES = {
+    "cryptography": ("cryptography>=42", "cryptography.hazmat.primitives.asymmetric.ed25519"),
+}
 # Bookworm has glibc 2.36; pip takes platform tags literally, so list every one a Pi accepts.
 PIP_PLATFORMS = ["manylinux2014_aarch64"] + [f"manylinux_2_{minor}_aarch64" for minor in range(17, 37)]
 
@@ -94,10 +100,15 @@ class Arm64Python:
 
 
 def prepare_arm64_python(cache_dir: Path, runtime: str = "tflite-runtime",
-                         progress: Progress | None = None) -> Arm64Python:
-    """The emulated aarch64 Python with ``runtime``'s device packages, built once under ``cache_dir``."""
+                         progress: Progress | None = None, extras: tuple[str, ...] = ()) -> Arm64Python:
+    """The emulated aarch64 Python with ``runtime``'s device packages (plus ``extras``, names from
+    EXTRA_PACKAGES), built once under ``cache_dir``."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"no emulated check for runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    unknown = [name for name in extras if name not in EXTRA_PACKAGES]
+    if unknown:
+        raise ConfigError(f"no emulated package {unknown[0]!r}: choose from {', '.join(EXTRA_PACKAGES)}")
+    extras = tuple(sorted(set(extras)))
     say = progress or (lambda message: None)
     qemu = _tool("qemu-aarch64-static", "install it with `apt-get install qemu-user-static`")
     cache_dir = Path(cache_dir).expanduser()
@@ -109,17 +120,24 @@ def prepare_arm64_python(cache_dir: Path, runtime: str = "tflite-runtime",
 
     requirements_file, module = RUNTIMES[runtime]
     requirements = importlib.resources.files("edgec.targets").joinpath(requirements_file).read_text()
+    if extras:
+        requirements = requirements.rstrip("\n") + "\n" + "".join(EXTRA_PACKAGES[name][0] + "\n" for name in extras)
     key = hashlib.sha256((requirements + " ".join(PIP_PLATFORMS)).encode()).hexdigest()[:12]
     packages = cache_dir / f"{runtime}-{key}"
+    extra_modules = [EXTRA_PACKAGES[name][1] for name in extras]
     if not packages.is_dir():
-        _build(packages, lambda tmp: _install_packages(tmp, qemu, root, requirements, runtime, module, say))
+        _build(packages, lambda tmp: _install_packages(tmp, qemu, root, requirements, runtime, module, say,
+                                                       extra_modules))
     info = json.loads((packages / "info.json").read_text())
     return Arm64Python(qemu, root, packages / "site", info)
 
 
 def verify_bundle_emulated(bundle_dir: Path, cache_dir: Path, runtime: str = "tflite-runtime",
-                           progress: Progress | None = None, exact: bool = True) -> dict:
-    """Run the bundle's ``run.py verify [--exact]`` on the emulated aarch64 Python; the bundle is not copied.
+                           progress: Progress | None = None, exact: bool = True,
+                           public_key: Path | None = None) -> dict:
+    """Run the bundle's ``run.py verify [--exact] [--public-key KEY]`` on the emulated aarch64 Python;
+    the bundle is not copied. With ``public_key`` the userland also gets ``cryptography`` (its aarch64
+    wheel), and run.py checks the bundle's signature there first.
 
     ``exact`` demands outputs bit-identical to the build machine's; use it for the runtime that made
     the bundle's expected outputs (ai-edge-litert). Another runtime's kernels may round an int8
@@ -132,12 +150,19 @@ def verify_bundle_emulated(bundle_dir: Path, cache_dir: Path, runtime: str = "tf
     bundle_dir = Path(bundle_dir).resolve()
     if not (bundle_dir / "run.py").is_file():
         raise InputError(f"{bundle_dir} is not a bundle (no run.py): build one with `edgec build`")
-    python = prepare_arm64_python(cache_dir, runtime, progress)
+    key_args: list = []
+    if public_key is not None:
+        key_path = Path(public_key).expanduser().resolve()
+        if not key_path.is_file():
+            raise InputError(f"public key {key_path} not found: pass the edgec.pub written by `edgec keys generate`")
+        key_args = ["--public-key", key_path]
+    python = prepare_arm64_python(cache_dir, runtime, progress, extras=("cryptography",) if key_args else ())
     if progress:
         progress(f"running run.py verify on emulated aarch64 ({runtime})")
     with tempfile.TemporaryDirectory(prefix="edgec-verify-") as tmp:
         report_file = Path(tmp) / "verify.json"
-        done = python.run(["run.py", "verify", *(["--exact"] if exact else []), "--json", report_file], cwd=bundle_dir)
+        done = python.run(["run.py", "verify", *(["--exact"] if exact else []), *key_args, "--json", report_file],
+                          cwd=bundle_dir)
         if done.returncode == 2:
             raise InputError(f"emulated verify of {bundle_dir} says the bundle is unusable: {_reason(done)}")
         if not report_file.is_file():
@@ -192,7 +217,7 @@ def _unpack_userland(root: Path, say: Progress) -> None:
 
 
 def _install_packages(packages: Path, qemu: str, root: Path, requirements: str, runtime: str, module: str,
-                      say: Progress) -> None:
+                      say: Progress, extra_modules: list[str] | None = None) -> None:
     """pip-install the device packages for cp311 aarch64 into packages/site; check they import there."""
     (packages / "requirements.txt").write_text(requirements)
     say(f"pip: downloading {runtime} and its dependencies for cp311 manylinux aarch64")
@@ -203,7 +228,7 @@ def _install_packages(packages: Path, qemu: str, root: Path, requirements: str, 
           f"pip install of {runtime} for aarch64", "check that PyPI is reachable and pip is installed")
     say(f"checking that {runtime} imports on the emulated aarch64 Python")
     probe = Arm64Python(qemu, root, packages / "site", {})
-    done = probe.run(["-c", _PROBE, module, runtime])
+    done = probe.run(["-c", _PROBE, module, runtime, *(extra_modules or [])])
     if done.returncode != 0:
         raise InputError(f"{runtime} does not import on the emulated aarch64 Python: {_reason(done)}")
     info = json.loads(done.stdout)
@@ -214,10 +239,13 @@ def _install_packages(packages: Path, qemu: str, root: Path, requirements: str, 
 
 _PROBE = """
 import importlib, importlib.metadata as md, json, platform, sys
-module, runtime = sys.argv[1:]
+module, runtime, extras = sys.argv[1], sys.argv[2], sys.argv[3:]
 importlib.import_module(module)
+for extra in extras:
+    importlib.import_module(extra)
 print(json.dumps({"machine": platform.machine(), "python": platform.python_version(), "runtime": runtime,
-                  "runtime_version": md.version(runtime), "numpy_version": md.version("numpy")}))
+                  "runtime_version": md.version(runtime), "numpy_version": md.version("numpy"),
+                  "extras": {e.split(".")[0]: md.version(e.split(".")[0]) for e in extras}}))
 """
 
 

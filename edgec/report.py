@@ -43,7 +43,7 @@ BUILD_FILE = "build.json"
 BUNDLE_DIR = "bundle"
 CHECKPOINT_FILE = "model.pt"
 # Image names this module writes into report/ (older copies not rewritten this time are removed).
-IMAGES = ("accuracy_vs_bytes", "sparsity", "weight_sharing", "confusion", "latency")
+IMAGES = ("accuracy_vs_bytes", "sparsity", "weight_sharing", "confusion", "latency", "forgetting")
 DPI = 110
 MAX_CENTROIDS_SHOWN = 64  # prefer a layer whose codebook is small enough to see each centroid
 
@@ -115,6 +115,7 @@ def write_report(build_dir: Path, bench: Path | None = None) -> dict[str, Path]:
     _pareto_section(doc, summary)
     _sparsity_section(doc, summary)
     _sharing_section(doc, summary)
+    _forgetting_section(doc, summary, manifest)
     _confusion_section(doc, bundle_dir, manifest)
     _latency_section(doc, bench_data, manifest, build_dir)
     return _write(doc, build_dir, title=f"edgec build report: {summary.get('target', build_dir.name)}")
@@ -182,7 +183,7 @@ def _checkpoint_path(summary: dict[str, Any], stage: dict[str, Any]) -> Path | N
     cache = _cache_dir(summary)
     if cache is None or not stage.get("key"):
         return None
-    path = cache / stage["stage"] / stage["key"] / CHECKPOINT_FILE
+    path = cache / stage.get("kind", stage["stage"]) / stage["key"] / CHECKPOINT_FILE
     return path if path.is_file() else None
 
 
@@ -329,6 +330,8 @@ def _budget_section(doc: Doc, manifest: dict | None, bench: dict | None) -> None
             verdict, cls = ("unknown (no bench result)" if r["budget"] == "max_p95_ms" else "unknown"), "unknown"
         else:
             verdict, cls = ("ok", "ok") if r["ok"] else ("VIOLATED", "bad")
+        if r.get("p50_ms"):  # min_speedup: both latencies of `edgec bench --baseline`
+            verdict += f" (p50 {_ms(r['p50_ms']['bundle'])} vs uncompressed {_ms(r['p50_ms']['uncompressed'])})"
         table_rows.append([r["budget"], f"{r['op']} {_budget_value(r['budget'], r['limit'])}",
                            _budget_value(r["budget"], r["actual"]), verdict])
         classes.append(["", "", "", cls])
@@ -363,6 +366,8 @@ def _budget_value(name: str, v: Any) -> str:
         return f"{int(v):,}"
     if name.endswith("_ms"):
         return f"{float(v):.4g} ms"
+    if name == "min_speedup":
+        return f"{float(v):.2f}x"
     return f"{float(v):.4f}"
 
 
@@ -432,6 +437,31 @@ def _pareto_front(points: list[tuple[str, float, float, str]]) -> list[tuple[str
     return front
 
 
+def _forgetting_section(doc: Doc, summary: dict, manifest: dict | None) -> None:
+    """Multi-task builds (learn stages): accuracy of every task after every task (report_continual.py)."""
+    from .report_continual import forgetting, forgetting_rows, plot_matrix
+
+    tasks, rows = forgetting_rows(summary, manifest)
+    if not rows:
+        return  # not a multi-task build: no section
+    doc.h2("Forgetting matrix")
+    cells = [[label] + [_acc(r.get(t)) for t in tasks] for label, r in rows]
+    doc.table(Table(["after", *tasks], cells, right=set(range(1, len(tasks) + 1))))
+    lost = forgetting(tasks, rows)
+    if lost:
+        doc.p("Forgetting (best accuracy of a task in any row minus its accuracy in the last row): "
+              + ", ".join(f"{t} {v:+.4f}" for t, v in lost.items())
+              + f"; mean {sum(lost.values()) / len(lost):.4f}.")
+    try:
+        png = plot_matrix(tasks, rows, _figure, _png)
+    except Exception as e:
+        doc.skipped("forgetting matrix plot", f"the plot failed ({type(e).__name__}: {e})")
+        return
+    doc.image(Image("forgetting", "Forgetting matrix", png,
+                    "Test accuracy of each task (columns, on its own output head) after each learn stage (torch fp32) "
+                    "and in the shipped bundle (last row, measured in the device runtime by export)."))
+
+
 def _sparsity_section(doc: Doc, summary: dict) -> None:
     doc.h2("Sparsity per layer")
     stages = [s for s in summary["stages"] if ((s.get("info") or {}).get("sparsity") or {}).get("layers")]
@@ -485,7 +515,7 @@ def _plot_sparsity(stages: list[dict]) -> bytes:
 def _sharing_section(doc: Doc, summary: dict) -> None:
     doc.h2("Weight sharing")
     stages = summary["stages"]
-    idx = next((i for i, s in enumerate(stages) if s["stage"] == "share"), None)
+    idx = next((i for i, s in enumerate(stages) if s.get("kind", s["stage"]) == "share"), None)
     what = "weight histogram before and after sharing"
     if idx is None:
         doc.skipped(what, "no share stage in this build")
@@ -569,6 +599,10 @@ def _plot_sharing(layer: str, before: np.ndarray, after: np.ndarray, centroids: 
 
 
 def _confusion_section(doc: Doc, bundle_dir: Path, manifest: dict | None) -> None:
+    if (manifest or {}).get("task", "classification") != "classification":  # regression / reconstruction
+        from .report_tasks import task_section
+
+        return task_section(doc, bundle_dir, manifest)
     doc.h2("Confusion matrix of the shipped bundle")
     what = "confusion matrix"
     if manifest is None:
@@ -690,6 +724,11 @@ def _latency_section(doc: Doc, bench: dict | None, manifest: dict | None, build_
         f"dashed red line{off_scale}. Best setting `{(bench.get('best') or {}).get('id', '?')}`: p50 {_ms(lat.get('p50'))}, "
         f"p95 {_ms(lat.get('p95'))}, p99 {_ms(lat.get('p99'))} over {_int(lat.get('runs'))} runs.",
     ))
+    base = bench.get("baseline") or {}
+    if base.get("speedup_p50"):
+        doc.p(f"Uncompressed model (`uncompressed.pt`, exported {base.get('precision', '?')} for this target, same harness, same "
+              f"run): p50 {_ms(base['p50_ms'])} against the bundle's {_ms(base['bundle_p50_ms'])}: the bundle is "
+              f"**{base['speedup_p50']:.2f}x** as fast.")
     rows = []
     for s in bench.get("settings") or []:
         if s.get("ok"):

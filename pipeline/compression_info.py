@@ -11,8 +11,8 @@ from edgec.checkpoint import Checkpoint
 from edgec.data import Dataset
 
 from .modelinfo import model_info
-from .pruning import prunable_parameters, sparsity_report
-from .storage import deep_compression_bytes, pack_weights
+from .algorithms.pruning import prunable_parameters, sparsity_report
+from .algorithms.storage import deep_compression_bytes, pack_weights
 
 
 def compressed_model_info(model: nn.Module, ckpt: Checkpoint, data: Dataset) -> dict[str, Any]:

@@ -1,43 +1,66 @@
-"""Validate a stage chain, print the plan, run each stage through the cache."""
+"""Check a stage chain as a whole, print the plan, run each stage through the cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import torch
 from rich.table import Table
 
-from edgec.errors import ConfigError
+from edgec.data import Dataset
+from edgec.errors import ConfigError, EdgecError
 
 from .artifact import Artifact
 from .cache import StageCache, stable_hash
-from .stage import Stage, StageContext
+from .stage import Probe, Stage, StageContext
 
 
 @dataclass
 class StepResult:
-    stage: str
+    id: str
+    kind: str
     key: str
     cached: bool
     seconds: float
     artifact: Artifact
 
 
-def validate_chain(stages: Sequence[Stage], source_kind: str) -> None:
-    """Each stage must consume what the previous one produces; checked before any work."""
-    kind = source_kind
+def context_for(stage: Stage, ctx: StageContext, datasets: Mapping[str, Dataset]) -> StageContext:
+    """The stage's own context: its named dataset when it reads one, else the main data."""
+    name = getattr(stage.config, "data", None)
+    return ctx if name is None else dataclasses.replace(ctx, data=datasets[name])
+
+
+def check_chain(
+    stages: Sequence[Stage], source: Artifact, ctx: StageContext, datasets: Mapping[str, Dataset] | None = None
+) -> None:
+    """Every stage's ``check`` in order, on the real model, before any stage runs: a config error in
+    the last stage costs seconds, not a training run. Errors name the stage id."""
+    datasets = datasets or {}
+    ckpt = source.checkpoint()
+    probe = Probe(kind=source.kind, model=ckpt.build(ctx.trust), arch=ckpt.arch, data=ctx.data, target=ctx.target,
+                  trust=ctx.trust, datasets=ctx.datasets, tasks=ctx.tasks, extensions=ckpt.extensions)
     for stage in stages:
-        if stage.consumes != kind:
+        if stage.consumes != probe.kind:
             raise ConfigError(
-                f"stage {stage.name!r} consumes a {stage.consumes} but the stage before it produces a {kind}; "
-                "reorder `stages`"
+                f"stage {stage.id!r} ({stage.kind}) consumes a {stage.consumes} but the stage before it produces a "
+                f"{probe.kind}; reorder the stages"
             )
-        kind = stage.produces
+        stage_ctx = context_for(stage, ctx, datasets)
+        try:
+            probe = stage.check(probe.evolve(data=stage_ctx.data)).evolve(kind=stage.produces)
+        except EdgecError as e:
+            e.args = (f"stage {stage.id!r}: {e}",)
+            raise
 
 
 def cache_key(stage: Stage, ctx: StageContext, input_digest: str) -> str:
-    return stable_hash({**stage.key_material(ctx), "input": input_digest})
+    # Training results differ with the thread count (reductions are split differently), so it is
+    # part of every key: a cached result is only served to a build that would reproduce it.
+    return stable_hash({**stage.key_material(ctx), "input": input_digest, "threads": torch.get_num_threads()})
 
 
 def run_chain(
@@ -46,44 +69,57 @@ def run_chain(
     ctx: StageContext,
     cache: StageCache,
     force_from: int | None = None,
+    datasets: Mapping[str, Dataset] | None = None,
 ) -> list[StepResult]:
     """Run ``stages`` in order; ``force_from`` reruns that index and everything after it."""
-    validate_chain(stages, source.kind)
-    _print_plan(stages, source, ctx, cache, force_from)
+    datasets = datasets or {}
+    contexts = [context_for(stage, ctx, datasets) for stage in stages]
+    _print_plan(stages, source, ctx, cache, datasets, force_from)
     results: list[StepResult] = []
     current = source
-    for i, stage in enumerate(stages):
-        key = cache_key(stage, ctx, current.digest)
+    for i, (stage, stage_ctx) in enumerate(zip(stages, contexts)):
+        key = cache_key(stage, stage_ctx, current.digest)
         forced = force_from is not None and i >= force_from
         start = time.perf_counter()
-        hit = None if forced else cache.get(stage.name, key)
+        hit = None if forced else cache.get(stage.kind, key)
         if hit is not None:
-            ctx.console.print(f"[green]cached[/] {stage.name}  [dim]{key[:12]}[/]")
+            ctx.console.print(f"[green]cached[/] {stage.id}  [dim]{key[:12]}[/]")
             current = hit
         else:
-            ctx.console.print(f"[bold cyan]run[/]    {stage.name}  [dim]{key[:12]}[/]")
-            current = cache.put(stage.name, key, stage.produces, lambda out: stage.run(current, ctx, out))
-        results.append(StepResult(stage.name, key, hit is not None, time.perf_counter() - start, current))
+            ctx.console.print(f"[bold cyan]run[/]    {stage.id}  [dim]{key[:12]}[/]")
+            source_artifact = current
+            current = cache.put(stage.kind, key, stage.produces,
+                                lambda out: stage.run(source_artifact, stage_ctx, out), force=forced)
+        results.append(StepResult(stage.id, stage.kind, key, hit is not None, time.perf_counter() - start, current))
     return results
 
 
-def _print_plan(stages, source, ctx, cache, force_from) -> None:
+def plan_status(stages, source, ctx, cache, datasets=None, force_from=None) -> list[dict]:
     """Walk the chain as far as input digests are known; after the first stage that must run,
     later ones are 'to run' (their input is not known until it has run)."""
-    table = Table(title="plan", show_edge=False)
-    table.add_column("#")
-    table.add_column("stage")
-    table.add_column("status")
+    contexts = [context_for(stage, ctx, datasets or {}) for stage in stages]
+    rows = []
     digest: str | None = source.digest
-    for i, stage in enumerate(stages):
+    for i, (stage, stage_ctx) in enumerate(zip(stages, contexts)):
         status = "to run"
-        if digest is not None and not (force_from is not None and i >= force_from):
-            hit = cache.get(stage.name, cache_key(stage, ctx, digest))
+        if force_from is not None and i >= force_from:
+            status, digest = "forced", None
+        elif digest is not None:
+            hit = cache.get(stage.kind, cache_key(stage, stage_ctx, digest))
             if hit is not None:
-                status, digest = "[green]cached[/]", hit.digest
+                status, digest = "cached", hit.digest
             else:
                 digest = None
-        elif force_from is not None and i >= force_from:
-            status, digest = "forced", None
-        table.add_row(str(i + 1), stage.name, status)
+        rows.append({"id": stage.id, "kind": stage.kind, "data": stage.config.data or "main", "status": status,
+                     "cached": status == "cached"})
+    return rows
+
+
+def _print_plan(stages, source, ctx, cache, datasets, force_from) -> None:
+    table = Table(title="plan", show_edge=False)
+    for col in ("#", "stage", "kind", "data", "status"):
+        table.add_column(col)
+    for i, row in enumerate(plan_status(stages, source, ctx, cache, datasets, force_from)):
+        status = "[green]cached[/]" if row["cached"] else row["status"]
+        table.add_row(str(i + 1), row["id"], row["kind"], row["data"], status)
     ctx.console.print(table)

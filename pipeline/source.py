@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from edgec.checkpoint import Checkpoint, build_model, describe_arch, factory_arch, load_weights, zoo_arch
+from edgec import architecture
+from edgec.architecture import ModelTrust
+from edgec.checkpoint import Checkpoint, load_weights
 from edgec.data import Dataset
 from edgec.errors import ConfigError, InputError
 from edgec.zoo import ZOO
@@ -16,34 +18,57 @@ from .cache import StageCache, sha256_file, stable_hash
 from .modelinfo import model_info
 from .training import seed_everything
 
-VERSION = 1
+VERSION = 2
 
 
-def resolve_arch(name: str | None, args: dict, weights: Path | None, data: Dataset) -> tuple[dict, Checkpoint | None]:
-    """The architecture spec, and the checkpoint when ``weights`` is an edgec checkpoint."""
+def resolve_arch(name: str | None, args: dict, weights: Path | None, data: Dataset,
+                 trust: ModelTrust) -> tuple[dict, Checkpoint | None]:
+    """The architecture record, and the checkpoint when ``weights`` is an edgec checkpoint. A
+    checkpoint naming a factory the user did not name is refused before anything is imported."""
     loaded = load_weights(weights) if weights else None
     if isinstance(loaded, Checkpoint):
-        if name and name != describe_arch(loaded.arch):
-            raise ConfigError(
-                f"--model {name} disagrees with the checkpoint's model {describe_arch(loaded.arch)}; drop --model"
-            )
+        base = loaded.arch["base"]
+        named = base["name"] if base["kind"] == "zoo" else base["factory"]
+        if name and name != named:
+            raise ConfigError(f"--model {name} disagrees with the checkpoint's model {named}; drop --model")
+        trust.require(base, str(weights))
         return loaded.arch, loaded
     if not name:
         if weights is None:
             raise ConfigError("no model given: name one with --model (or [model] name), or pass --weights")
         raise ConfigError(f"{weights} is a plain state dict: say which model it belongs to with --model")
-    arch = zoo_arch(name, data.input_shape, data.num_classes, **args) if name in ZOO else factory_arch(name, **args)
+    base = (architecture.zoo_base(name, data.input_shape, data.num_classes, **args) if name in ZOO
+            else architecture.factory_base(name, **_factory_args(name, args, data)))
+    arch = architecture.record(base)
     if loaded is None:
         return arch, None
-    ckpt = Checkpoint(arch, loaded)
-    ckpt.build()  # raises InputError naming the first mismatching key
+    ckpt = Checkpoint(arch, loaded, origin=str(weights))
+    ckpt.build(trust)  # raises InputError naming the first mismatching tensor
     return arch, ckpt
 
 
+def _factory_args(factory: str, args: dict, data: Dataset) -> dict:
+    """A user factory gets what the zoo gets (input_shape, in_channels, num_classes) when its
+    signature accepts them and [model] args does not set them."""
+    import importlib
+    import inspect
+
+    module, _, attr = factory.partition(":")
+    try:
+        params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return dict(args)  # the build reports the import error with its fix
+    offered = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    if data.is_image:
+        offered["in_channels"] = data.input_shape[0]
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {**{k: v for k, v in offered.items() if k in params or accepts_any}, **args}
+
+
 def make_source(
-    name: str | None, args: dict, weights: Path | None, data: Dataset, seed: int, cache: StageCache
+    name: str | None, args: dict, weights: Path | None, data: Dataset, seed: int, cache: StageCache, trust: ModelTrust
 ) -> Artifact:
-    arch, loaded = resolve_arch(name, args, weights, data)
+    arch, loaded = resolve_arch(name, args, weights, data, trust)
     key = stable_hash(
         {"source": VERSION, "arch": arch, "weights": sha256_file(weights) if weights else None, "seed": seed}
     )
@@ -56,8 +81,8 @@ def make_source(
             ckpt = loaded
         else:
             seed_everything(seed)
-            ckpt = Checkpoint(arch, build_model(arch).state_dict())
-        model = ckpt.build()
+            ckpt = Checkpoint(arch, architecture.build(arch, trust).state_dict())
+        model = ckpt.build(trust)
         _check_output(model, data)
         ckpt.save(out / CHECKPOINT_FILE)
         return model_info(model, data)
@@ -74,7 +99,12 @@ def _check_output(model: torch.nn.Module, data: Dataset) -> None:
         raise InputError(
             f"the model cannot run on this data's samples of shape {list(data.input_shape)}: {e}"
         ) from None
-    if out.shape != (2, data.num_classes):
+    if data.task != "classification":  # regression / reconstruction: the objective knows the output it needs
+        from .objectives import objective_for
+
+        objective_for(data).check_output(out, data)
+        return
+    if out.dim() != 2 or out.shape != (2, data.num_classes):
         raise InputError(
             f"the model outputs shape {list(out.shape[1:])} per sample but the data has {data.num_classes} classes"
         )

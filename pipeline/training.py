@@ -22,10 +22,12 @@ from torch import nn
 
 from edgec.data import Dataset
 
-from .stage import StageConfig
+from edgec.errors import ConfigError, RunError
+
+from .stage import Probe, Stage, StageContext, Strict
 
 
-class AugmentConfig(StageConfig):
+class AugmentConfig(Strict):
     """Random small shifts and rotations of training images (ignored for flat features)."""
 
     enabled: bool = False
@@ -33,7 +35,8 @@ class AugmentConfig(StageConfig):
     max_rotation: float = Field(10.0, ge=0, le=180, description="degrees")
 
 
-class OptimConfig(StageConfig):
+class OptimConfig(Strict):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -43,6 +46,28 @@ class OptimConfig(StageConfig):
     schedule: Literal["cosine", "constant"] = "cosine"
     patience: int = Field(6, ge=1, description="epochs without validation gain before stopping")
     augment: AugmentConfig = AugmentConfig()
+
+
+def resolve_device(requested: str) -> str:
+    """The device a training stage runs on; part of its cache key (results differ across devices)."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = \"cuda\" but no CUDA GPU is available here; use device = \"auto\" or \"cpu\"")
+    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+class TrainingStage(Stage):
+    """A stage that trains (its config has ``device``): the device must exist at plan time, and the
+    device it resolves to is part of the cache key (results differ across devices)."""
+
+    def _device(self) -> str:
+        return resolve_device(self.config.device)
+
+    def check(self, probe: Probe) -> Probe:
+        self._device()
+        return probe
+
+    def key_material(self, ctx: StageContext) -> dict:
+        return {**super().key_material(ctx), "device": self._device()}
 
 
 @dataclass
@@ -66,8 +91,9 @@ def predict(model: nn.Module, x: np.ndarray | torch.Tensor, data: Dataset, batch
     """Logits for raw samples ``x`` (preprocessed here), in eval mode."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
     inputs = torch.from_numpy(data.to_input(np.asarray(x)))
-    out = torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    out = torch.cat([model(inputs[i : i + batch_size].to(device)).cpu() for i in range(0, len(inputs), batch_size)])
     model.train(was_training)
     return out
 
@@ -101,10 +127,17 @@ def fit(
     after_step: Callable[[], None] | None = None,
     parameters: Iterable[nn.Parameter] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place; on return it holds the best-validation weights."""
+    """Train ``model`` in place; on return it holds the best-validation weights, on the CPU.
+
+    A non-finite loss stops training with an error instead of caching a NaN model."""
     gen = seed_everything(seed)
-    x_train = torch.from_numpy(data.to_input(data.x_train))
-    y_train = torch.from_numpy(data.y_train)
+    device = torch.device(resolve_device(cfg.device))
+    model.to(device)
+    from .objectives import objective_for  # (it imports this module)
+
+    objective = objective_for(data)  # what the task trains on, its loss and early-stopping score
+    x_train = torch.from_numpy(data.to_input(data.x_train)).to(device)
+    y_train = torch.from_numpy(objective.train_targets(data)).to(device)
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -116,16 +149,16 @@ def fit(
         if cfg.schedule == "cosine"
         else None
     )
-    loss_fn = loss_fn or (lambda logits, x, y: F.cross_entropy(logits, y))
-    use_augment = cfg.augment.enabled and data.is_image
+    loss_fn = loss_fn or objective.loss
+    use_augment = cfg.augment.enabled and data.is_image and objective.augment
 
-    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
+    best = (objective.initial_best, 0, copy.deepcopy(model.state_dict()))
     epochs_run = 0
     with Progress(
         TextColumn(f"[bold]{label}[/]"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("epochs  loss {task.fields[loss]:.4f}  val acc {task.fields[val]:.4f}"),
+        TextColumn("epochs  loss {task.fields[loss]:.4f}  val " + objective.val_name + " {task.fields[val]:.4f}"),
         TimeElapsedColumn(),
         console=console,
         transient=False,
@@ -133,15 +166,23 @@ def fit(
         task = progress.add_task(label, total=cfg.epochs, loss=float("nan"), val=float("nan"))
         for epoch in range(cfg.epochs):
             model.train()
-            order = torch.randperm(len(x_train), generator=gen)
+            order = torch.randperm(len(x_train), generator=gen).to(device)
             total, count = 0.0, 0
             for i in range(0, len(order), cfg.batch_size):
                 idx = order[i : i + cfg.batch_size]
+                if len(idx) == 1 and len(order) > 1 and _has_batchnorm(model):
+                    continue  # BatchNorm cannot train on a batch of one sample; it is reshuffled next epoch
                 xb, yb = x_train[idx], y_train[idx]
                 if use_augment:
-                    xb = augment(xb, cfg.augment, gen)
+                    xb = augment(xb.cpu(), cfg.augment, gen).to(device)
+                xb = objective.train_inputs(xb, gen)  # denoising autoencoders: noisy input, clean target
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), xb, yb)
+                if not torch.isfinite(loss):
+                    raise RunError(
+                        f"{label}: the training loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate "
+                        f"(lr = {cfg.lr}) or check the data for extreme values"
+                    )
                 loss.backward()
                 opt.step()
                 if after_step is not None:
@@ -150,13 +191,17 @@ def fit(
                     sched.step()
                 total += loss.item() * len(idx)
                 count += len(idx)
-            val = accuracy(model, data.x_val, data.y_val, data)
+            val = objective.val_score(model, data)
             epochs_run = epoch + 1
             if val > best[0]:
                 best = (val, epoch, copy.deepcopy(model.state_dict()))
-            progress.update(task, advance=1, loss=total / count, val=val)
+            progress.update(task, advance=1, loss=total / count, val=objective.shown(val))
             if epoch - best[1] >= cfg.patience:
                 break
     model.load_state_dict(best[2])
-    model.eval()
+    model.to("cpu").eval()
     return FitResult(best_val_accuracy=best[0], best_epoch=best[1] + 1, epochs_run=epochs_run)
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

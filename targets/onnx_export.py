@@ -18,7 +18,6 @@ clipped harder and lost agreement on the test models here, so the option is pass
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -35,7 +34,7 @@ from edgec.calibration.readers import OnnxCalibrationReader
 from edgec.calibration.samples import calibration_digest
 from edgec.errors import ExportError
 
-from .exported import ExportedModelInfo, calibration_inputs, quiet_converter, staged_file, tensor_spec
+from .exported import ExportedModelInfo, calibration_inputs, quiet_converter, staged_file, strip_dropout, tensor_spec
 
 OPSET = 17  # >= 13 for per-channel QuantizeLinear; every onnxruntime >= 1.20 runs it
 INPUT_NAME = "input"
@@ -62,6 +61,22 @@ def export_onnx(
 
     ``example`` is a batch-1 float32 input; ``calibration`` (N, ...) float32 inputs preprocessed
     like it, required for int8. Raises ExportError when conversion or the read-back fails.
+    ``model`` is not modified: a copy in eval mode, with dropout modules replaced by identities
+    (:func:`strip_dropout`), is exported.
+
+    Options (int8 only; fp32 and fp16 ignore them), remedies a caller may retry with when int8
+    agreement is low. They act on onnxruntime's quantizer and so on every ONNX runtime the file
+    goes to (CPU, CUDA, TensorRT read the same QDQ ranges); TFLite has its own (see
+    ``export_tflite``: ``per_channel``, ``activation_observer``):
+
+    - ``calibration_method`` (edgec's ``export.calibration.method``, ONNX only): how activation
+      ranges come from the calibration samples. "minmax": the full observed range (no clipping);
+      "percentile": onnxruntime's 99.999th percentile of |x|, symmetric (clips rare outliers,
+      finer steps for the rest); "entropy": KL-divergence calibration, which onnxruntime 1.31 runs
+      with 128 bins, leaving one candidate: the same ranges as minmax (see the module docstring).
+    - ``per_channel`` (default True): one weight scale per output channel of each Conv/Gemm
+      (onnxruntime's ``per_channel``; QDQ with an axis). False: one scale per weight tensor, for
+      an execution provider that wants per-tensor weights; coarser. Activations are per-tensor.
     """
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
@@ -110,7 +125,7 @@ def export_onnx(
 
 
 def _export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    model = copy.deepcopy(model).eval()
+    model = strip_dropout(model)
     with torch.no_grad():
         out = model(example)
     output_names = ["output"] if isinstance(out, torch.Tensor) else [f"output_{i}" for i in range(len(out))]

@@ -10,22 +10,38 @@ Field reference (also in the README):
   providers               onnxruntime execution providers in order of preference (onnx only)
   fp32_fallback           also ship an fp32 model file beside a reduced-precision one (onnx only)
   requirements            pip requirement lines for the device (written to the bundle's requirements.txt)
-  requirements_file       or: a requirements file beside the built-in profiles (rpi: the same file the
-                          arm64 emulation and Dockerfile.arm64 install, so there is one install list)
+  requirements_file       or: a requirements file, a relative path resolved inside the folder of the
+                          profile: for the built-in profiles the ``targets/`` data folder (rpi: the same
+                          file the arm64 emulation and Dockerfile.arm64 install, so there is one install
+                          list), for a user's board.toml the folder of that file. No absolute path, no
+                          '..', no symlink.
   budgets                 limits enforced by ``edgec check``; a missing limit is not checked
+                          (min_speedup: bundle p50 vs the uncompressed model's, from ``edgec bench --baseline``)
+
+``name`` becomes the build's output folder ``<out>/<name>/``, so it is a safe identifier
+(``NAME_PATTERN``). Every error is a one-line ConfigError naming the file and the key.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgec.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
+# Where a built-in profile's requirements_file may live: the targets/ data folder (profiles/ and the
+# device requirement lists beside it, all shipped as package data of edgec.targets).
+BUILTIN_DATA_DIR = Path(__file__).parent
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+MAX_THREADS = 256
+MAX_REQUIREMENTS_BYTES = 1 << 20
 
 Precision = Literal["int8", "fp16", "fp32"]
 
@@ -38,6 +54,9 @@ class Budgets(BaseModel):
     max_p95_ms: float | None = Field(None, gt=0)
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="reference accuracy minus bundle accuracy")
     min_agreement: float = Field(0.99, ge=0, le=1, description="top-1 agreement with the reference model")
+    min_speedup: float | None = Field(
+        None, gt=0, description="the bundle's p50 latency must be this many times lower than the uncompressed model's, "
+        "exported for the same target and timed in the same run (edgec bench --baseline)")
 
 
 class TargetProfile(BaseModel):
@@ -49,29 +68,83 @@ class TargetProfile(BaseModel):
     precision: Precision
     precisions: list[Precision]
     arch: str = "any"
-    threads: int = Field(1, ge=1)
-    providers: list[str] = ["CPUExecutionProvider"]
+    threads: int = Field(1, ge=1, le=MAX_THREADS)
+    providers: list[str] = Field(["CPUExecutionProvider"], min_length=1)
     fp32_fallback: bool = False
     requirements: list[str] = []
     requirements_file: str | None = None
     budgets: Budgets = Budgets()
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, v) or ".." in v:
+            raise ValueError(
+                f"{v!r} is not a safe target name (it becomes the output folder <out>/<name>/): use 1 to 64 "
+                "lower-case letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'"
+            )
+        return v
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not re.fullmatch(r"[A-Za-z0-9_]{1,100}", p):
+                raise ValueError(f"{p!r} is not an onnxruntime execution provider name (e.g. CPUExecutionProvider)")
+        return v
+
+    @field_validator("requirements_file")
+    @classmethod
+    def _relative_requirements_file(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.replace("\\", "/").split("/")
+        if not v or v.startswith(("/", "~")) or "\\" in v or ":" in v or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(
+                f"{v!r} must be a relative path inside the profile's folder (no absolute path, no '..')"
+            )
+        return v
+
     @model_validator(mode="after")
-    def _read_requirements_file(self):
+    def _read_requirements_file(self, info: ValidationInfo):
         if self.requirements_file:
-            path = Path(__file__).parent / self.requirements_file
-            if not path.is_file():
-                raise ValueError(f"requirements_file {self.requirements_file!r} not found beside the built-in profiles")
-            self.requirements = [
-                line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
-            ]
+            base = (info.context or {}).get("base_dir") or BUILTIN_DATA_DIR
+            self.requirements = _read_requirements(Path(base), self.requirements_file)
         if not self.requirements:
             raise ValueError("a target needs requirements (or requirements_file): the packages its device installs")
         return self
 
 
+def _read_requirements(base: Path, rel: str) -> list[str]:
+    """The requirement lines of ``base/rel``: a regular file inside ``base`` reached without a symlink."""
+    where = "the built-in profiles' folder" if base == BUILTIN_DATA_DIR else f"{base}"
+    path = base
+    for part in rel.split("/"):
+        path = path / part
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise ValueError(f"requirements_file {rel!r} not found in {where}") from None
+        except OSError as e:
+            raise ValueError(f"requirements_file {rel!r} cannot be read ({e.strerror})") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ValueError(f"requirements_file {rel!r} goes through a symlink ({path.name}); use a regular file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"requirements_file {rel!r} is not a regular file")
+    real_base, real = os.path.realpath(base), os.path.realpath(path)
+    if os.path.commonpath([real_base, real]) != real_base:
+        raise ValueError(f"requirements_file {rel!r} resolves outside {where}")
+    if st.st_size > MAX_REQUIREMENTS_BYTES:
+        raise ValueError(f"requirements_file {rel!r} is bigger than {MAX_REQUIREMENTS_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"requirements_file {rel!r} cannot be read ({e})") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def builtin_targets() -> dict[str, TargetProfile]:
-    return {p.stem: _read(p) for p in sorted(PROFILES_DIR.glob("*.toml"))}
+    return {p.stem: _read(p, builtin=True) for p in sorted(PROFILES_DIR.glob("*.toml"))}
 
 
 def load_target(spec: str) -> TargetProfile:
@@ -80,19 +153,29 @@ def load_target(spec: str) -> TargetProfile:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ConfigError(f"target file {path} does not exist")
-        return _read(path)
+        return _read(path, builtin=False)
     builtins = builtin_targets()
     if spec not in builtins:
         raise ConfigError(f"unknown target {spec!r}: use one of {', '.join(builtins)} or a path to a board.toml")
     return builtins[spec]
 
 
-def _read(path: Path) -> TargetProfile:
+def _read(path: Path, builtin: bool) -> TargetProfile:
+    """Validate a profile file: a built-in one's requirements_file resolves in the built-in data
+    folder, a user's in the folder of its board.toml."""
+    base = BUILTIN_DATA_DIR if builtin else path.resolve().parent
     try:
-        return TargetProfile.model_validate(tomllib.loads(path.read_text()))
+        data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from None
+    try:
+        return TargetProfile.model_validate(data, context={"base_dir": base})
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path}: {where}: {err['msg']}") from None
+        msg = " ".join(str(err["msg"]).removeprefix("Value error, ").split())
+        if not where:  # a check across fields: name the key it is about
+            where = "requirements_file" if "requirements_file" in msg else "requirements"
+        raise ConfigError(f"{path}: {where}: {msg}") from None

@@ -99,6 +99,9 @@ def test_refuses_to_ship_on_mismatch(workdir):
     )
     proc = build(workdir, str(board), out="strict", check=1)
     assert "does not match the reference" in proc.stderr and "agreement" in proc.stderr
+    # the safe remedies were tried before refusing, and the op adding the most int8 error is named
+    assert "tried automatically: minmax activation observer" in proc.stderr
+    assert "the op adding the most int8 error is" in proc.stderr
     assert not (workdir / "strict" / "strict").exists()
 
 
@@ -120,9 +123,9 @@ def test_bench_check_and_compare(bundles, workdir, tmp_path):
     bench = json.loads(result_a.read_text())
     assert bench["schema"] == "edgec-bench" and bench["latency_ms"]["p50"] > 0
     assert bench["reference"]["latency_ms"]["p50"] > 0 and bench["reference"]["speedup_p50"] > 0
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["runtime"]["recommended"] == bench["recommended"]
-    run_cli("verify", bundle, cwd=workdir)  # writing the recommendation keeps the bundle verifiable
+    saved = json.loads((bundle / "recommended.json").read_text())
+    assert saved["machines"][bench["machine_key"]]["settings"] == bench["recommended"]
+    run_cli("verify", bundle, cwd=workdir)  # the recommendation lives beside the manifest: the bundle stays verifiable
 
     ok = json.loads(run_cli("check", bundle, "--bench", result_a, "--max-p95-ms", "1000", "--json", "-", cwd=workdir).stdout)
     assert all(row["ok"] for row in ok["budgets"])

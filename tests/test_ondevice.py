@@ -299,13 +299,17 @@ def test_missing_and_truncated_files_are_caught(copy_bundle):
     assert any("eval.npz is missing" in e for e in res["errors"])
 
 
-def test_unlisted_file_is_a_note_not_a_failure(copy_bundle):
+def test_unlisted_file_fails_verify(copy_bundle):
+    """run.py and edgec_ondevice/ are code the device runs: a file the manifest does not list is refused."""
     b = copy_bundle("onnx")
     (b / "extra.txt").write_text("hello")
     res = verify_bundle(b, check_accuracy=False)
-    assert res["ok"]
+    assert not res["ok"]
     assert res["integrity"]["unlisted"] == ["extra.txt"]
-    assert any("extra.txt" in n for n in res["notes"])
+    assert [(p["file"], p["problem"]) for p in res["integrity"]["problems"]] == [("extra.txt", "unlisted")]
+    assert any("extra.txt is not listed in the manifest" in e for e in res["errors"])
+    with pytest.raises(IntegrityError, match="extra.txt"):
+        load_bundle(b).require_intact()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from edgec.errors import ConfigError, InputError
-from edgec.pipeline.pruning import (
+from edgec.pipeline.algorithms.pruning import (
     GlobalSparsity,
     LayerSparsity,
     MaskEnforcer,

@@ -4,12 +4,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from edgec.checkpoint import Checkpoint, build_model, zoo_arch
+from edgec import architecture
+from edgec.architecture import ModelTrust
+from edgec.checkpoint import Checkpoint
 from edgec.data import load_dataset
 from edgec.errors import ConfigError
 from edgec.pipeline.artifact import BUNDLE, CHECKPOINT_FILE, MODEL
 from edgec.pipeline.cache import StageCache
-from edgec.pipeline.runner import run_chain, validate_chain
+from edgec.pipeline.runner import check_chain, run_chain
 from edgec.pipeline.stage import Stage, StageConfig, StageContext
 
 
@@ -20,7 +22,7 @@ class ScaleConfig(StageConfig):
 class Scale(Stage):
     """Multiplies every weight: cheap, deterministic, and visible in the output."""
 
-    name = "scale"
+    kind = "scale"
     Config = ScaleConfig
     runs = 0
 
@@ -33,11 +35,11 @@ class Scale(Stage):
 
 
 class Offset(Scale):
-    name = "offset"
+    kind = "offset"
 
 
 class Pack(Stage):
-    name = "pack"
+    kind = "pack"
     produces = BUNDLE
     Config = ScaleConfig
 
@@ -50,11 +52,11 @@ class Pack(Stage):
 def setup(tmp_path):
     data = load_dataset("digits")
     cache = StageCache(tmp_path)
-    arch = zoo_arch("mlp", data.input_shape, data.num_classes, widths=[8])
+    arch = architecture.record(architecture.zoo_base("mlp", data.input_shape, data.num_classes, widths=[8]))
     torch.manual_seed(0)
 
     def build_source(out):
-        Checkpoint(arch, build_model(arch).state_dict()).save(out / CHECKPOINT_FILE)
+        Checkpoint(arch, architecture.build(arch, ModelTrust()).state_dict()).save(out / CHECKPOINT_FILE)
         return {}
 
     source = cache.put("source", "s", MODEL, build_source)
@@ -108,6 +110,6 @@ def test_input_is_never_mutated(setup):
 def test_chain_is_validated_before_any_work(setup):
     source, ctx, cache = setup
     with pytest.raises(ConfigError, match="consumes a model but the stage before it produces a bundle"):
-        run_chain([Pack(ScaleConfig()), Scale(ScaleConfig())], source, ctx, cache)
+        check_chain([Pack(ScaleConfig()), Scale(ScaleConfig())], source, ctx)
     assert Scale.runs == 0
-    validate_chain([Scale(ScaleConfig()), Pack(ScaleConfig())], MODEL)
+    check_chain([Scale(ScaleConfig()), Pack(ScaleConfig())], source, ctx)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-import edgec.pipeline.weightcodec as weightcodec
+import edgec.pipeline.algorithms.weightcodec as weightcodec
 from edgec.errors import ConfigError, InputError
-from edgec.pipeline.pruning import LayerSparsity, apply_masks, compute_masks
-from edgec.pipeline.sharing import apply_sharing, cluster_weights
-from edgec.pipeline.storage import (
+from edgec.pipeline.algorithms.pruning import LayerSparsity, apply_masks, compute_masks
+from edgec.pipeline.algorithms.sharing import apply_sharing, cluster_weights
+from edgec.pipeline.algorithms.storage import (
     buffer_fp32_bytes,
     compressed_file_bytes,
     deep_compression_bytes,

@@ -9,7 +9,7 @@ import pytest
 from edgec.ondevice import transport
 from edgec.ondevice.transport import TransportError, decode, decode_runs, encode_runs
 from edgec.ondevice.verify import _check_transport
-from edgec.pipeline.transport_codec import describe, encode_plain, encode_transport
+from edgec.pipeline.algorithms.transport_codec import describe, encode_plain, encode_transport
 
 INT8, INT32, FLOAT32 = 9, 2, 0
 
@@ -159,8 +159,8 @@ def test_real_int8_tflite_of_a_pruned_shared_model(tmp_path):
     import torch
     from torch import nn
 
-    from edgec.pipeline.pruning import LayerSparsity, apply_masks, compute_masks
-    from edgec.pipeline.sharing import apply_sharing, cluster_weights
+    from edgec.pipeline.algorithms.pruning import LayerSparsity, apply_masks, compute_masks
+    from edgec.pipeline.algorithms.sharing import apply_sharing, cluster_weights
     from edgec.targets.tflite_export import export_tflite
 
     torch.manual_seed(0)

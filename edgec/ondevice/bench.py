@@ -18,8 +18,9 @@ Conventions (TFLite benchmark_model, onnxruntime_perf_test, MLPerf Tiny):
   runtime + one model) and load/first-inference times are cold; ``peak_rss_bytes`` is
   taken after the batch-1 runs (before other batch sizes load more copies).
   With ``isolate=False`` it is this process's peak, including whatever the caller loaded.
-* best setting: lowest p50 at batch 1 (ties: fewer threads); returned as ``recommended``
-  for the host to write into the manifest's ``runtime.recommended``.
+* best setting: lowest p50 at batch 1 (ties: fewer threads); returned as ``recommended`` and,
+  with ``save_recommendation``, kept for this machine in the bundle's recommended.json
+  (``recommend.py``): never in the manifest, never applied to another machine.
 * accuracy on eval.npz (full set) and agreement with test vectors for the best setting.
 """
 
@@ -34,10 +35,13 @@ import time
 import numpy as np
 
 from .errors import BundleError
+from .integrity import RECOMMENDED_NAME
 from .evaluate import accuracy as eval_accuracy
 from .evaluate import check_vectors
 from .machine import machine_info, peak_rss_bytes, usable_cpu_count
 from .manifest import load_bundle
+from .recommend import machine_identity, machine_key, store_recommendation
+from .runtime_base import as_threads
 from .runtimes import import_runtime, normalize_settings, settings_id, sweep_grid
 from .timing import harness_overhead_ms, summarize, timed_loop, timer_resolution_ns
 
@@ -222,9 +226,11 @@ def _measure_isolated(path, settings, runtime, params, timeout):
         req = dict(params, bundle=os.path.abspath(path), settings=settings, runtime=runtime)
         with open(req_path, "w") as f:
             json.dump(req, f)
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        # never read bytecode from the bundle's __pycache__ (not in the file table)
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=os.path.join(tmp, "pycache"))
+        # cwd: the temp dir, so that nothing in the caller's folder (the bundle, for run.py) is importable
         proc = subprocess.run([sys.executable, "-B", "-c", _BOOT, _package_dir(), req_path, res_path],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=timeout)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=timeout, cwd=tmp)
         res = None
         if os.path.isfile(res_path):
             with open(res_path) as f:
@@ -248,13 +254,14 @@ def _measure_isolated(path, settings, runtime, params, timeout):
 
 
 def _thread_cap(bundle, max_threads):
+    """Threads 1..cap are swept. Only this machine's CPUs bound the cap: never a setting measured on
+    another machine (recommended.json is per machine), nor the build-time default below 4."""
     if max_threads:
-        return int(max_threads), "max_threads argument"
-    rec = (bundle.manifest.get("runtime") or {}).get("recommended") or {}
-    cap = rec.get("threads") if isinstance(rec, dict) else None
-    if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
-        return min(usable_cpu_count(), cap), "min(cpus, runtime.recommended.threads)"
-    return min(usable_cpu_count(), DEFAULT_THREAD_CAP), "min(cpus, %d)" % DEFAULT_THREAD_CAP
+        cap = as_threads(max_threads, strict=True)
+        return cap, "max_threads argument"
+    rec = bundle.recommended_settings.get("threads")
+    want = max(DEFAULT_THREAD_CAP, rec or 0)
+    return min(usable_cpu_count(), want), "min(cpus, max(%d, the manifest's build-time threads))" % DEFAULT_THREAD_CAP
 
 
 TIE_BAND = 0.01
@@ -272,12 +279,15 @@ def _pick_best(ok):
 
 def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_sizes=(1, 8, 32), runtime=None,
                  warmup_seconds=0.5, max_seconds=30.0, settings=None, max_threads=None, isolate=True,
-                 accuracy=True, check_integrity=True, progress=None):
+                 accuracy=True, check_integrity=True, progress=None, save_recommendation=False, task=None):
     """Benchmark a bundle on this machine; returns an ``edgec-bench`` dict.
 
     ``settings`` fixes some settings (e.g. ``{"threads": 2}``): a sweep then only varies the
     others; without a sweep the manifest's ``runtime.recommended`` overlaid by ``settings`` is
-    measured. ``progress`` is an optional ``callable(str)`` for one line per setting.
+    measured (the manifest's build-time default, or this machine's entry in recommended.json).
+    ``progress`` is an optional ``callable(str)`` for one line per setting.
+    ``save_recommendation``: after a full sweep, store the best setting for this machine in the
+    bundle's recommended.json (``recommend.py``; never in the manifest).
     Raises BundleError (IntegrityError when a file is corrupt, RuntimeMissingError, ...).
 
     Fields: ``schema``, ``schema_version``, ``ok``, ``bundle``, ``target``, ``model_file``,
@@ -292,9 +302,12 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
     batch_ms_p50, note}], batch_sizes_native, peak_rss_bytes, peak_rss_bytes_all_batches,
     rss_before_load_bytes, harness_overhead_ms, vectors {count, ok, max_abs_diff,
     top1_agreement, n_failed, failed_indices}], ``best`` {id, settings, p50_ms, criterion},
-    ``recommended`` (settings dict), ``latency_ms``, ``throughput``, ``load_ms``,
+    ``recommended`` (settings dict: the best for this machine), ``machine_key`` (its key in
+    recommended.json), ``recommendation`` {file, key, saved, note}, ``latency_ms``, ``throughput``, ``load_ms``,
     ``first_inference_ms``, ``peak_rss_bytes``, ``vectors`` (the best setting's),
-    ``accuracy`` {accuracy, correct, eval_samples, manifest_accuracy, settings_id} | None,
+    ``accuracy`` {accuracy, correct, eval_samples, manifest_accuracy, settings_id} | None (classification),
+    ``quality`` {task, metric, value, higher_is_better, mse, auc | mae, rmse, r2, eval_samples, manifest_value,
+    settings_id} (regression / reconstruction bundles only),
     ``notes``, ``errors``, ``seconds``.
     """
     t_start = time.perf_counter()
@@ -317,7 +330,9 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
             grid = [g for g in grid if all(g.get(k) == fixed[k] for k in fixed_keys)] or \
                 [dict(grid[0], **{k: fixed[k] for k in fixed_keys})]
     else:
-        base = dict(bundle.recommended_settings) or normalize_settings(bundle.runtime_name, {})
+        base, base_notes = bundle.settings_for(rt)
+        base = base or normalize_settings(bundle.runtime_name, {})
+        notes.extend(base_notes)
         base.update({k: fixed[k] for k in fixed_keys})
         grid = [_clean(base)]
     batch_sizes = sorted({int(b) for b in batch_sizes if int(b) >= 1} | {1})
@@ -361,6 +376,7 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
     ok = [r for r in results if r.get("ok")]
     best = _pick_best(ok)
     sysinfo = machine_info()
+    identity = machine_identity(rt, sysinfo)
     man_size = bundle.manifest.get("size") or {}
     res = {
         "schema": BENCH_SCHEMA, "schema_version": BENCH_SCHEMA_VERSION, "ok": best is not None,
@@ -380,7 +396,8 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
         "memory": {"scope": "fresh subprocess per setting" if isolate else
                    "this process (process-wide: includes everything the caller imported)",
                    "measure": "resource.getrusage(RUSAGE_SELF).ru_maxrss (process peak) after the batch-1 runs"},
-        "settings": results, "best": None, "recommended": None, "latency_ms": None, "throughput": None,
+        "settings": results, "best": None, "recommended": None, "machine_key": machine_key(identity),
+        "recommendation": None, "latency_ms": None, "throughput": None,
         "load_ms": None, "first_inference_ms": None, "peak_rss_bytes": None, "vectors": None,
         "accuracy": None, "notes": notes, "errors": errors, "seconds": None,
     }
@@ -395,19 +412,75 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
         for n in (best.get("notes") or []) + [t["note"] for t in best.get("throughput") or [] if t.get("note")]:
             if n not in notes:
                 notes.append(n)
-        if accuracy:
+        from .tasks import bundle_tasks, select_task, task_accuracies
+        if task is not None:
+            select_task(bundle, task)  # an unknown task (or a single-task bundle) is a usage error
+        if accuracy and (task is not None or bundle_tasks(bundle.manifest)):
+            # a multi-task bundle: each task's accuracy on its own eval file with its own model
+            # (latency above is the top-level model's: every task's model has the same graph)
+            per_task = task_accuracies(bundle, res["recommended"], rt.package, only=task)
+            res["tasks"] = per_task
+            if per_task:
+                n = sum(a["eval_samples"] for a in per_task.values())
+                res["accuracy"] = {"accuracy": sum(a["accuracy"] for a in per_task.values()) / len(per_task),
+                                   "correct": sum(a["correct"] for a in per_task.values()), "eval_samples": n,
+                                   "manifest_accuracy": (bundle.manifest.get("metrics") or {}).get("accuracy"),
+                                   "settings_id": best["id"], "tasks": sorted(per_task)}
+        elif accuracy:
             ev = bundle.eval_set()
             if ev is None:
                 notes.append("eval.npz not in the bundle: accuracy not measured")
             else:
                 model = bundle.open_model(res["recommended"], runtime=rt.package)
-                acc = eval_accuracy(model, ev[0], ev[1])
+                if bundle.task != "classification":  # regression / reconstruction: the task's figures
+                    res["quality"] = _task_quality(bundle, model, ev, best["id"])
+                else:
+                    acc = eval_accuracy(model, ev[0], ev[1])
+                    acc["manifest_accuracy"] = (bundle.manifest.get("metrics") or {}).get("accuracy")
+                    acc["settings_id"] = best["id"]
+                    res["accuracy"] = acc
                 model.close()
-                acc["manifest_accuracy"] = (bundle.manifest.get("metrics") or {}).get("accuracy")
-                acc["settings_id"] = best["id"]
-                res["accuracy"] = acc
+    if save_recommendation:
+        res["recommendation"] = _save(bundle, rt, identity, res, sweep, fixed_keys, len(grid))
+        if res["recommendation"]["note"]:
+            notes.append(res["recommendation"]["note"])
     res["seconds"] = time.perf_counter() - t_start
     return res
+
+
+def _save(bundle, rt, identity, res, sweep, fixed_keys, measured):
+    """Store the best setting in recommended.json for this machine (see recommend.py)."""
+    out = {"file": RECOMMENDED_NAME, "key": res["machine_key"], "saved": False, "note": None}
+    vec = res.get("vectors")
+    if not res["ok"] or (vec and not vec.get("ok")):
+        out["note"] = "no setting saved to %s: no setting passed" % RECOMMENDED_NAME
+    elif not sweep or fixed_keys:
+        out["note"] = ("no setting saved to %s: only a full sweep (no fixed settings) measures the best"
+                       % RECOMMENDED_NAME)
+    else:
+        try:
+            _key, notes = store_recommendation(bundle.path, bundle.runtime_name, identity, res["recommended"],
+                                               p50_ms=res["best"]["p50_ms"], settings_measured=measured)
+        except OSError as e:
+            out["note"] = "could not write %s (%s): the recommendation was not saved" % (
+                RECOMMENDED_NAME, e.strerror or e)
+        else:
+            out["saved"] = True
+            out["note"] = ("saved %s as this machine's setting in %s (key %s)%s" % (
+                settings_id(res["recommended"]), RECOMMENDED_NAME, res["machine_key"],
+                "; " + notes[0] if notes else ""))
+    return out
+
+
+def _task_quality(bundle, model, ev, settings_id):
+    """``quality`` of a regression / reconstruction bundle on eval.npz (evaluate.task_quality): its
+    headline figure (``metric``, ``value``), every figure of the task, the manifest's ``eval_<metric>``."""
+    from .evaluate import task_quality
+
+    q = task_quality(model, ev[0], ev[1], bundle.task, bundle.manifest.get("postprocessing"))
+    q["manifest_value"] = (bundle.manifest.get("metrics") or {}).get("eval_%s" % q["metric"]) if q["metric"] else None
+    q["settings_id"] = settings_id
+    return q
 
 
 def bench_exit_code(result):

@@ -10,6 +10,9 @@ import os
 import sys
 
 from .errors import BundleError, SettingsError
+from .runtime_base import MAX_THREADS
+
+MAX_BATCH = 1 << 16
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -42,6 +45,11 @@ def build_parser(bundle_dir=None, prog=None):
     v.add_argument("--no-accuracy", action="store_true", help="skip the eval.npz accuracy run")
     v.add_argument("--json", metavar="FILE", help="write the result as JSON ('-' for stdout)")
     v.add_argument("--markdown", action="store_true", help="print Markdown instead of plain text")
+    v.add_argument("--public-key", metavar="KEY",
+                   help="check manifest.sig against this Ed25519 public key (edgec.pub) first: refuse an unsigned "
+                        "bundle, one signed by another key, or any file changed, added or removed after signing "
+                        "(needs the cryptography package)")
+    _task_arg(v, "check only this task of a multi-task bundle")
     _settings_args(v)
 
     b = sub.add_parser("bench", help="latency/throughput/memory, swept over runtime settings")
@@ -54,28 +62,38 @@ def build_parser(bundle_dir=None, prog=None):
     b.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="sweep threads x XNNPACK (TFLite) or provider x graph level (ONNX) (default: on)")
     b.add_argument("--batch-sizes", default="1,8,32", help="throughput batch sizes (default: %(default)s)")
-    b.add_argument("--max-threads", type=int, help="sweep threads 1..N (default: min(cpus, recommended or 4))")
+    b.add_argument("--max-threads", type=int,
+                   help="sweep threads 1..N (default: min(cpus, max(4, the manifest's build-time threads)))")
     b.add_argument("--in-process", action="store_true",
                    help="measure in this process instead of one fresh subprocess per setting")
     b.add_argument("--no-accuracy", action="store_true", help="skip the eval.npz accuracy run")
     b.add_argument("--json", metavar="FILE", help="write the result as JSON ('-' for stdout)")
     b.add_argument("--markdown", action="store_true", help="print Markdown instead of plain text")
     b.add_argument("--quiet", action="store_true", help="no per-setting progress lines on stderr")
+    b.add_argument("--write-recommended", action=argparse.BooleanOptionalAction, default=True,
+                   help="after a full sweep, keep the best setting for this machine in the bundle's "
+                        "recommended.json (never in the manifest) (default: on)")
+    _task_arg(b, "multi-task bundle: measure this task's accuracy only (every task's model has the same graph)")
     _settings_args(b)
 
     p = sub.add_parser("predict", help="raw samples (.npy, or .npz with x) -> labels")
     _common_args(p, bundle_dir)
     p.add_argument("file", help="a .npy of raw samples (N, *raw_shape) or one sample; or a .npz with 'x'")
     p.add_argument("--json", metavar="FILE", help="write predictions as JSON ('-' for stdout)")
+    _task_arg(p, "multi-task bundle: the task to predict (its labels, its output columns)")
     _settings_args(p)
     return ap
+
+
+def _task_arg(p, what):
+    p.add_argument("--task", metavar="NAME", default=None, help=what)
 
 
 def _settings_from(args):
     s = {}
     if args.threads is not None:
-        if args.threads < 1:
-            raise SettingsError("--threads must be >= 1", "e.g. --threads 2")
+        if not 1 <= args.threads <= MAX_THREADS:
+            raise SettingsError("--threads must be between 1 and %d" % MAX_THREADS, "e.g. --threads 2")
         s["threads"] = args.threads
     if args.xnnpack is not None:
         s["xnnpack"] = args.xnnpack == "on"
@@ -128,9 +146,10 @@ def _cmd_verify(args, settings):
     from .manifest import load_bundle
     from .report import render_verify
     from .verify import verify_bundle
-    _check_settings_fit(load_bundle(args.bundle).runtime_name, settings)
+    if settings:  # (without settings nothing is read before verify checks the signature)
+        _check_settings_fit(load_bundle(args.bundle).runtime_name, settings)
     res = verify_bundle(args.bundle, exact=args.exact, runtime=args.runtime, settings=settings,
-                        check_accuracy=not args.no_accuracy)
+                        check_accuracy=not args.no_accuracy, public_key=args.public_key, task=args.task)
     if args.json:
         _write_json(res, args.json)
     if args.json != "-":
@@ -151,8 +170,11 @@ def _cmd_bench(args, settings):
     except ValueError:
         raise SettingsError("--batch-sizes must be comma-separated integers, got %r" % args.batch_sizes,
                             "e.g. --batch-sizes 1,8,32") from None
-    if not sizes or min(sizes) < 1 or args.runs < 1 or args.warmup < 0:
-        raise SettingsError("--batch-sizes and --runs must be >= 1 and --warmup >= 0", "e.g. --runs 100")
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH or args.runs < 1 or args.warmup < 0:
+        raise SettingsError("--batch-sizes must be 1..%d, --runs >= 1 and --warmup >= 0" % MAX_BATCH,
+                            "e.g. --runs 100")
+    if args.max_threads is not None and not 1 <= args.max_threads <= MAX_THREADS:
+        raise SettingsError("--max-threads must be between 1 and %d" % MAX_THREADS, "e.g. --max-threads 4")
 
     def progress(line):
         if not args.quiet:
@@ -162,7 +184,7 @@ def _cmd_bench(args, settings):
                        sweep=args.sweep, batch_sizes=sizes, runtime=args.runtime,
                        warmup_seconds=args.warmup_seconds, max_seconds=args.max_seconds, settings=settings,
                        max_threads=args.max_threads, isolate=not args.in_process, accuracy=not args.no_accuracy,
-                       progress=progress)
+                       progress=progress, save_recommendation=args.write_recommended, task=args.task)
     if args.json:
         _write_json(res, args.json)
     if args.json != "-":
@@ -181,8 +203,13 @@ def _cmd_predict(args, settings):
     _check_settings_fit(bundle.runtime_name, settings)
     bundle.require_intact()
     raw = _load_samples(args.file)
-    model = bundle.open_model(settings, runtime=args.runtime)
-    preds = predict_labels(model, raw, bundle.labels())
+    from .tasks import bundle_tasks, open_task_model, select_task, task_labels
+    task = select_task(bundle, args.task) if args.task is not None or bundle_tasks(bundle.manifest) else None
+    if task is not None:  # a multi-task bundle: the task's own model and output columns
+        model, labels = open_task_model(bundle, task, settings, runtime=args.runtime), task_labels(task)
+    else:
+        model, labels = bundle.open_model(settings, runtime=args.runtime), bundle.labels()
+    preds = predict_labels(model, raw, labels)
     if args.json:
         _write_json({"file": args.file, "predictions": preds}, args.json)
     if args.json != "-":

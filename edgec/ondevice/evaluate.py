@@ -2,6 +2,9 @@
 
 import numpy as np
 
+from .metrics import headline, postprocess, reconstruction_errors, task_metrics
+from .preprocess import preprocess_raw
+
 MAX_LISTED_FAILURES = 20
 
 
@@ -84,11 +87,53 @@ def accuracy(model, x_raw, y):
 
 
 def predict_labels(model, raw, labels=()):
-    """Raw samples -> ``[{"index", "class", "label", "score"}]`` (score: the top logit)."""
+    """Raw samples -> ``[{"index", "class", "label", "score"}]`` (score: the top logit).
+
+    Regression bundles: ``score`` is the first target in real units, ``values`` all of them and
+    ``label`` names them; reconstruction bundles: ``score`` is the anomaly score (reconstruction
+    error), ``label`` "anomaly score"."""
+    task = getattr(model, "task", "classification")
+    if task != "classification":
+        return _predict_task(model, raw, labels, task)
     logits = _flat(model.predict_raw(raw))
     out = []
     for i, row in enumerate(logits):
         c = int(np.argmax(row))
         out.append({"index": i, "class": c, "label": labels[c] if c < len(labels) else str(c),
                     "score": float(row[c])})
+    return out
+
+
+def task_quality(model, x_raw, y, task=None, postprocessing=None):
+    """The figures of a regression or reconstruction bundle (``metrics.py``) on raw samples and
+    their targets (regression, real units) or anomaly flags (reconstruction): ``{"task", "metric",
+    "value", "higher_is_better", <figures>, "eval_samples"}``."""
+    task = task or getattr(model, "task", "classification")
+    y = np.asarray(y)
+    if len(y) == 0:
+        return {"task": task, "metric": None, "value": None, "higher_is_better": None, "eval_samples": 0}
+    outputs = model.predict_raw(x_raw)
+    inputs = _model_inputs(model, x_raw) if task == "reconstruction" else None
+    res = task_metrics(task, outputs, y, inputs, postprocessing or getattr(model, "postprocessing", None))
+    name, value, higher = headline(task, res)
+    res.pop("samples", None)
+    return dict({"task": task, "metric": name, "value": value, "higher_is_better": higher}, eval_samples=int(len(y)),
+                **res)
+
+
+def _model_inputs(model, x_raw):
+    return preprocess_raw(x_raw, model.preprocessing, model.sample_shape, model.input_layout)
+
+
+def _predict_task(model, raw, labels, task):
+    outputs = model.predict_raw(raw)
+    if task == "reconstruction":
+        scores = reconstruction_errors(outputs, _model_inputs(model, raw))
+        return [{"index": i, "class": 0, "label": "anomaly score", "score": float(v)} for i, v in enumerate(scores)]
+    values = postprocess(outputs, getattr(model, "postprocessing", None))
+    names = list(labels) or ["y%d" % j for j in range(values.shape[1])]
+    out = []
+    for i, row in enumerate(values):
+        shown = ", ".join("%s=%.6g" % (names[j] if j < len(names) else "y%d" % j, v) for j, v in enumerate(row))
+        out.append({"index": i, "class": 0, "label": shown, "score": float(row[0]), "values": [float(v) for v in row]})
     return out

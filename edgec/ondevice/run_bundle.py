@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """edgec bundle runner. From the bundle directory:
 
-    python run.py verify [--exact] [--json FILE]
+    python run.py verify [--exact] [--json FILE] [--public-key KEY]
     python run.py bench [--warmup N] [--runs N] [--min-seconds S] [--no-sweep] [--json FILE] [--markdown]
     python run.py predict samples.npy
 
-Needs numpy and the runtime in requirements.txt; uses edgec_ondevice/ next to this file.
-Exit codes: 0 ok, 1 a check failed, 2 usage error / bad bundle / missing runtime.
+Needs numpy and the runtime in requirements.txt (and cryptography for --public-key); uses
+edgec_ondevice/ next to this file. Exit codes: 0 ok, 1 a check failed, 2 usage error / bad bundle /
+missing runtime.
+
+The bundle folder is taken off ``sys.path`` and ``edgec_ondevice`` is loaded from it by path, so
+no other file in the folder can shadow a module (numpy.py ...); bytecode is never read from the
+bundle's ``__pycache__`` folders, which the manifest does not list.
 """
 
 import os
@@ -14,35 +19,84 @@ import sys
 
 sys.dont_write_bytecode = True  # keep the bundle's files exactly as exported
 HERE = os.path.dirname(os.path.abspath(__file__))
+_MAX_SELF_CHECK_BYTES = 1 << 30
+
+
+def _isolate():
+    import atexit
+    import tempfile
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+    prefix = tempfile.mkdtemp(prefix="edgec-nopyc-")  # stays empty: nothing is written
+    sys.pycache_prefix = prefix
+    atexit.register(lambda: os.path.isdir(prefix) and not os.listdir(prefix) and os.rmdir(prefix))
+
+
+def _load_runner():
+    import importlib.util
+    pkg = os.path.join(HERE, "edgec_ondevice")
+    spec = importlib.util.spec_from_file_location("edgec_ondevice", os.path.join(pkg, "__init__.py"),
+                                                  submodule_search_locations=[pkg])
+    if spec is None or spec.loader is None:
+        raise ImportError("edgec_ondevice/__init__.py not found")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["edgec_ondevice"] = mod
+    spec.loader.exec_module(mod)
+    from edgec_ondevice.cli import main
+    return main
+
+
+def _confined(name):
+    """The path of a manifest file name inside the bundle, or None when it could point elsewhere."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or ":" in name:
+        return None
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    return os.path.join(HERE, *parts)
 
 
 def _self_check():
-    """The runner itself failed to import: name the corrupted bundle files (stdlib only)."""
+    """The runner itself failed to import: name the corrupted bundle files (stdlib only; reads only
+    regular files inside the bundle, never more than the manifest records)."""
     import hashlib
     import json
+    import stat
     try:
         with open(os.path.join(HERE, "manifest.json"), "rb") as f:
-            files = json.loads(f.read().decode("utf-8"))["files"]
+            files = json.loads(f.read(16 << 20).decode("utf-8"))["files"]
+        files = [(str(e["name"]), int(e["bytes"]), str(e["sha256"])) for e in files]
     except Exception:
         return ["manifest.json (unreadable)"]
     bad = []
-    for e in files:
-        p = os.path.join(HERE, *str(e["name"]).split("/"))
-        try:
-            with open(p, "rb") as f:
-                data = f.read()
-        except OSError:
-            bad.append(e["name"] + " (missing)")
+    real_here = os.path.realpath(HERE)
+    for name, size, sha in files:
+        path = _confined(name)
+        if path is None:
+            bad.append(name[:80] + " (outside the bundle)")
             continue
-        if len(data) != e.get("bytes") or hashlib.sha256(data).hexdigest() != e.get("sha256"):
-            bad.append(e["name"])
+        try:
+            st = os.lstat(path)
+        except OSError:
+            bad.append(name + " (missing)")
+            continue
+        if not stat.S_ISREG(st.st_mode) or os.path.realpath(path) != os.path.join(real_here, *name.split("/")):
+            bad.append(name + " (not a regular file)")
+            continue
+        if st.st_size != size or size > _MAX_SELF_CHECK_BYTES:
+            bad.append(name)
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            h.update(f.read(size + 1))
+        if h.hexdigest() != sha:
+            bad.append(name)
     return bad
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, HERE)
+    _isolate()
     try:
-        from edgec_ondevice.cli import main
+        main = _load_runner()
     except Exception as exc:  # a corrupt copy of the runner must still say what is wrong
         if "--debug" in sys.argv:
             raise

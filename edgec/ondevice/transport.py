@@ -1,7 +1,7 @@
 """Transport payload: what a device downloads, decoded here to the model file byte for byte.
 
 numpy + stdlib only (this package ships inside every bundle). The host-side encoder is
-``edgec.pipeline.transport_codec``; it decodes every payload it writes before keeping it.
+``edgec.pipeline.algorithms.transport_codec``; it decodes every payload it writes before keeping it.
 
 A pruned, weight-shared model file is mostly zeros and a few distinct values, but an int8 TFLite
 file quantizes each output channel with its own scale, so one shared value becomes a different
@@ -49,6 +49,9 @@ MAGIC = b"EDGT"
 VERSION = 1
 _HEAD = struct.Struct("<4sBIII")
 HEADER_FILTER = {"lc": 3, "lp": 0, "pb": 0, "dict_log": 16}
+MAX_OUTPUT = 1 << 32  # model files up to 4 GiB
+MAX_HEADER = 64 << 20
+MAX_SECTIONS = 1 << 16
 
 
 class TransportError(ValueError):
@@ -66,9 +69,20 @@ def lzma_filters(lc, lp, pb, dict_log):
 def decompress_section(data, raw_len, lc, lp, pb, dict_log):
     if not (0 <= lc <= 4 and 0 <= lp <= 4 and 0 <= pb <= 4 and 12 <= dict_log <= 30):
         raise TransportError("a section has invalid LZMA2 settings")
-    out = lzma.decompress(bytes(data), format=lzma.FORMAT_RAW, filters=lzma_filters(lc, lp, pb, dict_log))
+    if not isinstance(raw_len, int) or isinstance(raw_len, bool) or raw_len < 0:
+        raise TransportError("a section has an invalid length")
+    out = _bounded_decompress(data, lzma_filters(lc, lp, pb, dict_log), raw_len)
     if len(out) != raw_len:
         raise TransportError("a section decodes to %d bytes, expected %d" % (len(out), raw_len))
+    return out
+
+
+def _bounded_decompress(data, filters, max_len):
+    """Raw LZMA2 -> at most ``max_len`` + 1 bytes (a section never inflates past what its header says)."""
+    d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=filters)
+    out = d.decompress(bytes(data), max_length=max_len + 1)
+    if len(out) > max_len:
+        raise TransportError("a section decodes to more than %d bytes" % max_len)
     return out
 
 
@@ -113,11 +127,19 @@ def predict_scales(codebook, index, rows_of, rows, divisor, empty_bits):
     return scales.astype("<f4")
 
 
-def _sections(body, specs):
+def _sections(body, specs, max_raw):
+    if not isinstance(specs, list) or len(specs) > MAX_SECTIONS:
+        raise TransportError("payload header lists too many sections")
     sections, offset = [], 0
-    for zlen, raw_len, lc, lp, pb, dict_log in specs:
-        if offset + zlen > len(body):
+    for spec in specs:
+        if not isinstance(spec, list) or len(spec) != 6 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                    for v in spec):
+            raise TransportError("payload header has a malformed section")
+        zlen, raw_len, lc, lp, pb, dict_log = spec
+        if zlen < 0 or offset + zlen > len(body):
             raise TransportError("payload is truncated")
+        if raw_len > max_raw:
+            raise TransportError("a section claims %d bytes, more than a model file of this size can hold" % raw_len)
         sections.append(decompress_section(body[offset:offset + zlen], raw_len, lc, lp, pb, dict_log))
         offset += zlen
     if offset != len(body):
@@ -125,8 +147,12 @@ def _sections(body, specs):
     return sections
 
 
-def decode(payload):
-    """The model file ``payload`` encodes (bytes); TransportError if it is damaged."""
+def decode(payload, max_size=None):
+    """The model file ``payload`` encodes (bytes); TransportError if it is damaged.
+
+    ``max_size``: the largest model file accepted (verify passes the size the manifest records),
+    checked before anything is allocated for it; every section is decompressed bounded by what
+    the header declares, and the header declares nothing bigger than a few times ``max_size``."""
     payload = bytes(payload)
     if len(payload) < _HEAD.size or not is_transport(payload):
         raise TransportError("not an edgec transport payload (bad magic)")
@@ -135,12 +161,18 @@ def decode(payload):
         raise TransportError("transport payload version %d is not supported (this decoder reads %d)" % (version, VERSION))
     if zlib.crc32(payload[9:]) != payload_crc:
         raise TransportError("payload fails its crc32 check (damaged in transfer?)")
+    limit = MAX_OUTPUT if max_size is None else min(int(max_size), MAX_OUTPUT)
     try:
         h = HEADER_FILTER
-        raw_header = lzma.decompress(payload[_HEAD.size:_HEAD.size + header_len], format=lzma.FORMAT_RAW,
-                                     filters=lzma_filters(h["lc"], h["lp"], h["pb"], h["dict_log"]))
+        raw_header = _bounded_decompress(payload[_HEAD.size:_HEAD.size + header_len],
+                                         lzma_filters(h["lc"], h["lp"], h["pb"], h["dict_log"]), MAX_HEADER)
         header = json.loads(raw_header)
-        sections = _sections(payload[_HEAD.size + header_len:], header["s"])
+        if not isinstance(header, dict):
+            raise TransportError("payload header is not an object")
+        n = header.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= limit:
+            raise TransportError("payload decodes to %r bytes, more than the %d allowed" % (n, limit))
+        sections = _sections(payload[_HEAD.size + header_len:], header["s"], 8 * n + 65536)
         out = _assemble(header, sections)
     except TransportError:
         raise
@@ -181,7 +213,9 @@ def _assemble(header, sections):
 
 
 def _fill_tensor(out, t, sections):
-    n = int(t["n"])
+    n, o = int(t["n"]), int(t["o"])
+    if not (0 <= n <= len(out) and 0 <= o <= len(out) - n):
+        raise TransportError("a tensor lies outside the decoded file")
     positions = decode_runs(_section(sections, t["r"]))
     if len(positions) and (positions[-1] >= n or positions[0] < 0):
         raise TransportError("a stored position lies outside its tensor")
@@ -220,7 +254,7 @@ def _fill_tensor(out, t, sections):
             values[where] = np.frombuffer(fix[4 * count:], dtype=np.int8)
     else:
         raise TransportError("unknown tensor encoding %r" % t["m"])
-    out[t["o"]:t["o"] + n] = values.tobytes()
+    out[o:o + n] = values.tobytes()
 
 
 def decode_file(src, dst):

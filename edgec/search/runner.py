@@ -1,0 +1,372 @@
+"""Run a search: draw the points, run the trials embedded (in this process, one after another) or on
+Ray Tune, keep every finished trial in ``OUT/trials/<id>.json`` (a restarted search reuses them),
+then rank per target.
+
+Embedded and Ray run the same function per trial (:func:`edgec.search.trial.run_trial`) with the same
+torch thread count (``cpus_per_trial``), so the same points give the same models, bytes and
+accuracies; grid and random points are drawn before any trial runs, so both backends run the same
+trials. ``tpe`` asks Optuna for points: embedded through Optuna's ask/tell, on Ray through Tune's
+``OptunaSearch`` (same sampler and seed); with several trials at once on Ray it suggests from fewer
+finished trials than the serial run does, so its path may differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from edgec.errors import ConfigError, InputError
+
+from . import space as sp
+from .trial import SearchContext, TrialJob, prefix_lock_name, resolve, run_trial
+
+TRIALS_DIR = "trials"
+FINISHED = ("ok", "rejected", "failed")  # "error" (a crash, a bug) is retried by a restarted search
+PENALTY = 1e30  # what an unbuilt trial reports to a sampler for an objective it minimises
+
+
+@dataclass
+class SearchSetup:
+    search: sp.SearchConfig
+    base: dict[str, Any]  # the build config without [search]
+    targets: list[str]
+    out: Path
+    cache_dir: Path
+    config_file: Path | None = None
+
+
+@dataclass
+class SearchOutcome:
+    setup: SearchSetup
+    records: list[dict[str, Any]]  # one per trial of this search, by number
+    backend: str
+    seconds: float
+    ran: list[str] = field(default_factory=list)  # ids of the trials run now (the others were reused)
+    ray: dict[str, Any] | None = None
+
+    @property
+    def stage_steps(self) -> int:
+        return sum(r["stage_steps"] for r in self.records if r["id"] in self.ran)
+
+    @property
+    def stage_runs(self) -> int:
+        return sum(r["stage_runs"] for r in self.records if r["id"] in self.ran)
+
+
+def load_setup(path: Path, *, targets: list[str] | None = None, data: str | None = None, out: Path | None = None,
+               cache_dir: Path | None = None, strategy: str | None = None, trials: int | None = None,
+               cpus_per_trial: int | None = None) -> SearchSetup:
+    """Read a search config: the build config (edgec.toml keys) plus a ``[search]`` table."""
+    if not path.is_file():
+        raise ConfigError(f"search config {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return make_setup(raw, targets=targets, data=data, out=out, cache_dir=cache_dir, strategy=strategy, trials=trials,
+                      cpus_per_trial=cpus_per_trial, config_file=path)
+
+
+def make_setup(raw: dict[str, Any], *, targets: list[str] | None = None, data: str | None = None,
+               out: Path | None = None, cache_dir: Path | None = None, strategy: str | None = None,
+               trials: int | None = None, cpus_per_trial: int | None = None,
+               config_file: Path | None = None) -> SearchSetup:
+    from edgec.config import default_cache_dir
+    from edgec.targets.profile import load_target
+
+    raw = dict(raw)
+    search = sp.parse_search(raw.pop("search", None),
+                             {"strategy": strategy, "trials": trials, "cpus_per_trial": cpus_per_trial})
+    for key in ("out", "cache_dir"):
+        raw.pop(key, None)  # the search's own folders are given to it, never to each trial
+    if data is not None:
+        raw["data"] = {**(raw.get("data") or {}), "source": data}
+    targets = list(dict.fromkeys(targets or [raw.get("target", "rpi")]))
+    raw.pop("target", None)
+    for t in targets:
+        load_target(t)  # an unknown target is an error now, not in every trial
+    return SearchSetup(search=search, base=raw, targets=targets, out=(out or Path("edgec-search")).resolve(),
+                       cache_dir=(cache_dir or default_cache_dir()).resolve(), config_file=config_file)
+
+
+# -- the trial store ------------------------------------------------------------------------------
+
+class TrialStore:
+    """``OUT/trials/<id>.json``, one per finished trial, written atomically."""
+
+    def __init__(self, out: Path):
+        self.dir = out / TRIALS_DIR
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        found = {}
+        if self.dir.is_dir():
+            for path in sorted(self.dir.glob("*.json")):
+                try:
+                    record = json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue  # half-written by a killed search: that trial runs again
+                if isinstance(record, dict) and record.get("status") in FINISHED and record.get("id") == path.stem:
+                    found[record["id"]] = record
+        return found
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{record['id']}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.dir / f"{record['id']}.json")
+
+
+# -- the search -----------------------------------------------------------------------------------
+
+def run_search(setup: SearchSetup, *, use_ray: bool = False, ray_address: str | None = None,
+               ray_cpus: int | None = None, console: Console | None = None) -> SearchOutcome:
+    """Run every trial not already finished in ``setup.out``; returns all of them (reused too)."""
+    console = console or Console(quiet=True)
+    start = time.perf_counter()
+    spec = setup.search
+    setup.out.mkdir(parents=True, exist_ok=True)
+    ctx = SearchContext(base=setup.base, targets=tuple(setup.targets), out=setup.out, cache_dir=setup.cache_dir,
+                        threads=spec.cpus_per_trial, latency=spec.latency.model_dump(), coordinate=use_ray)
+    store = TrialStore(setup.out)
+    finished = store.load()
+    _preflight(setup)
+    backend = "ray" if use_ray else "embedded"
+    console.print(f"search  {spec.strategy}, objectives {', '.join(spec.objectives)}, targets {', '.join(setup.targets)}, "
+                  f"{backend}, {spec.cpus_per_trial} CPU(s) per trial")
+    report = _Progress(console, store)
+    ray_info = None
+    if spec.strategy in ("grid", "random"):
+        points = sp.grid_points(spec) if spec.strategy == "grid" else sp.random_points(spec)
+        jobs = _jobs(ctx, points)
+        pending = [j for j in jobs if j.id not in finished]
+        console.print(f"trials  {len(jobs)} ({len(jobs) - len(pending)} finished before, reused; {len(pending)} to run)")
+        report.total = len(pending)
+        if pending:
+            if use_ray:
+                backend_ = _ray_backend()
+                with backend_.ray_session(ray_address, ray_cpus, console) as ray_info:
+                    backend_.run_grid(ctx, spec, _with_shared_prefixes(ctx, pending), report)
+            else:
+                for job in pending:
+                    report(run_trial(ctx, job))
+        records_by_id = {**finished, **report.records}
+        records = [{**records_by_id[j.id], "number": j.number} for j in jobs if j.id in records_by_id]
+    else:
+        records = _tpe(ctx, spec, finished, report, use_ray, ray_address, ray_cpus, console)
+        ray_info = report.ray_info
+    missing = report.errors
+    if missing:
+        console.print(f"[yellow]{len(missing)} trial(s) crashed[/] (rerun the search to retry them): "
+                      + "; ".join(f"{r['id']}: {r['reason']}" for r in missing[:3]))
+    return SearchOutcome(setup, records, backend, time.perf_counter() - start, ran=list(report.records),
+                         ray=ray_info)
+
+
+def check_points(setup: SearchSetup, console: Console | None = None) -> list[dict[str, Any]]:
+    """A dry run: every grid / random point (tpe: random draws from its space) through the plan-time
+    check for every target, with no training. One row per point: its status per target ("ok" with
+    how many stages are cached, or "rejected" and why)."""
+    import torch
+
+    from edgec import api
+
+    spec = setup.search
+    _preflight(setup)
+    points = sp.grid_points(spec) if spec.strategy == "grid" else sp.random_points(spec)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(spec.cpus_per_trial)  # cached or not is a question about these cache keys
+    rows = []
+    try:
+        for number, point in enumerate(points):
+            row: dict[str, Any] = {"number": number, "point": point, "targets": {}}
+            try:
+                config = resolve(setup.base, point)
+            except ConfigError as e:
+                row["targets"] = {t: {"status": "rejected", "reason": str(e)} for t in setup.targets}
+                rows.append(row)
+                continue
+            for target in setup.targets:
+                try:
+                    plan = api.check(config, target=target, cache_dir=setup.cache_dir, console=console)
+                except (ConfigError, InputError) as e:
+                    row["targets"][target] = {"status": "rejected", "reason": str(e)}
+                    continue
+                row["targets"][target] = {"status": "ok", "stages": len(plan),
+                                          "cached": sum(r["cached"] for r in plan)}
+            rows.append(row)
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
+def _ray_backend():
+    try:
+        from . import ray_backend
+    except ImportError as e:
+        raise InputError(f"--ray needs Ray Tune ({e}): pip install 'ray[tune]'") from None
+    return ray_backend
+
+
+def _preflight(setup: SearchSetup) -> None:
+    """What would fail every trial the same way fails the search now: data that is not there, a
+    chain that does not end with export."""
+    from edgec import api
+
+    spec = setup.search
+    first = sp.grid_points(spec)[0] if spec.strategy == "grid" else sp.random_points(spec)[0]
+    try:
+        config = resolve(setup.base, first)
+    except ConfigError:
+        return  # that point is rejected at plan time like any other; the rest may be fine
+    if not config.stages or config.stages[-1].kind != "export":
+        raise ConfigError("a search compares bundles: its stages must end with export "
+                          f"(they are {', '.join(s.id for s in config.stages) or 'empty'})")
+    api.load_datasets(config, [s.instantiate() for s in config.stages])  # InputError: data missing
+
+
+def _jobs(ctx: SearchContext, points: list[dict[str, Any]]) -> list[TrialJob]:
+    jobs, seen = [], set()
+    for point in points:
+        tid = ctx.trial_id(point)
+        if tid in seen:
+            continue  # random over a small list space: a point drawn twice runs once
+        seen.add(tid)
+        jobs.append(TrialJob(number=len(jobs), point=point, id=tid))
+    return jobs
+
+
+def _with_shared_prefixes(ctx: SearchContext, jobs: list[TrialJob]) -> list[TrialJob]:
+    """For trials running at once: each stage prefix (train; train+prune; ...) that two pending trials
+    have in common, so the first to reach it builds it and the others wait for the cache."""
+    names: dict[str, list[tuple[int, str]]] = {}
+    counts: dict[str, int] = {}
+    for job in jobs:
+        try:
+            config = resolve(ctx.base, job.point)
+        except ConfigError:
+            continue
+        levels = [(k, prefix_lock_name(config, k, ctx.threads)) for k in range(1, len(config.stages))
+                  if not any(s.instantiate().target_dependent for s in config.stages[:k])]
+        names[job.id] = levels
+        for _, name in levels:
+            counts[name] = counts.get(name, 0) + 1
+    return [TrialJob(j.number, j.point, j.id, tuple((k, n) for k, n in names.get(j.id, []) if counts[n] > 1))
+            for j in jobs]
+
+
+class _Progress:
+    """Stores each record as it arrives and prints one line for it."""
+
+    def __init__(self, console: Console, store: TrialStore):
+        self.console, self.store = console, store
+        self.records: dict[str, dict[str, Any]] = {}
+        self.errors: list[dict[str, Any]] = []
+        self.total = 0
+        self.ray_info: dict[str, Any] | None = None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if record["status"] in FINISHED:
+            self.store.write(record)
+        else:
+            self.errors.append(record)
+        if record["id"] in self.records:
+            return
+        self.records[record["id"]] = record
+        point = ", ".join(f"{k}={_short(v)}" for k, v in record["point"].items())
+        parts = []
+        for target, res in record["targets"].items():
+            m = res.get("metrics") or {}
+            if res["status"] == "ok":
+                parts.append(f"{target}: val acc {m['accuracy']:.4f}, {m['transport_bytes']:,} B, p50 {m['p50_ms'] * 1e3:.1f} us")
+            else:
+                parts.append(f"{target}: {res['status']}")
+        if not record["targets"]:
+            parts.append(f"{record['status']}: {record['reason']}")
+        self.console.print(f"[{len(self.records)}/{self.total or '?'}] {point} -> {'; '.join(parts)} "
+                           f"[dim]({record['stage_runs']} stage run(s), {record['seconds']:.0f} s)[/]")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, separators=(",", ":")) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# -- objectives as a sampler sees them -------------------------------------------------------------
+
+def objective_values(record: dict[str, Any], target: str, objectives: list[str]) -> list[float]:
+    res = record["targets"].get(target) or {}
+    metrics = res.get("metrics") or {}
+    out = []
+    for name in objectives:
+        value = metrics.get(name) if res.get("status") == "ok" else None
+        if value is None:
+            value = 0.0 if sp.OBJECTIVES[name] == "max" else PENALTY
+        out.append(float(value))
+    return out
+
+
+# -- tpe -------------------------------------------------------------------------------------------
+
+def _tpe(ctx: SearchContext, spec: sp.SearchConfig, finished: dict[str, dict[str, Any]], report: _Progress,
+         use_ray: bool, ray_address: str | None, ray_cpus: int | None, console: Console) -> list[dict[str, Any]]:
+    """Embedded: Optuna ask / tell, one trial at a time. A restarted search replays the same seeded
+    sampler: each proposal it has already run is told its stored result instead of running again, so
+    the run continues exactly as an uninterrupted one would. On Ray: Tune's OptunaSearch on a study
+    that already holds the finished trials."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = sp.optuna_distributions(spec)
+    directions = ["maximize" if d == "max" else "minimize" for _, d in spec.primary]
+    primary = ctx.targets[0]
+    known = []  # finished trials of this very search (same base, targets, threads), in their order
+    for record in sorted(finished.values(), key=lambda r: (r.get("number", 0), r["id"])):
+        params = sp.params_from_point(spec, record["point"])
+        if params is not None and ctx.trial_id(record["point"]) == record["id"]:
+            known.append((record, params))
+    known = known[: spec.trials]
+    total = spec.trials or 0
+    console.print(f"trials  {total} ({len(known)} finished before, reused)")
+    ordered: list[dict[str, Any]] = []
+    if use_ray:
+        remaining = total - len(known)
+        report.total = remaining
+        storage = optuna.storages.InMemoryStorage()
+        # a fresh seed per restart: the same one would first propose the finished points again
+        sampler = optuna.samplers.TPESampler(seed=spec.seed + len(known))
+        study = optuna.create_study(storage=storage, study_name="edgec-search", directions=directions, sampler=sampler)
+        for record, params in known:
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
+                                                      values=objective_values(record, primary, spec.objectives)))
+        ordered = [record for record, _ in known]
+        if remaining > 0:
+            backend_ = _ray_backend()
+            with backend_.ray_session(ray_address, ray_cpus, console) as info:
+                report.ray_info = info
+                ordered += backend_.run_tpe(ctx, spec, storage, sampler, dists, remaining, len(known), finished, report)
+    else:
+        report.total = total - len(known)
+        study = optuna.create_study(directions=directions, sampler=optuna.samplers.TPESampler(seed=spec.seed))
+        for number in range(total):
+            trial = study.ask(dists)
+            point = sp.point_from_params(spec, trial.params)
+            job = TrialJob(number=number, point=point, id=ctx.trial_id(point))
+            record = finished.get(job.id) or report.records.get(job.id)
+            if record is None:
+                record = run_trial(ctx, job)
+                report(record)
+            study.tell(trial, objective_values(record, primary, spec.objectives))
+            ordered.append({**record, "number": number})
+    unique: dict[str, dict[str, Any]] = {}
+    for number, record in enumerate(ordered):
+        unique.setdefault(record["id"], {**record, "number": number})
+    return list(unique.values())
+
+

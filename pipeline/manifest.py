@@ -1,0 +1,116 @@
+"""The bundle manifest (``manifest.json``): the one module that writes it.
+
+The export stage creates it; the build amends it with the lineage (the manifest is not listed in
+its own file table, so amending it does not disturb the recorded hashes; a signature, when the
+bundle is signed, is made after the last amendment). Readers on the device are in
+``edgec/ondevice/manifest.py``; the field reference is in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import edgec
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+METRIC_TOLERANCE = 0.01  # verify: the eval set's AUC / R^2 within this of the manifest's (MSE: relative)
+VERSIONED_PACKAGES = ("edgec", "torch", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert", "numpy")
+
+
+def create_manifest(*, target, runtime_name: str, precision: str, model_file: str, extra_files: list[str], exported,
+                    data, metrics: dict[str, Any], size: dict[str, Any], tasks: dict[str, Any] | None = None) -> dict[str, Any]:
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "edgec_version": edgec.__version__,
+        "target": {"name": target.name, "profile": target.model_dump(mode="json")},
+        "runtime": {
+            "name": runtime_name,
+            "packages": target.requirements,
+            "min_version": _min_version(runtime_name),
+            "recommended": _recommended(target, runtime_name),
+        },
+        "precision": precision,
+        "model_file": model_file,
+        "extra_model_files": extra_files,
+        "inputs": exported.inputs,
+        "outputs": exported.outputs,
+        "preprocessing": {
+            "raw_dtype": str(data.x_test.dtype),
+            "raw_shape": list(data.input_shape),
+            "scale": data.scale,
+            "offset": data.offset,
+            "layout": "NCHW" if data.is_image else "NC",
+        },
+        "labels": list(data.labels),
+        "metrics": metrics,
+        "size": size,
+        "tolerance": {"atol": _atol(exported.outputs[0]), "accuracy": 0.01},
+        "conversion": exported.conversion,
+        "lineage": [],  # filled in by the build, which knows the whole chain
+        "versions": _versions(),
+    }
+    if data.task != "classification":  # regression / reconstruction: "task", "postprocessing", tolerance.metric
+        from .objectives import objective_for
+
+        manifest.update(objective_for(data).manifest_fields())
+        manifest["tolerance"]["metric"] = METRIC_TOLERANCE
+    if tasks is not None:
+        # multi-task bundle (learn stages): per task its output columns, labels, model file, eval
+        # file and metrics; PackNet's per-task model files in one extra transport payload
+        manifest["tasks"] = tasks["tasks"]
+        if tasks.get("transport"):
+            manifest["tasks_transport"] = tasks["transport"]
+    return manifest
+
+
+def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest with the file table of everything in ``bundle_dir``."""
+    from edgec.ondevice.integrity import describe_files  # the device's own hashing, so both agree
+
+    names = sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest["files"] = describe_files(str(bundle_dir), names)
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def write_lineage(manifest_path: Path, stages: list[dict[str, Any]], configs: list[dict[str, Any]]) -> None:
+    """Every stage that made the bundle: id, kind, config and cache key."""
+    manifest = json.loads(manifest_path.read_text())
+    by_id = {c["id"]: c for c in configs}
+    manifest["lineage"] = [
+        {"stage": s["id"], "kind": s["kind"], "config": by_id.get(s["id"]), "cache_key": s["key"]} for s in stages
+    ]
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _atol(output: dict[str, Any]) -> float:
+    """Test-vector tolerance: one quantization step for int8 outputs (runtimes and kernels may
+    round differently by one step), a small float tolerance otherwise."""
+    q = output.get("quantization")
+    if q:
+        return float(q["scale"]) * 1.01
+    return 1e-3 if output["dtype"] == "float16" else 1e-4
+
+
+def _recommended(target, runtime_name: str) -> dict[str, Any]:
+    if runtime_name == "tflite":
+        return {"threads": target.threads, "xnnpack": True}
+    return {"threads": target.threads, "provider": target.providers[0], "graph_optimization_level": "all"}
+
+
+def _min_version(runtime_name: str) -> str:
+    return "2.14.0" if runtime_name == "tflite" else "1.20.0"
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return found

@@ -1,0 +1,520 @@
+"""learn: teach the model one more task without losing the ones it knows (task-incremental).
+
+    [[tasks]]
+    name = "low"
+    data = "low"            # a named dataset: this task's samples and labels
+    [[tasks]]
+    name = "high"
+    data = "high"
+
+    [[stages]]
+    kind = "learn"
+    task = "low"
+    method = "finetune"
+    [[stages]]
+    kind = "learn"
+    task = "high"
+    method = "lwf"          # finetune | features | joint | lwf | ewc | packnet
+
+Each task gets its own output head: the first learn stage replaces the model's output layer by
+``ConcatHeads({task: head})`` (``edgec.modules``), later ones append a head, so one invoke computes
+every task and each task owns a range of output columns. The per-task state (columns, labels, data
+set, method; EWC Fishers and anchors; PackNet weight owners) lives in the checkpoint's
+``extensions`` (namespaces ``tasks``, ``ewc``, ``packnet``); the export stage reads it to evaluate
+and gate every task and to write the manifest's ``tasks`` section. Algorithms:
+``algorithms/continual.py``. After training, every task learned so far is evaluated on its test
+split (one row of the forgetting matrix: ``info.task_accuracy``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from edgec.checkpoint import Checkpoint
+from edgec.data import Dataset
+from edgec.errors import ConfigError
+
+from ..algorithms import continual as cl
+from ..artifact import CHECKPOINT_FILE, Artifact
+from ..modelinfo import model_info
+from ..stage import Probe, Stage, StageConfig, StageContext
+from ..training import OptimConfig, accuracy, fit, resolve_device, seed_everything
+
+MAIN = "main"
+METHODS = ("finetune", "features", "joint", "lwf", "ewc", "packnet")
+NEEDS_OLD_DATA = ("joint",)
+# keys that only one method reads: setting one with another method is an error, not a silent no-op
+METHOD_KEYS = {
+    "freeze": "finetune", "backbone_lr": "finetune",
+    "lambda_old": "lwf", "temperature": "lwf", "warmup_epochs": "lwf",
+    "ewc_lambda": "ewc", "ewc_mode": "ewc", "ewc_decay": "ewc", "fisher_samples": "ewc",
+    "prune": "packnet", "retrain_epochs": "packnet",
+    "old_samples": "joint",
+}
+TASKS_EXT, EWC_EXT, PACKNET_EXT = "tasks", "ewc", "packnet"
+EXT_VERSION = 1
+
+
+class LearnConfig(StageConfig, OptimConfig):
+    task: str | None = Field(None, description="the task this stage learns (a [[tasks]] name); required")
+    method: Literal["finetune", "features", "joint", "lwf", "ewc", "packnet"] = Field(
+        "finetune", description="finetune | features | joint | lwf | ewc | packnet (see the README)")
+    epochs: int = Field(10, ge=0, description="0 with head = \"keep\": adopt the output layer as this task's head untrained")
+    patience: int = Field(10, ge=1)
+    head: Literal["new", "keep"] = Field(
+        "new", description="first learn stage only: \"keep\" makes the model's current output layer this task's head "
+        "(its width must equal the task's classes; e.g. a model already trained for it), \"new\" replaces it")
+    # finetune
+    freeze: list[str] = Field(default_factory=list, description="finetune: module prefixes whose weights stay fixed")
+    backbone_lr: float = Field(1.0, gt=0, le=1, description="finetune: learning-rate scale of the shared backbone")
+    # lwf
+    lambda_old: float = Field(1.0, ge=0, description="lwf: weight of the old heads' distillation term")
+    temperature: float = Field(2.0, gt=0, description="lwf: softmax temperature T")
+    warmup_epochs: int = Field(0, ge=0, description="lwf: epochs training the new head alone first (Li & Hoiem's warm-up)")
+    # ewc
+    ewc_lambda: float = Field(100.0, ge=0, description="ewc: penalty strength lambda")
+    ewc_mode: Literal["separate", "online"] = Field("separate", description="ewc: a Fisher per task, or one running Fisher")
+    ewc_decay: float = Field(1.0, gt=0, le=1, description="ewc online: F <- decay * F + F_task")
+    fisher_samples: int = Field(1024, ge=1, description="ewc: training samples the Fisher is estimated on")
+    # packnet
+    prune: float = Field(0.5, ge=0, lt=1, description="packnet: fraction of this task's weights freed for later tasks")
+    retrain_epochs: int = Field(2, ge=0, description="packnet: epochs retraining the kept weights after pruning")
+    # joint
+    old_samples: int | None = Field(None, ge=1, description="joint: at most this many training samples per old task")
+
+    @model_validator(mode="after")
+    def _method_keys(self):
+        for key in sorted(self.model_fields_set & set(METHOD_KEYS)):
+            if METHOD_KEYS[key] != self.method:
+                raise ValueError(f"{key} applies to method = \"{METHOD_KEYS[key]}\", not \"{self.method}\"")
+        if self.head == "new" and self.epochs == 0:
+            raise ValueError("epochs = 0 only adopts an existing head (head = \"keep\"); a new head needs training")
+        return self
+
+
+# --- task state -------------------------------------------------------------------------------------
+
+
+def task_state(extensions) -> dict[str, Any]:
+    """The ``tasks`` extension (a fresh one when absent): ``{"version", "heads" (ConcatHeads path),
+    "order" [names], "tasks" {name: {head, columns [a, b], labels, data, method, stage}},
+    "history" [{"stage", "task", "accuracy" {name: acc}}]}``."""
+    state = extensions.get(TASKS_EXT)
+    if state is None:
+        return {"version": EXT_VERSION, "heads": None, "order": [], "tasks": {}, "history": []}
+    if state.get("version") != EXT_VERSION:
+        raise ConfigError(f"the model's task state has version {state.get('version')}; this edgec reads {EXT_VERSION}")
+    return copy.deepcopy(state)
+
+
+class _Digests:
+    """Data set digests are content hashes of every split: compute each once."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple[Dataset, str]] = {}
+
+    def __call__(self, data: Dataset) -> str:
+        hit = self._seen.get(id(data))
+        if hit is None or hit[0] is not data:
+            hit = (data, data.digest)
+            self._seen[id(data)] = hit
+        return hit[1]
+
+
+_digest = _Digests()
+
+
+def _resolve(datasets, tasks, fallback: Dataset, name: str, cfg_data: str | None) -> tuple[str, Dataset]:
+    """(data set name, data set) of task ``name``: its [[tasks]] data, else the stage's ``data``."""
+    declared = tasks.get(name) if tasks else None
+    if declared is not None:
+        if cfg_data is not None and cfg_data != declared:
+            raise ConfigError(f"task {name!r} reads data {declared!r} ([[tasks]]) but the stage says data = {cfg_data!r}; "
+                              "drop the stage's data key")
+        data_name = declared
+    elif tasks:
+        raise ConfigError(f"task {name!r} is not declared; add [[tasks]] name = {name!r}, data = \"...\" "
+                          f"(declared: {', '.join(tasks)})")
+    else:
+        data_name = cfg_data or MAIN
+    if data_name in (datasets or {}):
+        return data_name, datasets[data_name]
+    return data_name, fallback
+
+
+def _old_data(datasets, state, name: str) -> Dataset | None:
+    entry = state["tasks"].get(name)
+    return (datasets or {}).get(entry["data"]) if entry else None
+
+
+class LearnStage(Stage):
+    kind = "learn"
+    version = 1
+    Config = LearnConfig
+
+    # --- plan time ---------------------------------------------------------------------------------
+
+    def check(self, probe: Probe) -> Probe:
+        cfg = self.config
+        if not cfg.task:
+            raise ConfigError("a learn stage needs task = \"NAME\" (one of the [[tasks]])")
+        resolve_device(cfg.device)
+        data_name, data = _resolve(probe.datasets, probe.tasks, probe.data, cfg.task, cfg.data)
+        state = task_state(probe.extensions)
+        self._check_plan(state, probe.extensions, probe.datasets, data, data_name)
+        model = copy.deepcopy(probe.model)
+        state = self._place_head(model, state, data, data_name, probe.sample(), seed=0)
+        extensions = dict(probe.extensions)
+        extensions[TASKS_EXT] = state
+        if cfg.method == "packnet":
+            marker = dict(extensions.get(PACKNET_EXT) or {"tasks": []})
+            marker["tasks"] = list(marker.get("tasks", [])) + [cfg.task]
+            extensions[PACKNET_EXT] = marker
+        if cfg.method == "ewc":
+            extensions[EWC_EXT] = {"mode": cfg.ewc_mode, "planned": True}
+        arch = Checkpoint(probe.arch, model.state_dict()).with_model(model, probe.trust).arch
+        return probe.evolve(model=model, arch=arch, extensions=extensions)
+
+    def _check_plan(self, state, extensions, datasets, data: Dataset, data_name: str) -> None:
+        cfg, tasks = self.config, state["tasks"]
+        if cfg.task in tasks:
+            have = tasks[cfg.task]["columns"][1] - tasks[cfg.task]["columns"][0]
+            if have != data.num_classes:
+                raise ConfigError(f"task {cfg.task!r} has a head of {have} classes but its data {data.name} has "
+                                  f"{data.num_classes}")
+            if cfg.head == "keep":
+                raise ConfigError(f"head = \"keep\" adopts the output layer for a new task; task {cfg.task!r} already has a head")
+        elif cfg.head == "keep" and tasks:
+            raise ConfigError("head = \"keep\" applies to the first learn stage only (the model already has task heads)")
+        packnet_tasks = list((extensions.get(PACKNET_EXT) or {}).get("tasks", []))
+        if cfg.method == "packnet":
+            others = [t for t in state["order"] if t not in packnet_tasks]
+            if others:
+                raise ConfigError(f"packnet divides the weights between the tasks it learns; task {others[0]!r} was "
+                                  f"learned with {tasks[others[0]]['method']}, so its weights are not protected. Learn "
+                                  "every task with packnet")
+            if cfg.task in packnet_tasks:
+                raise ConfigError(f"task {cfg.task!r} already owns packnet weights; packnet learns each task once")
+        elif packnet_tasks:
+            raise ConfigError(f"tasks {', '.join(packnet_tasks)} were learned with packnet; method {cfg.method!r} would "
+                              "overwrite their frozen weights. Use method = \"packnet\" for later tasks too")
+        ewc = extensions.get(EWC_EXT)
+        if cfg.method == "ewc" and ewc and ewc.get("mode") != cfg.ewc_mode:
+            raise ConfigError(f"earlier ewc stages used ewc_mode = {ewc.get('mode')!r}; keep one mode per model")
+        need = []
+        if cfg.method in NEEDS_OLD_DATA:
+            need = [t for t in state["order"] if t != cfg.task]
+        elif cfg.method == "ewc":  # tasks learned by other methods have no Fisher yet: it is estimated on their data
+            need = [t for t in state["order"] if t != cfg.task and tasks[t]["method"] != "ewc"]
+        for name in need:
+            old = _old_data(datasets, state, name)
+            if old is None:
+                why = ("joint trains on every task's data" if cfg.method == "joint" else
+                       "ewc needs its Fisher, estimated on its data")
+                raise ConfigError(f"method {cfg.method!r} needs the data of task {name!r} ({why}); declare it in [[tasks]] "
+                                  "or choose lwf / ewc / packnet, which learn without old data")
+            if old.input_shape != data.input_shape:
+                raise ConfigError(f"task {name!r} has inputs {list(old.input_shape)}, task {cfg.task!r} "
+                                  f"{list(data.input_shape)}; one model needs one input shape")
+
+    def _place_head(self, model: nn.Module, state: dict, data: Dataset, data_name: str, example: torch.Tensor,
+                    seed: int) -> dict:
+        """Add (or find) the task's head on ``model`` in place; returns the updated state."""
+        cfg = self.config
+        if cfg.freeze:
+            names = {n for n, _ in model.named_modules()}
+            bad = [p for p in cfg.freeze if p not in names]
+            if bad:
+                raise ConfigError(f"freeze: the model has no module {bad[0]!r}; modules: "
+                                  f"{', '.join(n for n in names if n and '.' not in n)}")
+        if cfg.task not in state["tasks"]:
+            if cfg.head == "keep":
+                path = cl.find_output_layer(model, example)
+                layer = cl.get_module(model, path)
+                if layer.out_features != data.num_classes:
+                    raise ConfigError(f"head = \"keep\": the output layer {path!r} has {layer.out_features} outputs but "
+                                      f"task {cfg.task!r} has {data.num_classes} classes")
+                cl.set_module(model, path, cl.ConcatHeads({cl.head_key(cfg.task): layer}))
+            else:
+                taken = {cl.head_key(t) for t in state["tasks"]}
+                if cl.head_key(cfg.task) in taken:
+                    raise ConfigError(f"task names {cfg.task!r} and another differ only in '-' / '_'; rename one")
+                path = cl.add_task_head(model, example, cfg.task, data.num_classes, seed)
+            state["heads"] = path
+            state["order"].append(cfg.task)
+            state["tasks"][cfg.task] = {"head": cl.head_key(cfg.task), "columns": None, "labels": list(data.labels),
+                                        "data": data_name, "method": cfg.method, "stage": self.id}
+        else:
+            state["tasks"][cfg.task].update(method=cfg.method, stage=self.id)
+        heads = state["heads"]
+        if cl.find_heads(model) != heads:
+            raise ConfigError(f"the model's task heads are expected at {heads!r}, but the model has none there")
+        cols = cl.head_columns(model, heads)
+        for name in state["order"]:
+            state["tasks"][name]["columns"] = list(cols[state["tasks"][name]["head"]])
+        return state
+
+    def key_material(self, ctx: StageContext) -> dict[str, Any]:
+        # the task's own data and every other task's (joint trains on them, EWC may estimate their
+        # Fisher, every stage evaluates them): all of them decide this stage's output
+        tasks = {name: _digest(ctx.datasets[d]) for name, d in sorted((ctx.tasks or {}).items()) if d in ctx.datasets}
+        _, data = _resolve(ctx.datasets, ctx.tasks, ctx.data, self.config.task, self.config.data)
+        return {**super().key_material(ctx), "data": _digest(data), "tasks": tasks,
+                "device": resolve_device(self.config.device)}
+
+    # --- run ---------------------------------------------------------------------------------------
+
+    def run(self, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+        cfg = self.config
+        data_name, data = _resolve(ctx.datasets, ctx.tasks, ctx.data, cfg.task, cfg.data)
+        ckpt = source.checkpoint()
+        model = ckpt.build(ctx.trust)
+        state = task_state(ckpt.extensions)
+        self._check_plan(state, ckpt.extensions, ctx.datasets, data, data_name)
+        example = torch.from_numpy(data.to_input(data.x_train[:2]))
+        state = self._place_head(model, state, data, data_name, example, seed=ctx.seed + 7919 * (len(state["order"]) + 1))
+        extensions = {k: v for k, v in ckpt.extensions.items()}
+        heads_path = state["heads"]
+        cols = tuple(state["tasks"][cfg.task]["columns"])
+        old_cols = {t: tuple(state["tasks"][t]["columns"]) for t in state["order"] if t != cfg.task}
+        head = cl.get_module(model, heads_path)[cl.head_key(cfg.task)]
+        backbone = [(n, p) for n, p in model.named_parameters() if not cl.under_any(n, [heads_path])]
+        new_head = list(head.parameters())
+        seed_everything(ctx.seed)
+        extra: dict[str, Any] = {}
+
+        if cfg.method == "features":  # the backbone (BatchNorm statistics included) stays as it is
+            result = self._fit(cl.TaskView(model, cols, cl.norm_modules(model)), data, ctx, new_head)
+        elif cfg.method == "finetune":
+            trainable = [p for n, p in backbone if not cl.under_any(n, cfg.freeze)]
+            scale = cl.UpdateScale(trainable, cfg.backbone_lr)
+            view = cl.TaskView(model, cols, cl.norm_modules(model, cfg.freeze) if cfg.freeze else ())
+
+            def loss_fn(logits, x, y):
+                scale.before()
+                return F.cross_entropy(logits, y)
+
+            result = self._fit(view, data, ctx, trainable + new_head, loss_fn=loss_fn, after_step=scale.after)
+        elif cfg.method == "lwf":
+            result = self._lwf(model, data, ctx, cols, old_cols, backbone, new_head, heads_path, state)
+        elif cfg.method == "ewc":
+            result = self._ewc(model, data, ctx, cols, backbone, new_head, state, extensions)
+        elif cfg.method == "joint":
+            result = self._joint(model, data, ctx, state, extensions, backbone, heads_path)
+        else:
+            result, extra = self._packnet(model, data, ctx, cols, backbone, new_head, heads_path, state, extensions)
+        if cfg.method == "ewc":
+            self._store_fisher(model, data, ctx, cols, backbone, extensions)
+
+        row = evaluate_tasks(model, state, extensions, ctx.datasets, {cfg.task: data})
+        state["history"].append({"stage": self.id, "task": cfg.task, "accuracy": row})
+        extensions[TASKS_EXT] = state
+        out = ckpt.with_model(model, ctx.trust)
+        out.extensions = extensions
+        out.save(out_dir / CHECKPOINT_FILE)
+        info = model_info(cl.TaskView(model, cols), data)
+        info.update({"task": cfg.task, "method": cfg.method, "task_accuracy": row, "tasks": list(state["order"]),
+                     "columns": {t: state["tasks"][t]["columns"] for t in state["order"]}, **extra})
+        if cfg.method == "packnet":
+            info["accuracy"] = row.get(cfg.task, info["accuracy"])  # task k's own (masked) model
+        info.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch)
+        return info
+
+    def _fit(self, view: nn.Module, data: Dataset, ctx: StageContext, params, *, epochs: int | None = None,
+             label: str | None = None, **hooks):
+        cfg = self.config if epochs is None else self.config.model_copy(update={"epochs": epochs, "patience": max(epochs, 1)})
+        return fit(view, data, cfg, ctx.seed, ctx.console, label=label or self.id, parameters=params, **hooks)
+
+    def _lwf(self, model, data, ctx, cols, old_cols, backbone, new_head, heads_path, state):
+        cfg = self.config
+        if cfg.warmup_epochs:
+            view = cl.TaskView(model, cols, cl.norm_modules(model))
+            self._fit(view, data, ctx, new_head, epochs=cfg.warmup_epochs, label=f"{self.id} warm-up (new head)")
+        # Li & Hoiem record the old heads' responses to the new task's data before training it; a
+        # frozen copy in eval mode gives exactly those responses for every batch (and follows
+        # augmented inputs, which a table recorded once could not).
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        view = cl.TaskView(model, cols)
+        heads = cl.get_module(model, heads_path)
+        old_heads = [p for t in old_cols for p in heads[state["tasks"][t]["head"]].parameters()]
+
+        def loss_fn(logits, x, y):
+            loss = F.cross_entropy(logits, y)
+            if old_cols and cfg.lambda_old > 0:
+                with torch.no_grad():
+                    recorded = teacher(x)
+                loss = loss + cfg.lambda_old * cl.lwf_loss(view.last, recorded, old_cols, cfg.temperature)
+            return loss
+
+        teacher.to(resolve_device(cfg.device))
+        return self._fit(view, data, ctx, [p for _, p in backbone] + old_heads + new_head, loss_fn=loss_fn)
+
+    def _ewc(self, model, data, ctx, cols, backbone, new_head, state, extensions):
+        cfg = self.config
+        ewc = extensions.get(EWC_EXT) or {"mode": cfg.ewc_mode, "tasks": {}, "online": None}
+        # old tasks learned by other methods have no Fisher yet: estimate it now, on their data
+        for name in state["order"]:
+            if name == cfg.task or name in ewc["tasks"]:
+                continue
+            old = _old_data(ctx.datasets, state, name)
+            fisher = self._fisher(model, old, ctx, tuple(state["tasks"][name]["columns"]), backbone)
+            anchor = {n: p.detach().clone() for n, p in backbone}
+            self._merge_fisher(ewc, name, fisher, anchor)
+        extensions[EWC_EXT] = ewc
+        if ewc.get("online") is not None:  # one running Fisher, anchored at the last task's weights
+            pairs = [(ewc["online"]["fisher"], ewc["online"]["anchor"])]
+        else:
+            pairs = [(e["fisher"], e["anchor"]) for t, e in ewc["tasks"].items() if t != cfg.task]
+        device = resolve_device(cfg.device)
+        pairs = [({n: f.to(device) for n, f in fi.items()}, {n: a.to(device) for n, a in an.items()}) for fi, an in pairs]
+        named = dict(backbone)
+
+        def loss_fn(logits, x, y):
+            loss = F.cross_entropy(logits, y)
+            if pairs and cfg.ewc_lambda > 0:
+                loss = loss + cl.ewc_penalty(named, pairs, cfg.ewc_lambda)
+            return loss
+
+        return self._fit(cl.TaskView(model, cols), data, ctx, list(named.values()) + new_head, loss_fn=loss_fn)
+
+    def _fisher(self, model, data: Dataset, ctx, cols, backbone) -> dict[str, torch.Tensor]:
+        gen = np.random.default_rng(ctx.seed)
+        n = min(self.config.fisher_samples, len(data.y_train))
+        idx = np.sort(gen.choice(len(data.y_train), n, replace=False))
+        x = torch.from_numpy(data.to_input(data.x_train[idx]))
+        return cl.diagonal_fisher(model, x, cols, [name for name, _ in backbone])
+
+    def _merge_fisher(self, ewc, name, fisher, anchor) -> None:
+        if self.config.ewc_mode == "separate":
+            ewc["tasks"][name] = {"fisher": fisher, "anchor": anchor}
+            return
+        online = ewc.get("online")
+        if online is not None:
+            fisher = {n: self.config.ewc_decay * online["fisher"][n] + f for n, f in fisher.items()}
+        ewc["online"] = {"fisher": fisher, "anchor": anchor}
+        ewc["tasks"][name] = {}  # recorded as consolidated (its Fisher is in the running sum)
+
+    def _store_fisher(self, model, data, ctx, cols, backbone, extensions) -> None:
+        ewc = extensions.get(EWC_EXT) or {"mode": self.config.ewc_mode, "tasks": {}, "online": None}
+        fisher = self._fisher(model, data, ctx, cols, backbone)
+        self._merge_fisher(ewc, self.config.task, fisher, {n: p.detach().clone() for n, p in backbone})
+        extensions[EWC_EXT] = ewc
+
+    def _joint(self, model, data, ctx, state, extensions, backbone, heads_path):
+        """Every task's data at once (the upper bound): each sample's loss is the cross-entropy over
+        its own task's columns."""
+        cfg = self.config
+        parts = []
+        for name in state["order"]:
+            d = data if name == cfg.task else _old_data(ctx.datasets, state, name)
+            cap = None if name == cfg.task else cfg.old_samples
+            parts.append((name, d, state["tasks"][name]["columns"][0], cap))
+        joint = concat_tasks(parts, seed=ctx.seed)
+        width = state["tasks"][state["order"][-1]]["columns"][1]
+        task_of_col = torch.zeros(width, dtype=torch.long)
+        for i, name in enumerate(state["order"]):
+            a, b = state["tasks"][name]["columns"]
+            task_of_col[a:b] = i
+
+        def loss_fn(logits, x, y):
+            own = task_of_col.to(y.device)[y]
+            mask = task_of_col.to(y.device)[None, :] == own[:, None]
+            return F.cross_entropy(logits.masked_fill(~mask, float("-inf")), y)
+
+        heads = cl.get_module(model, heads_path)
+        params = [p for _, p in backbone] + [p for t in state["order"] for p in heads[state["tasks"][t]["head"]].parameters()]
+        return fit(model, joint, cfg, ctx.seed, ctx.console, label=self.id, loss_fn=loss_fn, parameters=params)
+
+    def _packnet(self, model, data, ctx, cols, backbone, new_head, heads_path, state, extensions):
+        cfg = self.config
+        prunable = cl.prunable_weights(model, heads_path)
+        params = dict(model.named_parameters())
+        pk = extensions.get(PACKNET_EXT)
+        if pk is None:
+            pk = {"owner": {n: torch.zeros(params[n].shape, dtype=torch.uint8) for n in prunable}, "tasks": []}
+        pk = {"owner": dict(pk["owner"]), "tasks": list(pk["tasks"])}
+        task_id = len(pk["tasks"]) + 1
+        if task_id > 255:
+            raise ConfigError("packnet keeps at most 255 tasks in one model")
+        owner = pk["owner"]
+        free = {n: owner[n] == 0 for n in prunable}
+        if task_id > 1 and sum(int(f.sum()) for f in free.values()) == 0:
+            raise ConfigError(f"packnet: no free weights left for task {cfg.task!r}; the previous task kept all of its "
+                              "weights (prune = 0)")
+        first = task_id == 1
+        shared = cl.shared_frozen_after_first(model, heads_path, prunable)
+        trainable_shared = [params[n] for n in shared] if first else []
+        frozen_norms = [] if first else cl.norm_modules(model)
+        view = cl.TaskView(model, cols, frozen_norms)
+        weights = {n: params[n] for n in prunable}
+        enforce = cl.PackNetEnforcer(weights, free)
+        result = self._fit(view, data, ctx, list(weights.values()) + trainable_shared + new_head, after_step=enforce)
+        with torch.no_grad():
+            new_owner = cl.packnet_prune({n: params[n].data for n in prunable}, owner, task_id, cfg.prune)
+        if cfg.prune > 0 and cfg.retrain_epochs > 0:
+            kept = {n: new_owner[n] == task_id for n in prunable}
+            enforce = cl.PackNetEnforcer(weights, kept)
+            self._fit(view, data, ctx, list(weights.values()) + trainable_shared + new_head, epochs=cfg.retrain_epochs,
+                      label=f"{self.id} retrain after pruning", after_step=enforce)
+        pk = {"owner": new_owner, "tasks": pk["tasks"] + [cfg.task]}
+        extensions[PACKNET_EXT] = pk
+        shares = cl.owner_fractions(new_owner, task_id)
+        return result, {"packnet": {"task_id": task_id, "owned": dict(zip(pk["tasks"], shares[:-1])), "free": shares[-1]}}
+
+
+# --- evaluation -----------------------------------------------------------------------------------------
+
+
+def task_model(model: nn.Module, extensions, task: str) -> nn.Module:
+    """The model task ``task`` runs: the model itself, or for PackNet a copy with the weights of
+    later tasks removed."""
+    pk = extensions.get(PACKNET_EXT)
+    if not pk or task not in pk.get("tasks", []) or "owner" not in pk:
+        return model
+    return cl.apply_task_mask(copy.deepcopy(model), pk["owner"], pk["tasks"].index(task) + 1)
+
+
+def evaluate_tasks(model: nn.Module, state, extensions, datasets, known: dict[str, Dataset] | None = None) -> dict[str, float]:
+    """Test accuracy of every task whose data is at hand, on its own columns (one forgetting-matrix row)."""
+    row = {}
+    for name in state["order"]:
+        d = (known or {}).get(name) or (datasets or {}).get(state["tasks"][name]["data"])
+        if d is None:
+            continue
+        m = task_model(model, extensions, name)
+        row[name] = accuracy(cl.TaskView(m, tuple(state["tasks"][name]["columns"])), d.x_test, d.y_test, d)
+    return row
+
+
+def concat_tasks(parts, seed: int) -> Dataset:
+    """One data set of several tasks' samples; labels become output columns (label + the task's
+    first column). ``parts``: (name, data, first column, max training samples or None)."""
+    first = parts[0][1]
+    for name, d, _, _ in parts:
+        if (d.scale, d.offset, d.x_train.dtype) != (first.scale, first.offset, first.x_train.dtype):
+            raise ConfigError(f"joint: task {name!r} preprocesses its data differently from task {parts[0][0]!r}")
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split in ("train", "val", "test"):
+        xs, ys = [], []
+        for _, d, start, cap in parts:
+            x, y = getattr(d, f"x_{split}"), getattr(d, f"y_{split}")
+            if split == "train" and cap is not None and cap < len(y):
+                keep = np.sort(rng.choice(len(y), cap, replace=False))
+                x, y = x[keep], y[keep]
+            xs.append(x)
+            ys.append(y + start)
+        splits[f"x_{split}"], splits[f"y_{split}"] = np.concatenate(xs), np.concatenate(ys)
+    labels = tuple(f"{name}:{label}" for name, d, _, _ in parts for label in d.labels)
+    return dataclasses.replace(first, name="joint[" + ",".join(p[0] for p in parts) + "]", labels=labels, **splits)

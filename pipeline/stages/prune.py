@@ -1,0 +1,220 @@
+"""prune: magnitude pruning (Han et al.), one shot or iterative (prune, retrain, prune harder).
+
+Masks are stored in the checkpoint and enforced by every later stage, so a pruned weight stays
+exactly zero through retraining, weight sharing and export.
+
+``mode = "channels"`` removes whole channels instead (structured pruning with Torch-Pruning,
+``algorithms/channels.py``): the layers get new, smaller shapes, recorded in the architecture
+record, so every later stage and the exported graph are genuinely smaller and faster. Masks from
+earlier unstructured pruning are sliced with their weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from edgec import architecture
+from edgec.data import Dataset
+from edgec.errors import ConfigError
+
+from ..artifact import CHECKPOINT_FILE, Artifact
+from ..compression_info import compressed_model_info
+from ..algorithms.channels import (
+    ChannelPruner, ChannelSpec, accumulate_gradients, channel_report, channel_widths, model_cost,
+)
+from ..algorithms.pruning import (
+    GlobalSparsity, LayerSparsity, MaskEnforcer, ThresholdPruning, apply_masks, compute_masks, per_layer,
+    sparsity_schedule,
+)
+from ..stage import Probe, Stage, StageConfig, StageContext
+from ..training import OptimConfig, fit, resolve_device
+
+# Checkpoint state kept per weight by the learn stage: channel pruning would leave it the old shapes.
+_PER_WEIGHT_EXTENSIONS = ("ewc", "packnet")
+
+
+class PruneConfig(StageConfig):
+    mode: Literal["threshold", "layer", "global", "channels"] = Field(
+        "layer", description="threshold: |w| >= quality*std per layer (Han); layer: target sparsity per layer name/type; global: one "
+        "threshold; channels: remove whole channels (structured: smaller and faster, not only sparser)"
+    )
+    quality: float | dict[str, float] = Field(1.0, description="threshold mode: quality for all layers or per layer name/type")
+    sparsity: float | dict[str, float] = Field(
+        default_factory=lambda: {"conv": 0.5, "linear": 0.8}, description="layer/global modes: target fraction of zeros (all layers, or per name/type)")
+    steps: int = Field(3, ge=1, description="pruning rounds; between rounds the model is retrained with masks fixed")
+    schedule: Literal["cubic", "linear"] = "cubic"
+    retrain: OptimConfig = Field(OptimConfig(epochs=3, patience=3), description="training between rounds")
+    # channels mode (Torch-Pruning)
+    ratio: float | dict[str, float] = Field(
+        0.5, description="channels mode: fraction of output channels removed from every layer, or per layer name/type "
+        "(layers named by neither keep theirs); with scope = \"global\" the fraction of all channels")
+    importance: Literal["l2", "l1", "taylor", "bn", "lamp", "fpgm"] = Field(
+        "l2", description="channels mode: which channels go first: l2/l1 norm of the channel's weights, taylor "
+        "(|w x dloss/dw|), bn (BatchNorm scale), lamp, fpgm")
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="channels mode: layer: every layer loses `ratio` of its channels; global: one importance "
+        "ranking over all layers (each loses at most max_ratio)")
+    max_ratio: float = Field(0.9, gt=0, lt=1, description="channels mode, global scope: most any layer loses")
+    round_to: int | None = Field(
+        None, ge=1, description="channels mode: kept channel counts are multiples of this (8 or 16 suit int8 SIMD "
+        "kernels); a layer narrower than it keeps its channels")
+    taylor_samples: int = Field(256, ge=1, description="channels mode, taylor importance: training samples whose loss "
+                                "gradients rank the channels")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_range(cls, value):
+        for s in value.values() if isinstance(value, dict) else [value]:
+            if not 0 <= s < 1:
+                raise ValueError(f"sparsity must be in [0, 1), got {s}")
+        return value
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, value):
+        for r in value.values() if isinstance(value, dict) else [value]:
+            if not 0 <= r < 1:
+                raise ValueError(f"ratio must be in [0, 1), got {r}")
+        return value
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_range(cls, value):
+        for q in value.values() if isinstance(value, dict) else [value]:
+            if not q >= 0:
+                raise ValueError(f"quality must be >= 0, got {q}")
+        return value
+
+
+class PruneStage(Stage):
+    kind = "prune"
+    version = 1
+    Config = PruneConfig
+
+    def check(self, probe: Probe) -> Probe:
+        """Every rule the stage will use, resolved against the real model's layers. Channels mode
+        prunes a copy of the real model now (no training), so what it returns has the new shapes."""
+        resolve_device(self.config.retrain.device)
+        if self.config.mode == "channels":
+            return self._check_channels(probe)
+        spec = self._spec(1.0)
+        if isinstance(spec, ThresholdPruning):
+            per_layer(probe.model, spec.quality, "prune.quality")
+        elif isinstance(spec, LayerSparsity):
+            per_layer(probe.model, dict(spec.sparsity), "prune.sparsity")
+        return probe
+
+    def key_material(self, ctx: StageContext) -> dict[str, Any]:
+        return {**super().key_material(ctx), "device": resolve_device(self.config.retrain.device)}
+
+    def _spec(self, fraction: float):
+        """The pruning rule for one round; ``fraction`` of the way (0..1] through the schedule."""
+        cfg = self.config
+        if cfg.mode == "threshold":
+            return ThresholdPruning(cfg.quality)
+        if cfg.mode == "global":
+            if isinstance(cfg.sparsity, dict):
+                raise ConfigError("prune.sparsity: global mode takes one number, not a per-layer table")
+            return GlobalSparsity(_at(cfg.sparsity, fraction, cfg))
+        targets = cfg.sparsity if isinstance(cfg.sparsity, dict) else {"conv": cfg.sparsity, "linear": cfg.sparsity}
+        return LayerSparsity({k: _at(v, fraction, cfg) for k, v in targets.items()})
+
+    def run(self, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+        if self.config.mode == "channels":
+            return self._run_channels(source, ctx, out_dir)
+        ckpt = source.checkpoint()
+        model = ckpt.build(ctx.trust)
+        masks = dict(ckpt.masks)
+        cfg = self.config
+        for step in range(cfg.steps):
+            masks = compute_masks(model, self._spec((step + 1) / cfg.steps), existing_masks=masks)
+            with MaskEnforcer(model, masks) as enforcer:
+                if step < cfg.steps - 1:
+                    fit(model, ctx.data, cfg.retrain, ctx.seed + step, ctx.console,
+                        label=f"{self.id} {step + 1}/{cfg.steps}", after_step=enforcer.reapply)
+        ckpt.state_dict, ckpt.masks = model.state_dict(), masks
+        ckpt.save(out_dir / CHECKPOINT_FILE)
+        return compressed_model_info(model, ckpt, ctx.data)
+
+    # --- channels mode -----------------------------------------------------------------------
+
+    def _channel_spec(self) -> ChannelSpec:
+        cfg = self.config
+        if cfg.scope == "global" and isinstance(cfg.ratio, dict):
+            raise ConfigError("prune.ratio: scope = \"global\" takes one number, not a per-layer table")
+        return ChannelSpec(cfg.ratio, importance=cfg.importance, global_ranking=cfg.scope == "global",
+                           round_to=cfg.round_to, max_ratio=cfg.max_ratio)
+
+    def _check_channels(self, probe: Probe) -> Probe:
+        held = [ns for ns in _PER_WEIGHT_EXTENSIONS if probe.extensions.get(ns)]
+        if held:
+            raise ConfigError(f"prune.mode = \"channels\" cannot follow a learn stage that keeps per-weight state "
+                              f"({', '.join(held)}): that state would keep the old shapes; prune channels before learning")
+        model = copy.deepcopy(probe.model)
+        _, groups, _ = self._prune_channels(model, probe.data, seed=0, masks={}, taylor_samples=16)
+        ratios = self.config.ratio.values() if isinstance(self.config.ratio, dict) else [self.config.ratio]
+        if groups == 0 and any(r > 0 for r in ratios):
+            raise ConfigError(
+                f"prune: channel pruning would remove no channel of {type(probe.model).__name__} (ratio "
+                f"{self.config.ratio}{f', round_to {self.config.round_to}' if self.config.round_to else ''}): every layer it "
+                "names is narrower than round_to or keeps all its channels at that ratio; raise the ratio or lower round_to")
+        base = architecture.build(architecture.record(probe.arch["base"]), probe.trust, "prune")
+        arch = architecture.record(probe.arch["base"], architecture.diff_edits(base, model))
+        return probe.evolve(model=model, arch=arch)
+
+    def _run_channels(self, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+        ckpt = source.checkpoint()
+        model = ckpt.build(ctx.trust)
+        apply_masks(model, ckpt.masks)  # pruned weights are exactly zero, so importance sees them as such
+        report, _, masks = self._prune_channels(model, ctx.data, ctx.seed, dict(ckpt.masks), retrain_with=ctx.console)
+        pruned = ckpt.with_model(model, ctx.trust)
+        pruned.masks = masks  # sliced with their weights (with_model would drop them)
+        if self.config.steps > 1:
+            pruned.codebooks = {}  # retraining between steps moved the weights off their shared values
+        pruned.save(out_dir / CHECKPOINT_FILE)
+        return {**compressed_model_info(model, pruned, ctx.data), "channels": report}
+
+    def _prune_channels(self, model: nn.Module, data: Dataset, seed: int, masks: dict[str, torch.Tensor], *,
+                        retrain_with=None, taylor_samples: int | None = None
+                        ) -> tuple[dict[str, Any], int, dict[str, torch.Tensor]]:
+        """Prune ``model`` in place over ``steps`` rounds; with ``retrain_with`` (a console) it is
+        retrained between rounds, masks fixed (at plan time it is not). Returns the report, how many
+        channel groups lost channels and the masks sliced to the new shapes."""
+        cfg = self.config
+        example = torch.from_numpy(data.to_input(data.x_train[:2]))
+        widths, cost = channel_widths(model), model_cost(model, example)
+        pruner = ChannelPruner(model, example, self._channel_spec(), steps=cfg.steps, schedule=cfg.schedule, masks=masks,
+                               setting="prune.ratio")
+        groups = 0
+        for step in range(cfg.steps):
+            if cfg.importance == "taylor":
+                self._gradients(model, data, seed + step, taylor_samples or cfg.taylor_samples)
+            groups += pruner.step()
+            if retrain_with is not None and step < cfg.steps - 1:
+                with MaskEnforcer(model, pruner.masks) as enforcer:
+                    fit(model, data, cfg.retrain, seed + step, retrain_with, label=f"{self.id} {step + 1}/{cfg.steps}",
+                        after_step=enforcer.reapply)
+        return channel_report(widths, model, cost, example), groups, pruner.masks
+
+    def _gradients(self, model: nn.Module, data: Dataset, seed: int, samples: int) -> None:
+        """Loss gradients on a fixed random sample of the train split (Taylor importance)."""
+        from ..objectives import objective_for
+
+        objective = objective_for(data)
+        idx = np.sort(np.random.default_rng(seed).permutation(len(data.x_train))[:samples])
+        x = torch.from_numpy(data.to_input(data.x_train[idx]))
+        y = torch.from_numpy(objective.train_targets(data)[idx])
+        size = self.config.retrain.batch_size
+        accumulate_gradients(model, [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)], objective.loss)
+
+
+def _at(final: float, fraction: float, cfg: PruneConfig) -> float:
+    """The schedule's target at ``fraction`` of the rounds (Zhu & Gupta cubic by default)."""
+    return sparsity_schedule(final, cfg.steps, kind=cfg.schedule)[round(fraction * cfg.steps) - 1]
