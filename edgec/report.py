@@ -43,7 +43,7 @@ BUILD_FILE = "build.json"
 BUNDLE_DIR = "bundle"
 CHECKPOINT_FILE = "model.pt"
 # Image names this module writes into report/ (older copies not rewritten this time are removed).
-IMAGES = ("accuracy_vs_bytes", "sparsity", "weight_sharing", "confusion", "latency", "forgetting")
+IMAGES = ("accuracy_vs_bytes", "sparsity", "weight_sharing", "confusion", "latency")
 DPI = 110
 MAX_CENTROIDS_SHOWN = 64  # prefer a layer whose codebook is small enough to see each centroid
 
@@ -948,7 +948,9 @@ def _write(doc: Doc, build_dir: Path, title: str) -> dict[str, Path]:
             _atomic_write(path, block.png)
             out[block.name] = path
             written.add(block.name)
-    for name in IMAGES:  # a plot skipped this time must not leave last time's picture behind
+    from .report_continual import IMAGES as MULTITASK_IMAGES
+
+    for name in IMAGES + MULTITASK_IMAGES:  # a plot skipped this time must not leave last time's picture behind
         if name not in written:
             (assets / f"{name}.png").unlink(missing_ok=True)
     md, page = build_dir / REPORT_MD, build_dir / REPORT_HTML

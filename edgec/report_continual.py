@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+IMAGES = ("forgetting",)  # written only for multi-task builds (report.IMAGES: every build's)
+
 
 def forgetting_rows(summary: dict[str, Any], manifest: dict[str, Any] | None) -> tuple[list[str], list[tuple[str, dict]]]:
     """``(tasks in order, [(row label, {task: accuracy})])`` from build.json (and the manifest)."""

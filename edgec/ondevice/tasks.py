@@ -257,7 +257,10 @@ def _section(payload, base, spec, max_raw):
     off, zlen, raw, lc, lp, pb, d = spec
     if off < 0 or zlen < 0 or base + off + zlen > len(payload) or raw > max_raw:
         raise TransportError("a section lies outside the payload or is too large")
-    return decompress_section(payload[base + off:base + off + zlen], raw, lc, lp, pb, d)
+    try:
+        return decompress_section(payload[base + off:base + off + zlen], raw, lc, lp, pb, d)
+    except (lzma.LZMAError, EOFError) as e:
+        raise TransportError("a section of the tasks payload is damaged (%s)" % e) from None
 
 
 def magnitude_order(data):
