@@ -160,7 +160,7 @@ def main() -> None:
         env = {**os.environ, "EDGEC_CACHE_DIR": str(work / "cache")}
         if args.only in (None, "anomaly"):
             results["anomaly"] = run_task("anomaly", anomaly_config(args.data.resolve(), args.normal), work, env)
-            results["anomaly"]["data"] = (f"MNIST (mnist:{args.data}): digit {args.normal} normal (train on its images); "
+            results["anomaly"]["data"] = (f"MNIST (mnist:{os.path.relpath(Path(args.data).resolve(), ROOT)}): digit {args.normal} normal (train on its images); "
                                           f"test split with digits {', '.join(str(d) for d in range(10) if d != args.normal)} "
                                           "marked anomalous")
         if args.only in (None, "regression"):

@@ -94,6 +94,11 @@ def mobilenet_v2(*, input_shape=(1, 32, 32), num_classes=10):
     return _MOBILENET_V2[0](input_shape, num_classes)
 
 
+def _shown(path: Path) -> str:
+    """The data folder as recorded in the JSON: relative to the repository, never this machine's path."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
+
+
 def padded_mnist(data_dir: Path, train_samples: int, out: Path) -> str:
     """MNIST zero-padded to 32x32, a class-balanced random subset of the training images, the whole test split."""
     import numpy as np
@@ -108,7 +113,7 @@ def padded_mnist(data_dir: Path, train_samples: int, out: Path) -> str:
     idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(10)]))
     pad = ((0, 0), (0, 0), (2, 2), (2, 2))
     np.savez(out, x_train=np.pad(x[idx], pad), y_train=y[idx], x_test=np.pad(mnist.x_test, pad), y_test=mnist.y_test)
-    return (f"MNIST ({data_dir}) zero-padded to 1x32x32: {len(idx):,} training images (class-balanced random subset of "
+    return (f"MNIST ({_shown(data_dir)}) zero-padded to 1x32x32: {len(idx):,} training images (class-balanced random subset of "
             f"60,000, seed 0; 10% held out for validation), accuracy on the whole 10,000-image test split")
 
 
