@@ -219,6 +219,8 @@ def compression_reaching_the_end(steps: list) -> list[str]:
             reached.append(f"pruned ({step.id}{f', {total:.0%} of weights zero' if total is not None else ''})")
         elif step.kind == "share":
             reached.append(f"weight-shared ({step.id})")
+        elif step.kind == "qat":
+            reached.append(f"quantization-aware trained ({step.id}: int8 exports use its ranges)")
         elif step.kind not in ("train", "retrain", "export"):
             reached.append(f"{step.kind} ({step.id})")
     return reached

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from edgec.data import Dataset
 from edgec.errors import ConfigError, EdgecError
+from edgec.targets.qat import QAT_EXTENSION
 
 from .artifact import Artifact
 from .cache import StageCache, stable_hash
@@ -43,18 +44,30 @@ def check_chain(
     ckpt = source.checkpoint()
     probe = Probe(kind=source.kind, model=ckpt.build(ctx.trust), arch=ckpt.arch, data=ctx.data, target=ctx.target,
                   trust=ctx.trust, datasets=ctx.datasets, tasks=ctx.tasks, extensions=ckpt.extensions)
+    quantized_by = None  # the qat stage of this chain, once one has run
     for stage in stages:
         if stage.consumes != probe.kind:
             raise ConfigError(
                 f"stage {stage.id!r} ({stage.kind}) consumes a {stage.consumes} but the stage before it produces a "
                 f"{probe.kind}; reorder the stages"
             )
+        if QAT_EXTENSION in probe.extensions and not stage.keeps_weights:
+            raise ConfigError(
+                f"stage {stage.id!r} ({stage.kind}) comes after qat stage {quantized_by!r}; qat must be the last stage "
+                f"before export (its int8 ranges fit the weights it trained): move {stage.id!r} before {quantized_by!r}"
+                if quantized_by else
+                f"stage {stage.id!r} ({stage.kind}) would change a quantization-aware-trained model (its int8 ranges fit "
+                "its weights; only export may follow qat): start from the checkpoint before qat"
+            )
         stage_ctx = context_for(stage, ctx, datasets)
+        quantized_before = QAT_EXTENSION in probe.extensions
         try:
             probe = stage.check(probe.evolve(data=stage_ctx.data)).evolve(kind=stage.produces)
         except EdgecError as e:
             e.args = (f"stage {stage.id!r}: {e}",)
             raise
+        if QAT_EXTENSION in probe.extensions and not quantized_before:
+            quantized_by = stage.id
 
 
 def cache_key(stage: Stage, ctx: StageContext, input_digest: str) -> str:

@@ -91,6 +91,7 @@ class Stage(ABC):
     consumes: ClassVar[str] = MODEL
     produces: ClassVar[str] = MODEL
     target_dependent: ClassVar[bool] = False
+    keeps_weights: ClassVar[bool] = False  # may follow qat (whose int8 ranges fit the weights it trained)
     Config: ClassVar[type[StageConfig]]
 
     registry: ClassVar[dict[str, type[Stage]]] = {}

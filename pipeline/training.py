@@ -204,4 +204,9 @@ def fit(
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    """BatchNorm modules, or batch-norm ops of a captured graph (the qat stage trains one)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        or (isinstance(m, torch.fx.GraphModule) and any("batch_norm" in str(n.target) for n in m.graph.nodes))
+        for m in model.modules()
+    )

@@ -19,8 +19,9 @@ clipped harder and lost agreement on the test models here, so the option is pass
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -56,6 +57,7 @@ def export_onnx(
     calibration: np.ndarray | None = None,
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
     per_channel: bool = True,
+    qat: Mapping[str, Any] | None = None,
 ) -> ExportedModelInfo:
     """Write ``model`` to ``path`` as ONNX at ``precision``; nothing is left at ``path`` on failure.
 
@@ -77,22 +79,30 @@ def export_onnx(
     - ``per_channel`` (default True): one weight scale per output channel of each Conv/Gemm
       (onnxruntime's ``per_channel``; QDQ with an axis). False: one scale per weight tensor, for
       an execution provider that wants per-tensor weights; coarser. Activations are per-tensor.
+
+    ``qat`` (int8): the quantization state a qat stage trained (``edgec.targets.qat``). The QDQ
+    graph is then the quantization-aware-trained one, exported by ``torch.onnx``'s dynamo
+    exporter (which writes PT2E's quantize/dequantize ops as QuantizeLinear/DequantizeLinear);
+    no calibration runs and the options above do not apply.
     """
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
     if calibration_method not in _CALIBRATION_METHODS:
         raise ValueError(f"calibration_method must be minmax, percentile or entropy, got {calibration_method!r}")
     path = Path(path)
-    samples = calibration_inputs(calibration, example) if precision == "int8" else None
+    samples = calibration_inputs(calibration, example) if precision == "int8" and qat is None else None
     conversion: dict = {"precision": precision, "opset": OPSET}
     with staged_file(path) as tmp, tempfile.TemporaryDirectory() as work, quiet_converter():
         fp32_path = tmp if precision == "fp32" else Path(work) / "fp32.onnx"
         try:
-            _export_fp32(model, example, fp32_path)
+            if precision == "int8" and qat is not None:
+                conversion |= _export_qat_qdq(model, example, qat, tmp)
+            else:
+                _export_fp32(model, example, fp32_path)
             if precision == "fp16":
                 _save_fp16(fp32_path, tmp)
                 conversion["tool"] = "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)"
-            elif precision == "int8":
+            elif precision == "int8" and qat is None:
                 prepared = Path(work) / "prepared.onnx"
                 quant_pre_process(fp32_path, prepared)
                 quantize_static(
@@ -112,7 +122,7 @@ def export_onnx(
                     "calibration_samples": len(samples),
                     "calibration_digest": calibration_digest(samples),
                 }
-            else:
+            elif precision == "fp32":
                 conversion["tool"] = "torch.onnx.export(dynamo=False)"
             onnx.checker.check_model(str(tmp), full_check=True)
             inputs, outputs = _read_back(tmp, example)
@@ -139,6 +149,27 @@ def _export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> N
         output_names=output_names,
         dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *output_names]},
     )
+
+
+def _export_qat_qdq(model: torch.nn.Module, example: torch.Tensor, qat: Mapping[str, Any], path: Path) -> dict:
+    """The quantization-aware-trained graph as QDQ ONNX. The TorchScript exporter has no
+    translation for PT2E's quantize/dequantize ops; the dynamo exporter (onnxscript) does, at its
+    own opset (18), which every onnxruntime edgec supports runs."""
+    from .qat import convert_qat, restore_qat
+
+    quantized = convert_qat(restore_qat(model, example, qat))
+    batch = torch.export.Dim("batch")
+    program = torch.onnx.export(
+        quantized, (torch.cat([example, example]),), dynamo=True, input_names=[INPUT_NAME], output_names=["output"],
+        dynamic_shapes=({0: batch},), verbose=False,
+    )
+    program.save(str(path))
+    return {
+        "tool": "PT2E prepare_qat_pt2e (edgec annotations) + torch.onnx.export(dynamo=True), QDQ",
+        "opset": program.model.opset_imports[""],
+        "per_channel": qat["per_channel"],
+        "quantization_aware_training": True,
+    }
 
 
 def _save_fp16(fp32_path: Path, path: Path) -> None:

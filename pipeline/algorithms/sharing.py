@@ -120,6 +120,29 @@ def cluster_weights(
     return codebooks, assignments
 
 
+@torch.no_grad()
+def assignments_for(model: nn.Module, codebooks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The assignments of a model whose shared weights hold their centroids (a checkpoint keeps
+    only the codebooks): each non-zero weight's codebook index, -1 where the weight is zero."""
+    params = dict(model.named_parameters())
+    assignments = {}
+    for name, codebook in codebooks.items():
+        if name not in params:
+            raise InputError(f"codebook for {name!r} matches no parameter of {type(model).__name__}")
+        weight = params[name].detach().cpu().float()
+        if codebook.numel() == 0:
+            assignments[name] = torch.full(weight.shape, -1, dtype=torch.int64)
+            continue
+        # Fine-tuned centroids need not stay sorted: look each weight up exactly in a sorted copy.
+        order = torch.argsort(codebook)
+        position = torch.searchsorted(codebook[order].contiguous(), weight.contiguous()).clamp(max=len(codebook) - 1)
+        index = order[position]
+        if not torch.equal(torch.where(weight != 0, codebook[index], 0.0), weight):
+            raise InputError(f"the weights of {name!r} are not all values of its codebook; rerun the share stage")
+        assignments[name] = torch.where(weight != 0, index, -1)
+    return assignments
+
+
 def _check_sharing(
     model: nn.Module, codebooks: Mapping[str, torch.Tensor], assignments: Mapping[str, torch.Tensor]
 ) -> dict[str, nn.Parameter]:

@@ -21,6 +21,7 @@ from edgec.calibration.samples import calibration_digest, select_calibration_ind
 from edgec.errors import ConfigError, RunError
 from edgec.quiet import native_logs_captured
 from edgec.targets.onnx_export import export_onnx
+from edgec.targets.qat import QAT_EXTENSION, restore_qat
 from edgec.targets.tflite_export import export_tflite
 
 from ..artifact import BUNDLE, Artifact
@@ -43,6 +44,8 @@ class CalibrationConfig(Strict):
 class ExportConfig(StageConfig):
     precision: Literal["int8", "fp16", "fp32"] | None = Field(None, description="default: the target's precision")
     calibration: CalibrationConfig = CalibrationConfig()
+    per_channel: bool = Field(True, description="int8: one weight scale per output channel; false: one per weight tensor, "
+                              "for delegates (some NPUs, DSPs) that need it (a qat stage must have trained the same)")
     eval_samples: int = Field(1000, ge=1, description="samples of the test split shipped for on-device accuracy")
     test_vectors: int = Field(16, ge=1, description="inputs shipped with their expected outputs")
     max_metric_drop: float | None = Field(None, ge=0, description="regression / reconstruction: largest drop of R^2 or "
@@ -56,6 +59,7 @@ class ExportStage(Stage):
     version = 1
     produces = BUNDLE
     target_dependent = True
+    keeps_weights = True
     Config = ExportConfig
 
     def check(self, probe: Probe) -> Probe:
@@ -65,6 +69,10 @@ class ExportStage(Stage):
             raise ConfigError(
                 f"precision {precision!r} is not offered by target {target.name!r} (choose {', '.join(target.precisions)})"
             )
+        qat = probe.extensions.get(QAT_EXTENSION)
+        if precision == "int8" and isinstance(qat, dict) and qat.get("per_channel") != self.config.per_channel:
+            raise ConfigError(f"export.per_channel = {str(self.config.per_channel).lower()} but the qat stage trained "
+                              f"per_channel = {str(qat.get('per_channel')).lower()}; set both the same")
         if "tasks" in probe.extensions:  # a multi-task model (learn stages): every task's data must be at hand
             from .export_tasks import task_datasets
 
@@ -91,6 +99,7 @@ class ExportStage(Stage):
             return run_tasks(self, ckpt, ctx, out_dir, precision, _compare, ONDEVICE_PACKAGE, RUNNER_TEMPLATE,
                              RUNTIME_OF_FORMAT)
         model = ckpt.build(ctx.trust)
+        qat = ckpt.extensions.get(QAT_EXTENSION) if precision == "int8" else None  # int8 ranges trained by a qat stage
         objective = objective_for(data)  # regression / reconstruction: calibration, gate, eval set (objectives.py)
         cal_idx = (select_calibration_indices(data.y_train, min(cfg.calibration.samples, len(data.y_train)), seed=0)
                    if data.task == "classification" else objective.calibration_indices(min(cfg.calibration.samples, len(data.x_train))))
@@ -99,12 +108,16 @@ class ExportStage(Stage):
 
         model_file = f"model.{target.format}"
         x_test = data.to_input(data.x_test)
+        # The torch reference of a quantization-aware-trained model is its fake-quantized graph: what it was
+        # trained as, and what the int8 file must reproduce.
+        reference_model = restore_qat(model, example, qat) if qat is not None else model
         with torch.no_grad():
-            reference = model(torch.from_numpy(x_test)).numpy()
+            reference = reference_model(torch.from_numpy(x_test)).numpy()
         runtime_name = RUNTIME_OF_FORMAT[target.format]
 
         def convert_and_run(calibration: np.ndarray, **options):
-            exported = self._convert(model, example, out_dir / model_file, precision, calibration, target.format, **options)
+            exported = self._convert(model, example, out_dir / model_file, precision, calibration, target.format,
+                                     qat=qat, **options)
             if data.task != "classification":  # the int8 output range must cover the input range / the targets
                 objective.after_conversion(out_dir / model_file, target.format, exported)
             return exported, _run_exported(out_dir / model_file, runtime_name, exported, x_test)
@@ -113,7 +126,7 @@ class ExportStage(Stage):
         remedy, tried = None, []
         if data.task == "classification":
             metrics = _compare(reference, outputs, data.y_test)
-            if precision == "int8" and self._mismatch(metrics, target):
+            if precision == "int8" and qat is None and self._mismatch(metrics, target):
                 # Remedies that are safe to try (the gate still decides); the first that passes ships.
                 for remedy, cal, options in self._automatic_remedies(data, target.format):
                     tried.append(remedy)
@@ -127,12 +140,12 @@ class ExportStage(Stage):
             if self._mismatch(metrics, target):
                 worst = _worst_int8_op(model, out_dir / model_file, calibration) if precision == "int8" else ""
                 tried_text = f"tried automatically: {', '.join(tried)}; " if tried else ""
-                self._refuse_on_mismatch(metrics, target,
-                                         worst + tried_text + self._remedies(precision, target, len(data.y_train)))
+                self._refuse_on_mismatch(metrics, target, worst + tried_text + self._remedies(
+                    precision, target, len(data.y_train), qat=qat is not None))
         else:
             metrics = objective.export_metrics(reference, outputs)
             refuse_on_mismatch(metrics, target, cfg.max_metric_drop, cfg.max_relative_error,
-                               self._remedies(precision, target, len(data.y_train)))
+                               self._remedies(precision, target, len(data.y_train), qat=qat is not None))
         if remedy is not None:
             exported.conversion["remedy"] = remedy
         extra_files = []
@@ -187,10 +200,11 @@ class ExportStage(Stage):
             "fp32_bytes": size["reference_fp32_bytes"],
             "model_bytes": size["model_bytes"],
             "transport_bytes": size["transport_bytes"],
-            "calibration_digest": calibration_digest(calibration),
+            **({} if qat is not None else {"calibration_digest": calibration_digest(calibration)}),
         }
 
     def _convert(self, model, example, path, precision, calibration, fmt, **options):
+        options.setdefault("per_channel", self.config.per_channel)
         if fmt == "tflite":
             return export_tflite(model, example, path, precision=precision, calibration=calibration, **options)
         options.setdefault("calibration_method", self.config.calibration.method)
@@ -215,10 +229,13 @@ class ExportStage(Stage):
         drop = metrics["reference_accuracy"] - metrics["accuracy"]
         return metrics["top1_agreement"] < target.budgets.min_agreement or drop > target.budgets.max_accuracy_drop
 
-    def _remedies(self, precision: str, target, train_samples: int) -> str:
+    def _remedies(self, precision: str, target, train_samples: int, qat: bool = False) -> str:
         """Only what can change the outcome on this target's converter."""
         if precision == "fp32":
             return "check that the model is deterministic in eval mode"
+        if qat:  # the int8 ranges come from the qat stage: calibration options do not apply
+            return (f"try more quantization-aware training (--set qat.epochs=...), or leave qat out, or --precision "
+                    f"{'fp16' if 'fp16' in target.precisions else 'fp32'}")
         tips = []
         samples = self.config.calibration.samples
         if precision == "int8" and samples < train_samples:

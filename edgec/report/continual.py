@@ -10,7 +10,35 @@ from __future__ import annotations
 
 from typing import Any
 
-IMAGES = ("forgetting",)  # written only for multi-task builds (report.IMAGES: every build's)
+import numpy as np
+
+from .document import Doc, Image, Table, fmt_metric
+from .plots import figure, png
+
+IMAGES = ("forgetting",)  # written only for multi-task builds (sections.IMAGES: every build's)
+
+
+def forgetting_section(doc: Doc, summary: dict, manifest: dict | None) -> None:
+    """Multi-task builds (learn stages): accuracy of every task after every task."""
+    tasks, rows = forgetting_rows(summary, manifest)
+    if not rows:
+        return  # not a multi-task build: no section
+    doc.h2("Forgetting matrix")
+    cells = [[label] + [fmt_metric(r.get(t)) for t in tasks] for label, r in rows]
+    doc.table(Table(["after", *tasks], cells, right=set(range(1, len(tasks) + 1))))
+    lost = forgetting(tasks, rows)
+    if lost:
+        doc.p("Forgetting (best accuracy of a task in any row minus its accuracy in the last row): "
+              + ", ".join(f"{t} {v:+.4f}" for t, v in lost.items())
+              + f"; mean {sum(lost.values()) / len(lost):.4f}.")
+    try:
+        image = plot_matrix(tasks, rows)
+    except Exception as e:
+        doc.skipped("forgetting matrix plot", f"the plot failed ({type(e).__name__}: {e})")
+        return
+    doc.image(Image("forgetting", "Forgetting matrix", image,
+                    "Test accuracy of each task (columns, on its own output head) after each learn stage (torch fp32) "
+                    "and in the shipped bundle (last row, measured in the device runtime by export)."))
 
 
 def forgetting_rows(summary: dict[str, Any], manifest: dict[str, Any] | None) -> tuple[list[str], list[tuple[str, dict]]]:
@@ -44,9 +72,7 @@ def forgetting(tasks: list[str], rows: list[tuple[str, dict]]) -> dict[str, floa
     return out
 
 
-def plot_matrix(tasks: list[str], rows: list[tuple[str, dict]], figure, png) -> bytes:
-    import numpy as np
-
+def plot_matrix(tasks: list[str], rows: list[tuple[str, dict]]) -> bytes:
     values = np.array([[np.nan if r.get(t) is None else r[t] for t in tasks] for _, r in rows], dtype=float)
     fig, ax = figure(1.6 + 0.9 * len(tasks), 1.2 + 0.45 * len(rows))
     im = ax.imshow(values, vmin=max(0.0, float(np.nanmin(values)) - 0.05) if np.isfinite(values).any() else 0, vmax=1.0,

@@ -1,0 +1,114 @@
+"""``edgec report BUILD_DIR``: what each stage of a build bought and cost, as HTML and Markdown.
+
+Writes into the build directory (``<out>/<target>/``):
+
+- ``report.html``: one self-contained page (CSS inline, plots embedded as base64 PNG, no external
+  references), so it opens offline and can be mailed or attached to a CI run;
+- ``report.md``: the same content in Markdown, with the plots as PNG files in ``report/``.
+
+Content: the stage table (accuracy, parameters, non-zeros, sparsity, distinct values, fp32 / packed /
+model / transport bytes, time, cached or ran), the target's budgets and whether each holds, and the
+plots: accuracy against bytes for every stage (log x; which byte count each point is labelled), per-
+layer sparsity, one layer's weight histogram before and after sharing with the centroids marked (read
+from the stage cache; skipped with a note when the cache no longer has those checkpoints), the
+confusion matrix of the shipped bundle on its eval set, and the latency distribution from a bench
+result (``BUILD_DIR/bench.json`` or ``bench=``) when there is one. Whatever cannot be drawn is
+skipped with a note saying why; only an unreadable build directory (or a bad ``bench=`` file) raises.
+
+Modules: ``document`` (the blocks, HTML / Markdown rendering, writing), ``plots`` (matplotlib),
+``sections`` (the build-level sections), ``tasks`` (regression / reconstruction bundles instead of
+the confusion matrix), ``continual`` (the forgetting matrix of multi-task builds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import InputError
+
+from .continual import IMAGES as MULTITASK_IMAGES
+from .continual import forgetting_section
+from .document import ASSETS_DIR, REPORT_HTML, REPORT_MD, Doc, write_document
+from .sections import (BENCH_FILE, BUNDLE_DIR, IMAGES, budget_section, confusion_section, header, latency_section,
+                       pareto_section, sharing_section, sparsity_section, stage_section)
+from .tasks import IMAGES as TASK_IMAGES
+from .tasks import task_section
+
+__all__ = ["ASSETS_DIR", "IMAGES", "REPORT_HTML", "REPORT_MD", "write_report"]
+
+BUILD_FILE = "build.json"
+
+
+def write_report(build_dir: Path, bench: Path | None = None) -> dict[str, Path]:
+    """Write ``report.html``, ``report.md`` and ``report/*.png`` into ``build_dir``.
+
+    ``bench``: an ``edgec bench --json`` result; default ``build_dir/bench.json`` when present.
+    Returns ``{"html": ..., "markdown": ..., "assets": ..., <image name>: png path, ...}``.
+    Raises InputError when ``build_dir`` has no readable build.json or ``bench`` is not a bench result.
+    """
+    build_dir = Path(build_dir)
+    summary = _read_build(build_dir)
+    bench_data, bench_note = _read_bench(build_dir, bench)
+    bundle_dir = build_dir / BUNDLE_DIR
+    manifest = _read_manifest(bundle_dir)
+    doc = Doc()
+    if bench_note:
+        doc.notes.append(bench_note)
+
+    header(doc, build_dir, summary, manifest)
+    stage_section(doc, summary)
+    budget_section(doc, manifest, bench_data)
+    pareto_section(doc, summary)
+    sparsity_section(doc, summary)
+    sharing_section(doc, summary)
+    forgetting_section(doc, summary, manifest)
+    if (manifest or {}).get("task", "classification") == "classification":
+        confusion_section(doc, bundle_dir, manifest)
+    else:  # regression / reconstruction
+        task_section(doc, bundle_dir, manifest)
+    latency_section(doc, bench_data, manifest, build_dir)
+    return write_document(doc, build_dir, title=f"edgec build report: {summary.get('target', build_dir.name)}",
+                          images=IMAGES + MULTITASK_IMAGES + TASK_IMAGES)
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def _read_build(build_dir: Path) -> dict[str, Any]:
+    path = build_dir / BUILD_FILE
+    if not path.is_file():
+        raise InputError(f"{build_dir} is not an edgec build directory (no {BUILD_FILE}); "
+                         "pass <out>/<target>/ written by `edgec build`")
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable JSON file ({e}); rebuild with `edgec build`") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("stages"), list):
+        raise InputError(f"{path} has no stage list; rebuild with `edgec build`")
+    return summary
+
+
+def _read_bench(build_dir: Path, bench: Path | None) -> tuple[dict[str, Any] | None, str | None]:
+    from edgec.benchmarking import load_bench_json
+
+    if bench is not None:
+        return load_bench_json(Path(bench)), None  # asked for by name: a bad file is an error
+    default = build_dir / BENCH_FILE
+    if not default.is_file():
+        return None, None
+    try:
+        return load_bench_json(default), None
+    except InputError as e:
+        return None, f"{BENCH_FILE} ignored: {e}"
+
+
+def _read_manifest(bundle_dir: Path) -> dict[str, Any] | None:
+    path = bundle_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
