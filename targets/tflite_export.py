@@ -262,10 +262,10 @@ def _full_integer_quantizer(per_channel: bool = True, activation_observer: str =
       folds such a ReLU into its producer's output quantization, which breaks the producer's
       same-scale constraint and fails the conversion (conv-pool-relu, as in edgec's LeNet-5).
 
-    ``qat``: the same annotations with litert-torch's QAT specs, for ``prepare_qat_pt2e``: fake-
-    quantize modules instead of observers (moving-average min-max activations, so the tensors
-    feeding the output already keep their full range) and conv + BatchNorm annotated as one
-    (``edgec.targets.qat``).
+    ``qat``: the same annotations for ``prepare_qat_pt2e``, with fake-quantize modules instead of
+    observers (``_qat_fake_quantizers``: moving-average min-max activations, so the tensors feeding
+    the output already keep their full range; weights at their current range) and conv + BatchNorm
+    annotated as one (``edgec.targets.qat``).
     """
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.observer import MinMaxObserver
