@@ -24,3 +24,18 @@ def run_cli(*args, cwd: Path, env: dict | None = None, check: int | None = 0) ->
             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     return proc
+
+
+def zoo_source(cache, name: str, data, **kwargs):
+    """A source artifact in ``cache``: the zoo model ``name`` built for ``data`` with seed-0 initial weights."""
+    import torch
+
+    from edgec import architecture
+    from edgec.architecture import ModelTrust
+    from edgec.checkpoint import Checkpoint
+    from edgec.pipeline.artifact import CHECKPOINT_FILE, MODEL
+
+    arch = architecture.record(architecture.zoo_base(name, data.input_shape, data.num_classes, **kwargs))
+    torch.manual_seed(0)
+    state = architecture.build(arch, ModelTrust()).state_dict()
+    return cache.put("source", "s", MODEL, lambda out: Checkpoint(arch, state).save(out / CHECKPOINT_FILE) or {})

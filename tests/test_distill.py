@@ -16,6 +16,7 @@ from edgec.pipeline.stages.distill import DistillConfig, DistillStage, distillat
 from edgec.pipeline.runner import check_chain, run_chain
 from edgec.pipeline.stage import StageContext
 from edgec.pipeline.stages.train import TrainConfig, TrainStage
+from support import zoo_source
 
 
 def test_loss_matches_hand_computation():
@@ -41,9 +42,7 @@ def teacher_setup(tmp_path_factory):
     """A trained CNN teacher on the digits (a few seconds)."""
     data = load_dataset("digits")
     cache = StageCache(tmp_path_factory.mktemp("cache"))
-    arch = architecture.record(architecture.zoo_base("cnn-small", data.input_shape, data.num_classes, channels=[32, 64]))
-    torch.manual_seed(0)
-    source = cache.put("source", "s", MODEL, lambda out: Checkpoint(arch, architecture.build(arch, ModelTrust()).state_dict()).save(out / CHECKPOINT_FILE) or {})
+    source = zoo_source(cache, "cnn-small", data, channels=[32, 64])
     ctx = StageContext(data=data, seed=0, target=None, console=Console(quiet=True))
     (step,) = run_chain([TrainStage(TrainConfig(epochs=30, patience=10))], source, ctx, cache)
     return step.artifact, ctx, cache

@@ -9,13 +9,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from edgec import architecture
-from edgec.architecture import ModelTrust
-from edgec.checkpoint import Checkpoint
 from edgec.data import load_dataset
 from edgec.errors import ConfigError, ExportError, InputError
 from edgec.pipeline.algorithms.sharing import assignments_for, cluster_weights
-from edgec.pipeline.artifact import CHECKPOINT_FILE, MODEL
 from edgec.pipeline.cache import StageCache
 from edgec.pipeline.runner import check_chain, run_chain
 from edgec.pipeline.stage import StageContext
@@ -27,7 +23,7 @@ from edgec.pipeline.stages.share import ShareConfig, ShareStage
 from edgec.pipeline.stages.train import TrainConfig, TrainStage
 from edgec.targets.profile import load_target
 from edgec.targets.qat import QAT_EXTENSION, QATModel, convert_qat, prepare_qat, qat_extension, restore_qat
-from support import run_cli
+from support import run_cli, zoo_source
 
 
 class ConvBN(nn.Module):
@@ -110,10 +106,7 @@ def pruned_and_shared(tmp_path_factory):
     """cnn-small (conv + BatchNorm) on the digits: trained, pruned and weight-shared (seconds)."""
     data = load_dataset("digits")
     cache = StageCache(tmp_path_factory.mktemp("cache"))
-    arch = architecture.record(architecture.zoo_base("cnn-small", data.input_shape, data.num_classes, channels=[16, 32]))
-    torch.manual_seed(0)
-    state = architecture.build(arch, ModelTrust()).state_dict()
-    source = cache.put("source", "s", MODEL, lambda out: Checkpoint(arch, state).save(out / CHECKPOINT_FILE) or {})
+    source = zoo_source(cache, "cnn-small", data, channels=[16, 32])
     ctx = StageContext(data=data, seed=0, target=load_target("rpi"), console=Console(quiet=True))
     steps = run_chain([TrainStage(TrainConfig(epochs=10, patience=10)), PruneStage(PruneConfig(steps=1)),
                        RetrainStage(RetrainConfig(epochs=4)), ShareStage(ShareConfig(epochs=2))], source, ctx, cache)

@@ -17,7 +17,7 @@ from edgec.pipeline.algorithms.channels import (
     ChannelPruner, ChannelSpec, accumulate_gradients, channel_widths, model_cost, output_layers, prune_channels,
 )
 from edgec.pipeline.algorithms.pruning import LayerSparsity, compute_masks
-from edgec.pipeline.artifact import CHECKPOINT_FILE, MODEL
+from edgec.pipeline.artifact import MODEL
 from edgec.pipeline.cache import StageCache
 from edgec.pipeline.runner import check_chain, run_chain
 from edgec.pipeline.stage import Probe, StageContext
@@ -26,6 +26,7 @@ from edgec.pipeline.stages.retrain import RetrainConfig, RetrainStage
 from edgec.pipeline.stages.train import TrainConfig, TrainStage
 from edgec.targets.profile import Budgets
 from fixtures import edge_models
+from support import zoo_source
 
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 BLOCKS = ["inverted_residual", "mobilenet_v3_block", "squeezenet_fire", "resnet_basic", "efficientnet_mbconv"]
@@ -146,10 +147,7 @@ def trained(tmp_path_factory):
     """cnn-small on the digits, trained a few epochs (seconds)."""
     data = load_dataset("digits")
     cache = StageCache(tmp_path_factory.mktemp("cache"))
-    arch = architecture.record(architecture.zoo_base("cnn-small", data.input_shape, data.num_classes, channels=[16, 32]))
-    torch.manual_seed(0)
-    state = architecture.build(arch, ModelTrust()).state_dict()
-    source = cache.put("source", "s", MODEL, lambda out: Checkpoint(arch, state).save(out / CHECKPOINT_FILE) or {})
+    source = zoo_source(cache, "cnn-small", data, channels=[16, 32])
     ctx = StageContext(data=data, seed=0, target=None, console=Console(quiet=True))
     (step,) = run_chain([TrainStage(TrainConfig(epochs=8, patience=8))], source, ctx, cache)
     return step.artifact, ctx, cache

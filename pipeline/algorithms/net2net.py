@@ -175,6 +175,11 @@ def _only_input(node: fx.Node, source: fx.Node) -> bool:
     return not others
 
 
+_FUNCTION_KINDS = ((_RELU_FUNCTIONS, "relu"), (_ACT_FUNCTIONS, "act"), (_MAXPOOL_FUNCTIONS, "maxpool"),
+                   (_PASS_FUNCTIONS, "pass"), (_FLATTEN_FUNCTIONS, "flatten"))
+_METHOD_KINDS = ((_RELU_METHODS, "relu"), (_ACT_METHODS, "act"), (_PASS_METHODS, "pass"), (_FLATTEN_METHODS, "flatten"))
+
+
 def classify(node: fx.Node, traced: Traced, source: fx.Node) -> str:
     """What ``node`` is to a unit flowing from ``source``: layer | bn | relu | act | maxpool | pass |
     flatten | output | other."""
@@ -200,31 +205,19 @@ def classify(node: fx.Node, traced: Traced, source: fx.Node) -> str:
     if node.op == "call_function":
         if not _only_input(node, source) and node.target not in _SCALAR_OPS:
             return "other"
-        if node.target in _RELU_FUNCTIONS:
-            return "relu"
-        if node.target in _ACT_FUNCTIONS:
-            return "act"
-        if node.target in _MAXPOOL_FUNCTIONS:
-            return "maxpool"
-        if node.target in _PASS_FUNCTIONS:
-            return "pass"
-        if node.target in _FLATTEN_FUNCTIONS:
-            return "flatten"
+        kind = _kind_of(node.target, _FUNCTION_KINDS)
+        if kind is not None:
+            return kind
         if node.target in _SCALAR_OPS and _tensor_args(node) == 1 and source in node.args:
             return "pass"  # x * 2, x + 1: elementwise with a number
         return "other"
-    if node.op == "call_method":
-        if not _only_input(node, source):
-            return "other"
-        if node.target in _RELU_METHODS:
-            return "relu"
-        if node.target in _ACT_METHODS:
-            return "act"
-        if node.target in _PASS_METHODS:
-            return "pass"
-        if node.target in _FLATTEN_METHODS:
-            return "flatten"
+    if node.op == "call_method" and _only_input(node, source):
+        return _kind_of(node.target, _METHOD_KINDS) or "other"
     return "other"
+
+
+def _kind_of(target, table) -> str | None:
+    return next((kind for targets, kind in table if target in targets), None)
 
 
 def _relu_type(node: fx.Node, traced: Traced) -> type[nn.Module]:
