@@ -151,16 +151,24 @@ def test_onnx_trials_use_cuda_only_where_present():
 # -- the driver with a stand-in trial (fast): tpe determinism, resume ----------------------------------
 
 def _fake_trial(calls: list):
+    """A stand-in for run_trial that writes a record of the stored schema (a restarted search reuses it)."""
+    from edgec.search.records import expected_config
+
     def run(ctx, job, console=None):
         calls.append(job.point)
         if len(calls) == getattr(run, "die_at", 0):
             raise KeyboardInterrupt  # the search is killed while this trial runs
         x = float(job.point["train.lr"])
-        metrics = {"accuracy": 1 - x, "transport_bytes": int(1e6 * x) + 1, "p50_ms": 1.0, "p95_ms": 1.0,
-                   "model_bytes": 10, "trained_val_accuracy": 1.0}
-        return {"id": job.id, "number": job.number, "point": job.point, "status": "ok", "reason": None, "config": {},
-                "threads": ctx.threads, "stage_steps": 1, "stage_runs": 1, "seconds": 0.0,
-                "targets": {t: {"status": "ok", "metrics": metrics} for t in ctx.targets}}
+        metrics = {"accuracy": 1 - x, "test_accuracy": 1 - x, "reference_val_accuracy": None,
+                   "reference_test_accuracy": None, "trained_val_accuracy": 1.0, "top1_agreement": None,
+                   "model_bytes": 10, "transport_bytes": int(1e6 * x) + 1, "fp32_bytes": 40, "ratio": 4.0,
+                   "p50_ms": 1.0, "p95_ms": 1.0, "val_samples": 10, "test_samples": None}
+        latency = {"p50_ms": 1.0, "p95_ms": 1.0, "p50_ms_all": [1.0], "runtime": "fake", "settings": {}, "notes": []}
+        target = {"status": "ok", "feasible": True, "reason": None, "metrics": metrics, "latency": latency,
+                  "precision": "fp32", "stages": [], "bundle": None}
+        return {"schema": "edgec-search-trial", "id": job.id, "number": job.number, "point": job.point, "status": "ok",
+                "reason": None, "config": expected_config(ctx, job.point), "threads": ctx.threads, "stage_steps": 1,
+                "stage_runs": 1, "seconds": 0.0, "targets": {t: dict(target) for t in ctx.targets}}
     return run
 
 

@@ -156,7 +156,7 @@ def _rebuild(outcome: SearchOutcome, record: dict[str, Any], target: str, consol
     from edgec import api
 
     setup = outcome.setup
-    config = resolve(setup.base, record["point"])
+    config = resolve(setup.base, record["point"], setup.factories)  # the job's point (records.reuse)
     tmp = Path(tempfile.mkdtemp(prefix=".rebuild-", dir=setup.out))
     previous = torch.get_num_threads()
     torch.set_num_threads(setup.search.cpus_per_trial)  # the trial's thread count: its cache keys

@@ -22,6 +22,7 @@ from rich.console import Console
 from edgec.errors import InputError
 
 from . import space as sp
+from .records import reuse
 from .runner import _Progress, objective_values
 from .trial import SearchContext, TrialJob, run_trial
 
@@ -85,7 +86,7 @@ def trial_fn(config: dict[str, Any], ctx: SearchContext, spec: sp.SearchConfig, 
         suffix = trial_id.rsplit("_", 1)[-1]
         number = offset + (int(suffix) if suffix.isdigit() else 0)
         job = TrialJob(number=number, point=point, id=ctx.trial_id(point))
-    record = finished.get(job.id) or run_trial(ctx, job)
+    record = reuse(finished, job) or run_trial(ctx, job)
     record = {**record, "number": job.number}
     scalars = dict(zip((f"objective_{n}" for n in spec.objectives),
                        objective_values(record, ctx.targets[0], spec.objectives)))

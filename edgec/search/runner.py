@@ -13,7 +13,6 @@ finished trials than the serial run does, so its path may differ.
 from __future__ import annotations
 
 import json
-import os
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -25,10 +24,9 @@ from rich.console import Console
 from edgec.errors import ConfigError, InputError
 
 from . import space as sp
-from .trial import SearchContext, TrialJob, prefix_lock_name, resolve, run_trial
+from .records import FINISHED, TrialStore, reuse
+from .trial import SearchContext, TrialJob, named_factories, prefix_lock_name, resolve, run_trial
 
-TRIALS_DIR = "trials"
-FINISHED = ("ok", "rejected", "failed")  # "error" (a crash, a bug) is retried by a restarted search
 PENALTY = 1e30  # what an unbuilt trial reports to a sampler for an objective it minimises
 
 
@@ -40,6 +38,10 @@ class SearchSetup:
     out: Path
     cache_dir: Path
     config_file: Path | None = None
+
+    @property
+    def factories(self) -> frozenset[str]:
+        return named_factories(self.base, self.search.space)
 
 
 @dataclass
@@ -96,33 +98,6 @@ def make_setup(raw: dict[str, Any], *, targets: list[str] | None = None, data: s
                        cache_dir=(cache_dir or default_cache_dir()).resolve(), config_file=config_file)
 
 
-# -- the trial store ------------------------------------------------------------------------------
-
-class TrialStore:
-    """``OUT/trials/<id>.json``, one per finished trial, written atomically."""
-
-    def __init__(self, out: Path):
-        self.dir = out / TRIALS_DIR
-
-    def load(self) -> dict[str, dict[str, Any]]:
-        found = {}
-        if self.dir.is_dir():
-            for path in sorted(self.dir.glob("*.json")):
-                try:
-                    record = json.loads(path.read_text())
-                except (OSError, json.JSONDecodeError):
-                    continue  # half-written by a killed search: that trial runs again
-                if isinstance(record, dict) and record.get("status") in FINISHED and record.get("id") == path.stem:
-                    found[record["id"]] = record
-        return found
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{record['id']}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.dir / f"{record['id']}.json")
-
-
 # -- the search -----------------------------------------------------------------------------------
 
 def run_search(setup: SearchSetup, *, use_ray: bool = False, ray_address: str | None = None,
@@ -133,9 +108,10 @@ def run_search(setup: SearchSetup, *, use_ray: bool = False, ray_address: str | 
     spec = setup.search
     setup.out.mkdir(parents=True, exist_ok=True)
     ctx = SearchContext(base=setup.base, targets=tuple(setup.targets), out=setup.out, cache_dir=setup.cache_dir,
-                        threads=spec.cpus_per_trial, latency=spec.latency.model_dump(), coordinate=use_ray)
+                        threads=spec.cpus_per_trial, latency=spec.latency.model_dump(), coordinate=use_ray,
+                        factories=setup.factories)
     store = TrialStore(setup.out)
-    finished = store.load()
+    finished = store.load(ctx, console)
     _preflight(setup)
     backend = "ray" if use_ray else "embedded"
     console.print(f"search  {spec.strategy}, objectives {', '.join(spec.objectives)}, targets {', '.join(setup.targets)}, "
@@ -145,7 +121,8 @@ def run_search(setup: SearchSetup, *, use_ray: bool = False, ray_address: str | 
     if spec.strategy in ("grid", "random"):
         points = sp.grid_points(spec) if spec.strategy == "grid" else sp.random_points(spec)
         jobs = _jobs(ctx, points)
-        pending = [j for j in jobs if j.id not in finished]
+        reused = {j.id: record for j in jobs if (record := reuse(finished, j)) is not None}
+        pending = [j for j in jobs if j.id not in reused]
         console.print(f"trials  {len(jobs)} ({len(jobs) - len(pending)} finished before, reused; {len(pending)} to run)")
         report.total = len(pending)
         if pending:
@@ -156,7 +133,7 @@ def run_search(setup: SearchSetup, *, use_ray: bool = False, ray_address: str | 
             else:
                 for job in pending:
                     report(run_trial(ctx, job))
-        records_by_id = {**finished, **report.records}
+        records_by_id = {**reused, **report.records}
         records = [{**records_by_id[j.id], "number": j.number} for j in jobs if j.id in records_by_id]
     else:
         records = _tpe(ctx, spec, finished, report, use_ray, ray_address, ray_cpus, console)
@@ -187,7 +164,7 @@ def check_points(setup: SearchSetup, console: Console | None = None) -> list[dic
         for number, point in enumerate(points):
             row: dict[str, Any] = {"number": number, "point": point, "targets": {}}
             try:
-                config = resolve(setup.base, point)
+                config = resolve(setup.base, point, setup.factories)
             except ConfigError as e:
                 row["targets"] = {t: {"status": "rejected", "reason": str(e)} for t in setup.targets}
                 rows.append(row)
@@ -222,7 +199,7 @@ def _preflight(setup: SearchSetup) -> None:
     spec = setup.search
     first = sp.grid_points(spec)[0] if spec.strategy == "grid" else sp.random_points(spec)[0]
     try:
-        config = resolve(setup.base, first)
+        config = resolve(setup.base, first, setup.factories)
     except ConfigError:
         return  # that point is rejected at plan time like any other; the rest may be fine
     if not config.stages or config.stages[-1].kind != "export":
@@ -249,7 +226,7 @@ def _with_shared_prefixes(ctx: SearchContext, jobs: list[TrialJob]) -> list[Tria
     counts: dict[str, int] = {}
     for job in jobs:
         try:
-            config = resolve(ctx.base, job.point)
+            config = resolve(ctx.base, job.point, ctx.factories)
         except ConfigError:
             continue
         levels = [(k, prefix_lock_name(config, k, ctx.threads)) for k in range(1, len(config.stages))
@@ -326,10 +303,10 @@ def _tpe(ctx: SearchContext, spec: sp.SearchConfig, finished: dict[str, dict[str
     dists = sp.optuna_distributions(spec)
     directions = ["maximize" if d == "max" else "minimize" for _, d in spec.primary]
     primary = ctx.targets[0]
-    known = []  # finished trials of this very search (same base, targets, threads), in their order
-    for record in sorted(finished.values(), key=lambda r: (r.get("number", 0), r["id"])):
-        params = sp.params_from_point(spec, record["point"])
-        if params is not None and ctx.trial_id(record["point"]) == record["id"]:
+    known = []  # finished trials of this very search (the store checked them), in their order
+    for record in sorted(finished.values(), key=lambda r: (r["number"], r["id"])):
+        params = sp.params_from_point(spec, record["point"])  # None unless the space draws exactly this point
+        if params is not None:
             known.append((record, params))
     known = known[: spec.trials]
     total = spec.trials or 0
@@ -358,7 +335,7 @@ def _tpe(ctx: SearchContext, spec: sp.SearchConfig, finished: dict[str, dict[str
             trial = study.ask(dists)
             point = sp.point_from_params(spec, trial.params)
             job = TrialJob(number=number, point=point, id=ctx.trial_id(point))
-            record = finished.get(job.id) or report.records.get(job.id)
+            record = reuse(finished, job) or report.records.get(job.id)
             if record is None:
                 record = run_trial(ctx, job)
                 report(record)

@@ -18,6 +18,7 @@ order the keys are written (the first key varies slowest), random and tpe from `
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from typing import Any, Literal
@@ -263,8 +264,15 @@ def point_from_params(spec: SearchConfig, params: dict[str, Any]) -> dict[str, A
     return point
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Equal as JSON, types included (1, 1.0 and true are three values; a point read from a file
+    is the same point only when it is this one)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def params_from_point(spec: SearchConfig, point: dict[str, Any]) -> dict[str, Any] | None:
-    """The Optuna parameters of a point (None when a value is not in the space any more)."""
+    """The Optuna parameters of a point; None unless the space draws exactly this point (a value
+    not in the space any more, a key the space does not have)."""
     params = {}
     for name, key in param_names(spec).items():
         values = spec.space[key]
@@ -280,7 +288,7 @@ def params_from_point(spec: SearchConfig, point: dict[str, Any]) -> dict[str, An
             if not matches:
                 return None
             params[name] = matches[0]
-    return params
+    return params if same_value(point_from_params(spec, params), point) else None
 
 
 def touched_stage(key: str) -> str:

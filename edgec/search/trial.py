@@ -38,6 +38,7 @@ class SearchContext:
     threads: int
     latency: dict[str, Any]
     coordinate: bool = False  # concurrent trials: build shared stage prefixes once, under a lock
+    factories: frozenset[str] = frozenset()  # the model factories the search config names (named_factories)
 
     def trial_id(self, point: dict[str, Any]) -> str:
         from edgec.pipeline.cache import stable_hash
@@ -55,11 +56,34 @@ class TrialJob:
     shared_prefixes: tuple[tuple[int, str], ...] = field(default_factory=tuple)
 
 
-def resolve(base: dict[str, Any], point: dict[str, Any]):
-    """The BuildConfig of a point (raises ConfigError: such a point is rejected at plan time)."""
+def named_factories(base: dict[str, Any], space: dict[str, Any]) -> frozenset[str]:
+    """Every string of the search config (its build config and its space's values): a model factory
+    a point builds must be one of them, so no file can name code for a search to import."""
+    found: set[str] = set()
+    todo: list[Any] = [base, *(v for v in space.values() if isinstance(v, list))]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, str):
+            found.add(value)
+        elif isinstance(value, dict):
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+    return frozenset(found)
+
+
+def resolve(base: dict[str, Any], point: dict[str, Any], factories: frozenset[str]):
+    """The BuildConfig of a point (raises ConfigError: such a point is rejected at plan time), which
+    may name only the model factories in ``factories`` (what the user's search config names)."""
+    from edgec.api import model_trust
     from edgec.config import Overrides, parse_config
 
-    return parse_config(copy.deepcopy(base), Overrides(dict(point), {}))
+    config = parse_config(copy.deepcopy(base), Overrides(dict(point), {}))
+    unnamed = sorted(model_trust(config).factories - factories)
+    if unnamed:
+        raise ConfigError(f"the point names the model factory {unnamed[0]!r}, which the search config does not: "
+                          "edgec imports only the factories you name")
+    return config
 
 
 def portable_config(config) -> dict[str, Any]:
@@ -106,7 +130,7 @@ def _run(ctx: SearchContext, job: TrialJob, record: dict[str, Any], console) -> 
     from edgec import api
 
     try:
-        config = resolve(ctx.base, job.point)
+        config = resolve(ctx.base, job.point, ctx.factories)
     except ConfigError as e:
         record.update(status="rejected", reason=str(e))
         record["targets"] = {t: _rejected(str(e)) for t in ctx.targets}
