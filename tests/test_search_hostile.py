@@ -87,7 +87,7 @@ def test_an_edited_point_imports_nothing_and_the_trial_reruns(finished, tmp_path
     paths[0.02].write_text(json.dumps({**record, "point": point}))
     result, ignored = _search_again(finished, tmp_path)
     assert not trace.exists() and SENTINEL not in __import__("sys").modules
-    assert len(ignored) == 1 and paths[0.02].name in ignored[0] and "do not give its id" in ignored[0]
+    assert len(ignored) == 1 and paths[0.02].name in ignored[0] and "does not hash to its id" in ignored[0]
     assert result.outcome.ran == [record["id"]]  # rerun from the cache; the other trial reused
     assert [t["point"] for t in result.summary["trials"]] == [{"train.lr": 0.01}, {"train.lr": 0.02}]
     assert all(t["status"] == "ok" for t in result.summary["trials"])
@@ -113,7 +113,7 @@ def _swap(paths):
     a, b = json.loads(paths[0.01].read_text()), json.loads(paths[0.02].read_text())
     paths[0.01].write_text(json.dumps({**a, "point": b["point"]}))
     paths[0.02].write_text(json.dumps({**b, "point": a["point"]}))
-    return 2, "do not give its id"
+    return 2, "does not hash to its id"
 
 
 def _metric_as_text(paths):
@@ -184,7 +184,7 @@ def test_a_record_of_another_search_config_is_not_reused(finished, tmp_path):
     found, lines = _load(other)
     assert found == {}
     about_forged = [line for line in lines if forged["id"] in line]
-    assert len(about_forged) == 1 and "resolved config is not what this search config gives" in about_forged[0]
+    assert len(about_forged) == 1 and "config is not what this search config gives" in about_forged[0]
     assert len(lines) == 3  # the two originals are of another search too
     assert set(_load(_context(RAW, tmp_path / "out"))[0]) == {json.loads(p.read_text())["id"] for p in paths.values()}
 

@@ -7,8 +7,8 @@ embedded (in this process) or on Ray Tune.
 
 Modules: ``space`` (the [search] table, grid / random / tpe points), ``trial`` (one point -> plan
 check -> build -> validation accuracy and latency), ``pareto`` (feasibility, fronts, the best-point
-rule), ``runner`` (the embedded backend, the trial store that makes a search resumable, the dry
-run), ``ray_backend`` (a Ray session and Ray Tune), ``output`` (search.json, report, Pareto bundles,
+rule), ``records`` (the trial store that makes a search resumable, and when a stored record may be
+reused), ``runner`` (the embedded backend, the dry run), ``ray_backend`` (a Ray session and Ray Tune), ``output`` (search.json, report, Pareto bundles,
 best.toml).
 """
 

@@ -132,7 +132,7 @@ class TrialStore:
                 if record is not None:
                     found[record["id"]] = record
         for line in ignored[:MAX_REPORTED]:
-            console.print(f"[yellow]ignored[/] {line}; that trial runs again if this search has it")
+            console.print(f"[yellow]ignored[/] {line} (not reused)")
         if len(ignored) > MAX_REPORTED:
             console.print(f"[yellow]ignored[/] {len(ignored) - MAX_REPORTED} more trial record(s) in {self.dir}")
         return found
@@ -186,11 +186,9 @@ def checked(raw: Any, stem: str, ctx: SearchContext) -> dict[str, Any] | None:
 
 def _matching(raw: dict[str, Any], ctx: SearchContext) -> dict[str, Any]:
     if ctx.trial_id(raw["point"]) != raw["id"] or raw["threads"] != ctx.threads or set(raw["targets"]) != set(ctx.targets):
-        raise Ignored("its point, targets or threads do not give its id under this search config "
-                      "(an edited record, or one of another search)")
+        raise Ignored("its point does not hash to its id under this search config: edited, or of another search")
     if not sp.same_value(raw["config"], expected_config(ctx, raw["point"])):
-        raise Ignored("its resolved config is not what this search config gives its point "
-                      "(a record of another search, or an edited one)")
+        raise Ignored("its config is not what this search config gives its point: edited, or of another search")
     return raw
 
 
