@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sys
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -23,6 +22,7 @@ from rich.table import Table
 from . import __version__
 from .errors import ConfigError, EdgecError, RunError
 from .ondevice.errors import BundleError
+from .tomlfile import NestedTooDeep, parse_toml
 
 app = typer.Typer(
     name="edgec",
@@ -57,8 +57,10 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=10")
         try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
+            out[key.strip()] = parse_toml(f"v = {value}", f"--set {key.strip()}")["v"]
+        except NestedTooDeep:
+            raise
+        except ConfigError:  # not a TOML value: the text itself
             out[key.strip()] = value
     return out
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from edgec.pipeline.stage import Stage, StageConfig, Strict
 from edgec.pipeline.stages import DEFAULT_STAGES
 
 from .errors import ConfigError
+from .tomlfile import read_toml
 
 DEFAULT_CONFIG_FILE = Path("edgec.toml")
 DEFAULT_OUT = Path("edgec-out")
@@ -151,10 +151,7 @@ def load_config(path: Path | None, overrides: Overrides | dict[str, Any] | None 
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if file is not None:
-        try:
-            raw = tomllib.loads(file.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{file}: not valid TOML ({e})") from None
+        raw = read_toml(file)
     return parse_config(raw, overrides, origin=f"{file}: " if file else "")
 
 
