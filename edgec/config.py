@@ -14,6 +14,7 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -158,6 +159,7 @@ def load_config(path: Path | None, overrides: Overrides | dict[str, Any] | None 
 def parse_config(raw: dict[str, Any], overrides: Overrides | None = None, origin: str = "") -> BuildConfig:
     overrides = overrides or Overrides({}, {})
     try:
+        raw, overrides = _stage_list_override(raw, overrides)
         tables = _stage_tables(dict(raw), overrides)
         specs = _validate_stages(tables)
         top = {k: v for k, v in raw.items() if k != "stages" and k not in Stage.registry}
@@ -185,6 +187,19 @@ def parse_config(raw: dict[str, Any], overrides: Overrides | None = None, origin
         if task.data != MAIN_DATA and task.data not in config.data.named:
             raise ConfigError(f"{origin}task {task.name!r}: data {task.data!r} is not declared; add a [data.{task.data}] table")
     return config
+
+
+def _stage_list_override(raw: dict[str, Any], overrides: Overrides) -> tuple[dict[str, Any], Overrides]:
+    """``--set stages=[...]`` replaces the config's stage list (kinds or inline tables), exactly as
+    ``stages = [...]`` in the file would; a key below it (``--set stages.0.x``) has no meaning."""
+    keys = dict(overrides.keys)
+    nested = next((k for k in keys if k.startswith("stages.")), None)
+    if nested is not None:
+        raise ConfigError(f"--set {nested}: address a stage by its id or kind (--set train.epochs=3); set the list with "
+                          "--set stages=[...], --stages ids or the config file's stages")
+    if "stages" not in keys:
+        return raw, overrides
+    return {**raw, "stages": keys.pop("stages")}, dataclasses.replace(overrides, keys=keys)
 
 
 def _stage_tables(raw: dict[str, Any], overrides: Overrides) -> list[dict[str, Any]]:

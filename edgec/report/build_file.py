@@ -29,14 +29,19 @@ class _Checked(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
-class _Layer(_Checked):
-    layer: StrictStr
+class _Total(_Checked):
+    params: Count = None
+    nonzero: Count = None
     sparsity: Fraction = None
+
+
+class _Layer(_Total):
+    layer: StrictStr
 
 
 class _Sparsity(_Checked):
     layers: list[_Layer] = []
-    total: dict[str, Fraction] = {}
+    total: _Total = _Total()
 
 
 class _Info(_Checked):
@@ -53,7 +58,7 @@ class _Info(_Checked):
     sparsity: Optional[_Sparsity] = None
     distinct_values: dict[str, Count] = {}
     task_accuracy: dict[str, Fraction] = {}
-    tasks: list[StrictStr] = []
+    tasks: list[StrictStr] | dict[StrictStr, Any] = []  # learn: the order; a multi-task export: per task
     task: Optional[StrictStr] = None
     method: Optional[StrictStr] = None
 
