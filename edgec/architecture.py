@@ -103,8 +103,8 @@ def make_module(spec: Any, where: str = "module") -> nn.Module:
         children = spec.get("children")
         if set(spec) != {"type", "children"} or not isinstance(children, dict):
             raise InputError(f"architecture record: {where} ({kind}) needs exactly 'type' and 'children'")
-        if not all(isinstance(k, str) and (k.isidentifier() or k.isdigit()) for k in children):
-            raise InputError(f"architecture record: {where} ({kind}) has invalid child names")
+        for k in children:
+            check_module_name(k, CONTAINER_TYPES[kind], f"architecture record: {where} ({kind})")
         built = {k: make_module(v, f"{where}.{k}") for k, v in children.items()}
         if issubclass(CONTAINER_TYPES[kind], nn.ModuleDict):
             return CONTAINER_TYPES[kind](built)
@@ -127,6 +127,16 @@ def make_module(spec: Any, where: str = "module") -> nn.Module:
     except (TypeError, ValueError, RuntimeError) as e:
         raise InputError(f"architecture record: {where} ({kind}) has invalid arguments {args} ({e})") from None
     return cls(**args)
+
+
+def check_module_name(name: Any, owner: type[nn.Module], where: str) -> None:
+    """A module name read from a file: an identifier or an index, never a dunder and never a name
+    that ``owner`` (the class the module would be set on) already has, such as ``update`` of a
+    ModuleDict or ``forward``: torch refuses or silently shadows those."""
+    if not isinstance(name, str) or not (name.isidentifier() or name.isdigit()) or name.startswith("__") \
+            or hasattr(owner, name):
+        raise InputError(f"{where} names a module {str(name)[:40]!r}, which is not a valid module name (letters, digits and "
+                         "'_', not a name of a torch.nn.Module attribute); the file was altered or not written by edgec")
 
 
 def _plain(v) -> bool:
@@ -177,6 +187,8 @@ def validate_record(arch: Any, origin: str) -> dict[str, Any]:
         if not isinstance(edit, dict) or set(edit) != {"op", "path", "module"} or edit["op"] != "set_module" \
                 or not isinstance(edit["path"], str) or not edit["path"]:
             raise InputError(f"{origin}: architecture edit {i} is not a set_module edit this edgec version knows")
+        for part in edit["path"].split("."):
+            check_module_name(part, nn.Module, f"{origin}: architecture edit {i}")
     return arch
 
 
@@ -253,7 +265,9 @@ def set_module(model: nn.Module, path: str, module: nn.Module, origin: str = "th
         if child is None:
             raise InputError(f"{origin}: an architecture edit names {path!r}, but the model has no module {part!r} there")
         node = child
-    if not leaf or (leaf in node.__dict__ and leaf not in node._modules):
+    if leaf not in node._modules:
+        check_module_name(leaf, type(node), f"{origin}: architecture edit {path!r}")
+    if leaf in node.__dict__ and leaf not in node._modules:
         raise InputError(f"{origin}: an architecture edit names {path!r}, which is not a module slot")
     setattr(node, leaf, module)
 

@@ -71,6 +71,14 @@ class Checkpoint:
         keep = lambda d: {k: v for k, v in d.items() if k in state and _fits(v, state[k])}  # noqa: E731
         return Checkpoint(arch, state, keep(self.masks), keep(self.codebooks), dict(self.extensions), self.origin)
 
+    def first_nonfinite(self) -> str | None:
+        """The name of the first weight, buffer or codebook holding NaN or an infinity, or None."""
+        for table in (self.state_dict, self.codebooks):
+            for name, t in table.items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return name
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

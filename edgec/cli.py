@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sys
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -23,6 +22,7 @@ from rich.table import Table
 from . import __version__
 from .errors import ConfigError, EdgecError, RunError
 from .ondevice.errors import BundleError
+from .tomlfile import NestedTooDeep, parse_toml
 
 app = typer.Typer(
     name="edgec",
@@ -57,8 +57,10 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=10")
         try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
+            out[key.strip()] = parse_toml(f"v = {value}", f"--set {key.strip()}")["v"]
+        except NestedTooDeep:
+            raise
+        except ConfigError:  # not a TOML value: the text itself
             out[key.strip()] = value
     return out
 
@@ -316,6 +318,15 @@ def _internal(e: BaseException) -> str:
     return f"error: internal error {type(e).__name__}: {_one_line(e)} (rerun with --debug and report it)"
 
 
+OUT_OF_MEMORY = "error: out of memory; use a smaller data set, model or batch size, or a machine with more memory"
+# How torch's allocators report a failed allocation (a RuntimeError, not a MemoryError).
+_ALLOCATOR_FAILURES = ("DefaultCPUAllocator", "not enough memory", "can't allocate memory", "out of memory")
+
+
+def _out_of_memory(e: Exception) -> bool:
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _ALLOCATOR_FAILURES))
+
+
 def main() -> None:
     args, debug = _split_debug(sys.argv[1:])
     if debug:
@@ -365,16 +376,10 @@ def main() -> None:
         message, exit_code = _os_error(e) if e.errno is not None else (_internal(e), 1)
         print(message, file=sys.stderr)
         sys.exit(exit_code)
-    except MemoryError:
+    except Exception as e:  # out of memory, or a bug: still one line unless --debug
         if debug:
             raise
-        print("error: out of memory; use a smaller data set, model or batch size, or a machine with more memory",
-              file=sys.stderr)
-        sys.exit(1)
-    except Exception as e:  # a bug: still one line unless --debug
-        if debug:
-            raise
-        print(_internal(e), file=sys.stderr)
+        print(OUT_OF_MEMORY if _out_of_memory(e) else _internal(e), file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -14,9 +14,9 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +27,7 @@ from edgec.pipeline.stage import Stage, StageConfig, Strict
 from edgec.pipeline.stages import DEFAULT_STAGES
 
 from .errors import ConfigError
+from .tomlfile import read_toml
 
 DEFAULT_CONFIG_FILE = Path("edgec.toml")
 DEFAULT_OUT = Path("edgec-out")
@@ -151,16 +152,14 @@ def load_config(path: Path | None, overrides: Overrides | dict[str, Any] | None 
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if file is not None:
-        try:
-            raw = tomllib.loads(file.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{file}: not valid TOML ({e})") from None
+        raw = read_toml(file)
     return parse_config(raw, overrides, origin=f"{file}: " if file else "")
 
 
 def parse_config(raw: dict[str, Any], overrides: Overrides | None = None, origin: str = "") -> BuildConfig:
     overrides = overrides or Overrides({}, {})
     try:
+        raw, overrides = _stage_list_override(raw, overrides)
         tables = _stage_tables(dict(raw), overrides)
         specs = _validate_stages(tables)
         top = {k: v for k, v in raw.items() if k != "stages" and k not in Stage.registry}
@@ -188,6 +187,19 @@ def parse_config(raw: dict[str, Any], overrides: Overrides | None = None, origin
         if task.data != MAIN_DATA and task.data not in config.data.named:
             raise ConfigError(f"{origin}task {task.name!r}: data {task.data!r} is not declared; add a [data.{task.data}] table")
     return config
+
+
+def _stage_list_override(raw: dict[str, Any], overrides: Overrides) -> tuple[dict[str, Any], Overrides]:
+    """``--set stages=[...]`` replaces the config's stage list (kinds or inline tables), exactly as
+    ``stages = [...]`` in the file would; a key below it (``--set stages.0.x``) has no meaning."""
+    keys = dict(overrides.keys)
+    nested = next((k for k in keys if k.startswith("stages.")), None)
+    if nested is not None:
+        raise ConfigError(f"--set {nested}: address a stage by its id or kind (--set train.epochs=3); set the list with "
+                          "--set stages=[...], --stages ids or the config file's stages")
+    if "stages" not in keys:
+        return raw, overrides
+    return {**raw, "stages": keys.pop("stages")}, dataclasses.replace(overrides, keys=keys)
 
 
 def _stage_tables(raw: dict[str, Any], overrides: Overrides) -> list[dict[str, Any]]:

@@ -390,7 +390,7 @@ def _check_npz_headers(path: Path, keys: tuple[str, ...] = _NPZ_KEYS) -> None:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
         raise InputError(f"npz: {path} is not a readable .npz without pickled objects ({e})") from None
-    memory = _physical_memory()
+    memory = physical_memory()
     if memory and total > memory:
         raise InputError(
             f"npz: {path} holds {total / 2**30:.1f} GiB of arrays, more than this machine's "
@@ -398,7 +398,7 @@ def _check_npz_headers(path: Path, keys: tuple[str, ...] = _NPZ_KEYS) -> None:
         )
 
 
-def _physical_memory() -> int | None:
+def physical_memory() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -30,7 +30,7 @@ from edgec.ondevice.errors import BundleError
 from edgec.ondevice.integrity import MANIFEST_NAME, SIGNATURE_NAME, describe_files
 from edgec.ondevice.manifest import load_bundle, read_manifest_bytes
 from edgec.ondevice.recommend import write_file_atomic
-from edgec.ondevice.signature import ALGORITHM, SIGNATURE_SCHEMA, SIGNATURE_SCHEMA_VERSION, fingerprint
+from edgec.ondevice.signature import ALGORITHM, SIGNATURE_SCHEMA, SIGNATURE_SCHEMA_VERSION, fingerprint, read_key_file
 
 PRIVATE_KEY_NAME = "edgec.key"
 PUBLIC_KEY_NAME = "edgec.pub"
@@ -92,9 +92,11 @@ def load_private_key(path: Path):
     ed25519, serialization = _crypto()
     path = Path(path).expanduser()
     try:
-        data = path.read_bytes()[: MAX_KEY_BYTES + 1]
+        data = read_key_file(path, MAX_KEY_BYTES)
     except OSError as e:
         raise InputError(f"signing key {path} cannot be read ({e.strerror or e}): make one with `edgec keys generate`") from None
+    except ValueError as e:
+        raise InputError(f"signing key {path} {e}: sign with the edgec.key written by `edgec keys generate`") from None
     if b"PRIVATE KEY" not in data:
         raise InputError(f"{path} is not a private key (PEM): sign with the edgec.key written by `edgec keys generate`")
     try:

@@ -10,11 +10,12 @@ from typing import Mapping, Sequence
 import torch
 from rich.table import Table
 
+from edgec.checkpoint import load_checkpoint
 from edgec.data import Dataset
-from edgec.errors import ConfigError, EdgecError
+from edgec.errors import ConfigError, EdgecError, InputError, RunError
 from edgec.targets.qat import QAT_EXTENSION
 
-from .artifact import Artifact
+from .artifact import CHECKPOINT_FILE, MODEL, Artifact
 from .cache import StageCache, stable_hash
 from .stage import Probe, Stage, StageContext
 
@@ -42,6 +43,9 @@ def check_chain(
     the last stage costs seconds, not a training run. Errors name the stage id."""
     datasets = datasets or {}
     ckpt = source.checkpoint()
+    bad = ckpt.first_nonfinite()
+    if bad is not None:
+        raise InputError(f"the initial weights hold NaN or infinite values in {bad}; start from weights that are finite")
     probe = Probe(kind=source.kind, model=ckpt.build(ctx.trust), arch=ckpt.arch, data=ctx.data, target=ctx.target,
                   trust=ctx.trust, datasets=ctx.datasets, tasks=ctx.tasks, extensions=ckpt.extensions)
     quantized_by = None  # the qat stage of this chain, once one has run
@@ -102,9 +106,21 @@ def run_chain(
             ctx.console.print(f"[bold cyan]run[/]    {stage.id}  [dim]{key[:12]}[/]")
             source_artifact = current
             current = cache.put(stage.kind, key, stage.produces,
-                                lambda out: stage.run(source_artifact, stage_ctx, out), force=forced)
+                                lambda out: _run_checked(stage, source_artifact, stage_ctx, out), force=forced)
         results.append(StepResult(stage.id, stage.kind, key, hit is not None, time.perf_counter() - start, current))
     return results
+
+
+def _run_checked(stage: Stage, source: Artifact, ctx: StageContext, out) -> dict:
+    """``stage.run``, then its model refused (before the cache keeps it) when a weight or buffer is
+    not finite: a diverged run must not be exported and published as if it had worked."""
+    info = stage.run(source, ctx, out)
+    if stage.produces == MODEL:
+        bad = load_checkpoint(out / CHECKPOINT_FILE).first_nonfinite()
+        if bad is not None:
+            raise RunError(f"stage {stage.id!r} produced NaN or infinite values in {bad}: training diverged; scale the "
+                           "inputs to values of order 1 (e.g. standardise them) or lower the learning rate")
+    return info
 
 
 def plan_status(stages, source, ctx, cache, datasets=None, force_from=None) -> list[dict]:

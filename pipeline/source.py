@@ -9,7 +9,7 @@ import torch
 from edgec import architecture
 from edgec.architecture import ModelTrust
 from edgec.checkpoint import Checkpoint, load_weights
-from edgec.data import Dataset
+from edgec.data import Dataset, physical_memory
 from edgec.errors import ConfigError, InputError
 from edgec.zoo import ZOO
 
@@ -40,11 +40,32 @@ def resolve_arch(name: str | None, args: dict, weights: Path | None, data: Datas
     base = (architecture.zoo_base(name, data.input_shape, data.num_classes, **args) if name in ZOO
             else architecture.factory_base(name, **_factory_args(name, args, data)))
     arch = architecture.record(base)
+    _require_fits_memory(arch, trust)
     if loaded is None:
         return arch, None
     ckpt = Checkpoint(arch, loaded, origin=str(weights))
     ckpt.build(trust)  # raises InputError naming the first mismatching tensor
     return arch, ckpt
+
+
+# Training holds each parameter four times (weights, gradients, two optimiser moments), fp32.
+TRAINING_BYTES_PER_PARAMETER = 4 * 4
+
+
+def _require_fits_memory(arch: dict, trust: ModelTrust) -> None:
+    """Refuse, before anything is allocated, a model (sized on the meta device) that could not be
+    trained in this machine's memory: huge [model] args would otherwise fail in the allocator."""
+    shapes = architecture.dry_shapes(arch, trust, "the model")
+    memory = physical_memory()
+    if shapes is None or not memory:
+        return
+    params = architecture.parameter_count(shapes)
+    if params * TRAINING_BYTES_PER_PARAMETER > memory:
+        raise ConfigError(
+            f"model {architecture.describe(arch)} has {params:,} parameters ({params * 4 / 2**30:.1f} GiB as fp32, about "
+            f"{params * TRAINING_BYTES_PER_PARAMETER / 2**30:.1f} GiB to train); this machine has {memory / 2**30:.1f} GiB "
+            "of memory: choose smaller [model] args (widths, channels)"
+        )
 
 
 def _factory_args(factory: str, args: dict, data: Dataset) -> dict:

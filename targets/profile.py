@@ -27,13 +27,13 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgec.errors import ConfigError
+from edgec.tomlfile import read_toml
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 # Where a built-in profile's requirements_file may live: the targets/ data folder (profiles/ and the
@@ -164,12 +164,7 @@ def _read(path: Path, builtin: bool) -> TargetProfile:
     """Validate a profile file: a built-in one's requirements_file resolves in the built-in data
     folder, a user's in the folder of its board.toml."""
     base = BUILTIN_DATA_DIR if builtin else path.resolve().parent
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read ({e})") from None
+    data = read_toml(path)
     try:
         return TargetProfile.model_validate(data, context={"base_dir": base})
     except ValidationError as e:

@@ -24,6 +24,7 @@ import binascii
 import hashlib
 import json
 import os
+import stat
 
 from .errors import BundleError, RuntimeMissingError
 from .integrity import SIGNATURE_NAME, FileRefused, open_bundle_file
@@ -62,20 +63,38 @@ def fingerprint(public_key):
     return "sha256:" + hashlib.sha256(raw_public_bytes(public_key)).hexdigest()
 
 
+def read_key_file(path, max_bytes=MAX_KEY_BYTES):
+    """The bytes of a key file, which must be a regular file of at most ``max_bytes``.
+
+    Opened non-blocking and checked with fstat before any read, so a FIFO never blocks and a
+    device such as /dev/zero is never read. Raises OSError (cannot open) or ValueError (the reason
+    the file is refused, e.g. "is not a regular file")."""
+    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("is not a regular file")
+        if st.st_size > max_bytes:
+            raise ValueError("is not a key (bigger than %d bytes)" % max_bytes)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew after the size check
+        raise ValueError("is not a key (bigger than %d bytes)" % max_bytes)
+    return data
+
+
 def load_public_key(path):
     """An Ed25519 public key from ``path`` (PEM, OpenSSH, raw 32 bytes or 64 hex digits)."""
     ed25519, serialization, _inv = crypto()
     path = os.fspath(path)
     hint = "pass the edgec.pub written by `edgec keys generate` (an Ed25519 public key)"
     try:
-        if not os.path.isfile(path):
-            raise KeyFileError("public key %s not found" % path, hint)
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEY_BYTES + 1)
+        data = read_key_file(path)
+    except FileNotFoundError:
+        raise KeyFileError("public key %s not found" % path, hint) from None
     except OSError as e:
         raise KeyFileError("public key %s cannot be read (%s)" % (path, e.strerror or e), hint) from None
-    if len(data) > MAX_KEY_BYTES:
-        raise KeyFileError("public key %s is not a key (bigger than %d bytes)" % (path, MAX_KEY_BYTES), hint)
+    except ValueError as e:
+        raise KeyFileError("public key %s %s" % (path, e), hint) from None
     text = data.strip()
     key = None
     try:

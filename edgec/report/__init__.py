@@ -15,9 +15,10 @@ confusion matrix of the shipped bundle on its eval set, and the latency distribu
 result (``BUILD_DIR/bench.json`` or ``bench=``) when there is one. Whatever cannot be drawn is
 skipped with a note saying why; only an unreadable build directory (or a bad ``bench=`` file) raises.
 
-Modules: ``document`` (the blocks, HTML / Markdown rendering, writing), ``plots`` (matplotlib),
-``sections`` (the build-level sections), ``tasks`` (regression / reconstruction bundles instead of
-the confusion matrix), ``continual`` (the forgetting matrix of multi-task builds).
+Modules: ``build_file`` (build.json, checked), ``document`` (the blocks, HTML / Markdown rendering,
+writing), ``plots`` (matplotlib), ``sections`` (the build-level sections), ``tasks`` (regression /
+reconstruction bundles instead of the confusion matrix), ``continual`` (the forgetting matrix of
+multi-task builds).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 from edgec.errors import InputError
 
+from .build_file import read_build
 from .continual import IMAGES as MULTITASK_IMAGES
 from .continual import forgetting_section
 from .document import ASSETS_DIR, REPORT_HTML, REPORT_MD, Doc, write_document
@@ -38,7 +40,6 @@ from .tasks import task_section
 
 __all__ = ["ASSETS_DIR", "IMAGES", "REPORT_HTML", "REPORT_MD", "write_report"]
 
-BUILD_FILE = "build.json"
 
 
 def write_report(build_dir: Path, bench: Path | None = None) -> dict[str, Path]:
@@ -49,7 +50,7 @@ def write_report(build_dir: Path, bench: Path | None = None) -> dict[str, Path]:
     Raises InputError when ``build_dir`` has no readable build.json or ``bench`` is not a bench result.
     """
     build_dir = Path(build_dir)
-    summary = _read_build(build_dir)
+    summary = read_build(build_dir)
     bench_data, bench_note = _read_bench(build_dir, bench)
     bundle_dir = build_dir / BUNDLE_DIR
     manifest = _read_manifest(bundle_dir)
@@ -74,20 +75,6 @@ def write_report(build_dir: Path, bench: Path | None = None) -> dict[str, Path]:
 
 
 # --- inputs -------------------------------------------------------------------------------------
-
-
-def _read_build(build_dir: Path) -> dict[str, Any]:
-    path = build_dir / BUILD_FILE
-    if not path.is_file():
-        raise InputError(f"{build_dir} is not an edgec build directory (no {BUILD_FILE}); "
-                         "pass <out>/<target>/ written by `edgec build`")
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable JSON file ({e}); rebuild with `edgec build`") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("stages"), list):
-        raise InputError(f"{path} has no stage list; rebuild with `edgec build`")
-    return summary
 
 
 def _read_bench(build_dir: Path, bench: Path | None) -> tuple[dict[str, Any] | None, str | None]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from edgec.errors import ConfigError, InputError
+from edgec.tomlfile import read_toml
 
 from . import space as sp
 from .records import FINISHED, TrialStore, reuse
@@ -68,10 +68,7 @@ def load_setup(path: Path, *, targets: list[str] | None = None, data: str | None
     """Read a search config: the build config (edgec.toml keys) plus a ``[search]`` table."""
     if not path.is_file():
         raise ConfigError(f"search config {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    raw = read_toml(path)
     return make_setup(raw, targets=targets, data=data, out=out, cache_dir=cache_dir, strategy=strategy, trials=trials,
                       cpus_per_trial=cpus_per_trial, config_file=path)
 
