@@ -4,7 +4,17 @@ Imports only the standard library and numpy; the runtimes (ai_edge_litert /
 tflite_runtime, onnxruntime) are imported lazily, and so is cryptography (only to check a
 signature, ``verify --public-key``). Export copies this package into
 every bundle as ``edgec_ondevice/``, so it uses relative imports only.
+
+``python -m edgec_ondevice`` run in the bundle folder puts that folder first on ``sys.path``; the
+bundle's copy takes it off before it imports anything (``sys`` and ``os`` are loaded at start-up).
 """
+
+import os
+import sys
+
+if "." not in __name__:  # the bundle's copy (edgec_ondevice), not edgec.ondevice on a host
+    _BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BUNDLE_DIR]
 
 from .bench import BENCH_SCHEMA, BENCH_SCHEMA_VERSION, bench_bundle, bench_exit_code, measure_setting
 from .errors import (BundleError, IntegrityError, ManifestError, ModelLoadError, NotABundleError,

@@ -218,7 +218,8 @@ def check_files(root, files, manifest_name=MANIFEST_NAME):
     """Check every ``files`` entry and the folder as a whole. Returns a dict:
 
     ``{"ok", "files_checked", "bytes_checked", "problems": [{"file", "problem", "expected", "actual"}],
-    "unlisted": [names present in the bundle but not in the table]}``
+    "unlisted": [names present in the bundle but not in the table], "foreign_folders": [top-level folders
+    holding no listed file, see ``_foreign_folders``]}`` (``summarize_problems`` puts it in a few lines)
 
     ``problem`` is one of ``missing``, ``size``, ``sha256``, ``not-a-file``, ``symlink`` (a listed
     file, a folder on its path or any other entry in the bundle) and ``unlisted`` (a file the table
@@ -277,7 +278,67 @@ def check_files(root, files, manifest_name=MANIFEST_NAME):
     for name in unlisted:
         problems.append({"file": name, "problem": "unlisted", "expected": None, "actual": "present"})
     return {"ok": not problems, "files_checked": len(files), "bytes_checked": nbytes,
-            "problems": problems, "unlisted": unlisted}
+            "problems": problems, "unlisted": unlisted, "foreign_folders": _foreign_folders(root, problems, listed)}
+
+
+_FOREIGN_KINDS = ("unlisted", "symlink", "not-a-file")
+
+
+def _foreign_folders(root, problems, listed):
+    """Top-level folders that hold no listed file but hold unlisted entries (a venv, a dataset ...):
+    ``[{"folder", "entries", "venv"}]``."""
+    listed_tops = {n.split("/")[0] for n in listed}
+    counts = {}
+    for p in problems:
+        top, sep, _rest = p["file"].partition("/")
+        if sep and top not in listed_tops and p["problem"] in _FOREIGN_KINDS:
+            counts[top] = counts.get(top, 0) + 1
+    out = []
+    for top in sorted(counts):
+        try:
+            venv = stat.S_ISREG(os.lstat(os.path.join(root, top, "pyvenv.cfg")).st_mode)
+        except OSError:
+            venv = False
+        out.append({"folder": top, "entries": counts[top], "venv": venv})
+    return out
+
+
+_SHOWN_NAMES = 3
+_MAX_LINES = 6
+
+
+def summarize_problems(report):
+    """The problems of a ``check_files`` report as a few lines: a folder the manifest does not list
+    (a venv ...) is one line saying what it is and where it belongs, many unlisted files are one line
+    with a count and a few names, and at most ``_MAX_LINES`` lines in all."""
+    foreign = {f["folder"]: f for f in report.get("foreign_folders") or []}
+    lines, loose_unlisted = [], []
+    for f in foreign.values():
+        n = "{:,}".format(f["entries"])
+        if f["venv"]:
+            lines.append("%s/ is a Python virtual environment (%s entries not listed in the manifest): create it "
+                         "outside the bundle, e.g. python3 -m venv ~/edgec-venv" % (f["folder"], n))
+        else:
+            lines.append("%s/ is a folder the manifest does not list (%s entries): move it out of the bundle "
+                         "(a bundle may hold only the files it lists)" % (f["folder"], n))
+    for p in report["problems"]:
+        top, sep, _rest = p["file"].partition("/")
+        if sep and top in foreign and p["problem"] in _FOREIGN_KINDS:
+            continue
+        if p["problem"] == "unlisted":
+            loose_unlisted.append(p["file"])
+        else:
+            lines.append(describe_problem(p))
+    if len(loose_unlisted) > _SHOWN_NAMES:
+        lines.append("%s files are not listed in the manifest: %s and %s more (a bundle may hold only the files "
+                     "it lists: move them out of the bundle)" % ("{:,}".format(len(loose_unlisted)),
+                                                                 ", ".join(loose_unlisted[:_SHOWN_NAMES]),
+                                                                 "{:,}".format(len(loose_unlisted) - _SHOWN_NAMES)))
+    else:
+        lines.extend(describe_problem({"file": n, "problem": "unlisted"}) for n in loose_unlisted)
+    if len(lines) > _MAX_LINES:
+        lines[_MAX_LINES - 1:] = ["and %s more problems" % "{:,}".format(len(lines) - _MAX_LINES + 1)]
+    return lines
 
 
 def describe_problem(p):
@@ -307,9 +368,8 @@ def require_intact(root, files):
     report = check_files(root, files)
     if not report["ok"]:
         probs = report["problems"]
-        msg = describe_problem(probs[0])
-        if len(probs) > 1:
-            msg += " (and %d more: %s)" % (len(probs) - 1, ", ".join(p["file"] for p in probs[1:6]))
+        lines = summarize_problems(report)
+        msg = lines[0] + ("; " + "; ".join(lines[1:3]) if len(lines) > 1 else "")
         raise IntegrityError("bundle integrity check failed: " + msg,
                              "the bundle was corrupted or edited after export; copy it again",
                              problems=probs)

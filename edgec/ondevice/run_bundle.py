@@ -9,26 +9,34 @@ Needs numpy and the runtime in requirements.txt (and cryptography for --public-k
 edgec_ondevice/ next to this file. Exit codes: 0 ok, 1 a check failed, 2 usage error / bad bundle /
 missing runtime.
 
-The bundle folder is taken off ``sys.path`` and ``edgec_ondevice`` is loaded from it by path, so
-no other file in the folder can shadow a module (numpy.py ...); bytecode is never read from the
-bundle's ``__pycache__`` folders, which the manifest does not list.
+The bundle folder is taken off ``sys.path`` by the first statement, before anything is imported
+(``sys`` is built in; ``os`` is loaded at interpreter start-up), so no file in the folder can stand
+in for a module (tempfile.py, numpy.py ...) before the bundle is checked; ``edgec_ondevice`` is then
+loaded from it by path. Bytecode is never read from the bundle's ``__pycache__`` folders, which the
+manifest does not list.
 """
 
-import os
 import sys
+
+# Python puts this file's folder first on sys.path (not under -I or -P): nothing may be imported
+# before it is taken off.
+if __name__ == "__main__" and sys.path and not (sys.flags.isolated or getattr(sys.flags, "safe_path", False)):
+    del sys.path[0]
+
+import os  # noqa: E402  (never from the bundle: already loaded, or found in the standard library now)
 
 sys.dont_write_bytecode = True  # keep the bundle's files exactly as exported
 HERE = os.path.dirname(os.path.abspath(__file__))
 _MAX_SELF_CHECK_BYTES = 1 << 30
+# Bytecode is looked up under this prefix instead of __pycache__: a folder that cannot exist.
+_NO_BYTECODE = os.path.join(os.devnull, "edgec-no-bytecode")
 
 
 def _isolate():
-    import atexit
-    import tempfile
+    """Take every other spelling of the bundle folder off sys.path ('' or '.' when it is the current
+    folder, PYTHONPATH entries) and never read bytecode from it."""
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
-    prefix = tempfile.mkdtemp(prefix="edgec-nopyc-")  # stays empty: nothing is written
-    sys.pycache_prefix = prefix
-    atexit.register(lambda: os.path.isdir(prefix) and not os.listdir(prefix) and os.rmdir(prefix))
+    sys.pycache_prefix = _NO_BYTECODE
 
 
 def _load_runner():

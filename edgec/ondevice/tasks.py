@@ -287,9 +287,27 @@ def region_positions(regions, size):
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def decode_task_models(payload, base):
+def _check_file_entries(entries, sizes):
+    """The payload's file entries, checked before anything is decoded: at most MAX_TASKS, and with
+    ``sizes`` ({file name: bytes the manifest records}) each a file of the recorded size, so the
+    files decoded take no more than the bundle's own files."""
+    if len(entries) > MAX_TASKS:
+        raise TransportError("the tasks payload lists more than %d files" % MAX_TASKS)
+    names = [f.get("file") if isinstance(f, dict) else None for f in entries]
+    if len(set(map(str, names))) != len(names):
+        raise TransportError("the tasks payload lists a file twice")
+    for f in entries:
+        if not isinstance(f, dict) or not isinstance(f.get("file"), str) or not isinstance(f.get("bytes"), int) \
+                or isinstance(f["bytes"], bool) or f["bytes"] < 0:
+            raise TransportError("a file entry of the tasks payload is malformed")
+        if sizes is not None and sizes.get(f["file"]) != f["bytes"]:
+            raise TransportError("%s is not a file of this bundle of %d bytes" % (f["file"][:80], f["bytes"]))
+
+
+def decode_task_models(payload, base, sizes=None):
     """``{file name: bytes}`` of every model file in a tasks payload, given the base model file's bytes.
-    Raises TransportError when the payload is damaged or does not match ``base``."""
+    Raises TransportError when the payload is damaged or does not match ``base``. ``sizes``: see
+    ``_check_file_entries`` (verify passes the manifest's file table)."""
     payload = bytes(payload)
     if len(payload) < _HEAD.size or payload[:8] != TASKS_MAGIC:
         raise TransportError("not a tasks transport payload (or one of another version)")
@@ -306,6 +324,7 @@ def decode_task_models(payload, base):
         raise TransportError("the tasks payload header is damaged") from None
     if not isinstance(header, dict) or header.get("version") != 2 or not isinstance(header.get("files"), list):
         raise TransportError("the tasks payload has an unknown version")
+    _check_file_entries(header["files"], sizes)
     start = _HEAD.size + zlen
     b = header.get("base") or {}
     if b.get("bytes") != len(base) or b.get("sha256") != hashlib.sha256(base).hexdigest():
@@ -313,11 +332,9 @@ def decode_task_models(payload, base):
     base_arr = np.frombuffer(base, dtype=np.uint8)
     levels = residuals = None
     out = {}
-    for f in header["files"][:MAX_TASKS]:
-        if not isinstance(f, dict) or not isinstance(f.get("file"), str) or not isinstance(f.get("bytes"), int):
-            raise TransportError("a file entry of the tasks payload is malformed")
+    for f in header["files"]:
         if f.get("mode") == "full":
-            body = _section(payload, start, f.get("data"), 1 << 32)
+            body = _section(payload, start, f.get("data"), f["bytes"])
         elif f.get("mode") == "masked":
             level = f.get("level")
             if f["bytes"] != len(base) or not isinstance(level, int) or isinstance(level, bool) or not 1 <= level <= 255:
@@ -359,7 +376,7 @@ def check_tasks_transport(bundle):
     try:
         payload = read_bundle_file(bundle.path, name, listed[name]["bytes"], "tasks_transport.file")
         base = read_bundle_file(bundle.path, bundle.model_file, listed[bundle.model_file]["bytes"], "model_file")
-        files = decode_task_models(payload, base)
+        files = decode_task_models(payload, base, {n: e["bytes"] for n, e in listed.items()})
         for fname, body in files.items():
             if fname not in listed:
                 raise TransportError("%s is not a file of this bundle" % fname)

@@ -50,8 +50,23 @@ VERSION = 1
 _HEAD = struct.Struct("<4sBIII")
 HEADER_FILTER = {"lc": 3, "lp": 0, "pb": 0, "dict_log": 16}
 MAX_OUTPUT = 1 << 32  # model files up to 4 GiB
-MAX_HEADER = 64 << 20
+MAX_HEADER = 16 << 20
 MAX_SECTIONS = 1 << 16
+# What a model file of n bytes may need, in all (checked before anything is decompressed): its
+# sections (skeleton, zero runs, values, indices, codebooks, exceptions) and its header.
+SECTIONS_PER_OUTPUT_BYTE = 8
+HEADER_PER_OUTPUT_BYTE = 64
+SLACK = 1 << 16
+
+
+def sections_bound(n):
+    """The most bytes all sections of a payload for an ``n``-byte file may decode to."""
+    return SECTIONS_PER_OUTPUT_BYTE * n + SLACK
+
+
+def header_bound(n):
+    """The most bytes the header of a payload for an ``n``-byte file may decode to."""
+    return min(MAX_HEADER, HEADER_PER_OUTPUT_BYTE * n + SLACK)
 
 
 class TransportError(ValueError):
@@ -127,32 +142,45 @@ def predict_scales(codebook, index, rows_of, rows, divisor, empty_bits):
     return scales.astype("<f4")
 
 
-def _sections(body, specs, max_raw):
+def _section_specs(body, specs, max_total):
+    """The section specs, checked before anything is decompressed: at most MAX_SECTIONS, each within
+    the payload, their decoded sizes together at most ``max_total``."""
     if not isinstance(specs, list) or len(specs) > MAX_SECTIONS:
-        raise TransportError("payload header lists too many sections")
-    sections, offset = [], 0
+        raise TransportError("payload header lists more than %d sections" % MAX_SECTIONS)
+    offset = total = 0
     for spec in specs:
         if not isinstance(spec, list) or len(spec) != 6 or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                     for v in spec):
             raise TransportError("payload header has a malformed section")
-        zlen, raw_len, lc, lp, pb, dict_log = spec
-        if zlen < 0 or offset + zlen > len(body):
+        zlen, raw_len = spec[0], spec[1]
+        if zlen < 0 or raw_len < 0 or offset + zlen > len(body):
             raise TransportError("payload is truncated")
-        if raw_len > max_raw:
-            raise TransportError("a section claims %d bytes, more than a model file of this size can hold" % raw_len)
-        sections.append(decompress_section(body[offset:offset + zlen], raw_len, lc, lp, pb, dict_log))
         offset += zlen
+        total += raw_len
+        if total > max_total:
+            raise TransportError("payload sections claim more than %d bytes, more than a model file of this size "
+                                 "can need" % max_total)
     if offset != len(body):
         raise TransportError("payload has %d trailing bytes" % (len(body) - offset))
+    return specs
+
+
+def _sections(body, specs, max_total):
+    sections, offset = [], 0
+    for zlen, raw_len, lc, lp, pb, dict_log in _section_specs(body, specs, max_total):
+        sections.append(decompress_section(body[offset:offset + zlen], raw_len, lc, lp, pb, dict_log))
+        offset += zlen
     return sections
 
 
 def decode(payload, max_size=None):
     """The model file ``payload`` encodes (bytes); TransportError if it is damaged.
 
-    ``max_size``: the largest model file accepted (verify passes the size the manifest records),
-    checked before anything is allocated for it; every section is decompressed bounded by what
-    the header declares, and the header declares nothing bigger than a few times ``max_size``."""
+    ``max_size``: the largest model file accepted (verify passes the size the manifest records).
+    Everything is bounded by it before it is allocated: the header decodes to at most
+    ``header_bound(max_size)`` bytes, the file size it declares is at most ``max_size``, and its
+    sections together to at most ``sections_bound`` of that size (each decompressed bounded by what
+    the header declares)."""
     payload = bytes(payload)
     if len(payload) < _HEAD.size or not is_transport(payload):
         raise TransportError("not an edgec transport payload (bad magic)")
@@ -165,14 +193,15 @@ def decode(payload, max_size=None):
     try:
         h = HEADER_FILTER
         raw_header = _bounded_decompress(payload[_HEAD.size:_HEAD.size + header_len],
-                                         lzma_filters(h["lc"], h["lp"], h["pb"], h["dict_log"]), MAX_HEADER)
+                                         lzma_filters(h["lc"], h["lp"], h["pb"], h["dict_log"]), header_bound(limit))
         header = json.loads(raw_header)
         if not isinstance(header, dict):
             raise TransportError("payload header is not an object")
         n = header.get("n")
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= limit:
             raise TransportError("payload decodes to %r bytes, more than the %d allowed" % (n, limit))
-        sections = _sections(payload[_HEAD.size + header_len:], header["s"], 8 * n + 65536)
+        _check_layout(header, n)
+        sections = _sections(payload[_HEAD.size + header_len:], header["s"], sections_bound(n))
         out = _assemble(header, sections)
     except TransportError:
         raise
@@ -181,6 +210,24 @@ def decode(payload, max_size=None):
     if zlib.crc32(out) != crc:
         raise TransportError("decoded file fails its crc32 check")
     return out
+
+
+def _check_layout(header, size):
+    """Cut ranges and tensors, bounded before anything is allocated for them: at most MAX_SECTIONS
+    of each, the tensors together no bigger than the file."""
+    cuts, tensors = header.get("c"), header.get("t")
+    if not isinstance(cuts, list) or not isinstance(tensors, list):
+        raise TransportError("payload header has no cut or tensor list")
+    if len(cuts) > MAX_SECTIONS or len(tensors) > MAX_SECTIONS:
+        raise TransportError("payload header lists more than %d cuts or tensors" % MAX_SECTIONS)
+    total = 0
+    for t in tensors:
+        n = t.get("n") if isinstance(t, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise TransportError("payload header has a malformed tensor")
+        total += n
+    if total > size:
+        raise TransportError("payload tensors fill %d bytes of a %d-byte file" % (total, size))
 
 
 def _section(sections, i):

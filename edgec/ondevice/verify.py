@@ -6,7 +6,7 @@ import time
 from .errors import IntegrityError, ManifestError, ModelLoadError
 from .evaluate import accuracy as eval_accuracy
 from .evaluate import check_vectors
-from .integrity import describe_problem
+from .integrity import summarize_problems
 from .machine import machine_info
 from .manifest import EVAL_NAME, TEST_VECTORS_NAME, bundle_root, load_bundle, read_manifest_bytes
 from .runtimes import import_runtime, settings_id
@@ -132,9 +132,9 @@ def verify_bundle(path, exact=False, runtime=None, settings=None, check_accuracy
         detail = "%d files, %d bytes, sha256 ok, no other files" % (integ["files_checked"], integ["bytes_checked"])
         checks.append(_check("integrity", True, detail))
     else:
-        for p in integ["problems"]:
-            errors.append("integrity: " + describe_problem(p))
-        checks.append(_check("integrity", False, "; ".join(describe_problem(p) for p in integ["problems"][:5])))
+        lines = summarize_problems(integ)
+        errors.extend("integrity: " + line for line in lines)
+        checks.append(_check("integrity", False, "; ".join(lines)))
         for name in ("load", "test_vectors", "accuracy"):
             checks.append(_check(name, False, "skipped: integrity check failed", skipped=True))
         return finish()

@@ -117,7 +117,7 @@ def encode_transport(model: bytes, codebooks: Iterable[np.ndarray] = ()) -> byte
             log.warning("transport: TFLite weight coding skipped (%s: %s)", type(e).__name__, e)
     for payload in sorted(candidates, key=len):
         try:
-            if fmt.decode(payload) == model:
+            if fmt.decode(payload, max_size=len(model)) == model:
                 return payload
         except fmt.TransportError as e:
             log.warning("transport: a candidate payload does not decode (%s)", e)
