@@ -8,8 +8,8 @@ process may call it with its own console, cache and output folder.
 
 from __future__ import annotations
 
+import errno
 import json
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ from rich.console import Console
 
 from edgec.architecture import ModelTrust
 from edgec.pipeline.artifact import BUNDLE, CHECKPOINT_FILE
-from edgec.pipeline.cache import StageCache
+from edgec.pipeline.cache import StageCache, copy_artifact_verified, copy_verified
 from edgec.pipeline.manifest import MANIFEST, write_lineage
 from edgec.pipeline.publish import publish_directory
 from edgec.pipeline.runner import check_chain, plan_status, run_chain
@@ -33,6 +33,7 @@ from .config import MAIN_DATA, BuildConfig, DataSpec, parse_config
 from .data import Dataset, load_dataset
 from .data_views import permute_features, select_classes
 from .errors import ConfigError, InputError
+from .output_dir import check_output_locations
 
 BUILD_FILE = "build.json"
 REFERENCE_FILE = "reference.pt"
@@ -83,6 +84,7 @@ def build(
     config = config.model_copy(update=updates)
     console = console or Console(quiet=True)
     profile = load_target(config.target)
+    check_output_locations(config.out, profile.name, config.cache_dir)
     created_out = not config.out.exists()
     _check_writable(config.out)
     _check_writable(config.cache_dir)
@@ -142,7 +144,8 @@ def _prepare(config: BuildConfig, profile: TargetProfile, console: Console) -> _
         from edgec.signing import load_private_key
 
         load_private_key(config.sign_key)  # a bad key must not cost a training run
-    cache = StageCache(config.cache_dir)
+    cache = StageCache(config.cache_dir, on_discard=lambda stage, key, reason: console.print(
+        f"[yellow]note[/] cache entry {stage}/{key[:12]} refused ({reason}): rebuilding it"))
     datasets = load_datasets(config, stages)
     main = datasets[MAIN_DATA]
     console.print(f"data   {main.summary()}")
@@ -249,21 +252,29 @@ def _publish(final_dir: Path, artifacts: list, summary: dict[str, Any], config: 
     """build.json, the bundle (when the chain exports, with its lineage, signed when a key is
     given) and the model that went into export as reference.pt (``edgec bench --reference`` times
     it), the model before the first compression stage as uncompressed.pt (``edgec bench --baseline``
-    exports and times it); or model.pt when the chain ends on a model."""
+    exports and times it); or model.pt when the chain ends on a model. Every byte copied from the
+    cache is checked against the entry's authenticated hashes, so what is signed and published is
+    what this run built or authenticated. A full disk is one OSError naming ``final_dir``; the
+    previous build stays in place."""
 
     def fill(tmp: Path) -> None:
         if artifacts[-1].kind == BUNDLE:
-            shutil.copytree(artifacts[-1].path, tmp / BUNDLE_DIR, ignore=shutil.ignore_patterns("entry.json"))
+            copy_artifact_verified(artifacts[-1], tmp / BUNDLE_DIR)
             write_lineage(tmp / BUNDLE_DIR / MANIFEST, summary["stages"], summary["config"]["stages"])
             if config.sign_key is not None:
                 from edgec.signing import sign_bundle
 
                 sign_bundle(tmp / BUNDLE_DIR, config.sign_key)
-            shutil.copy2(artifacts[-2].path / CHECKPOINT_FILE, tmp / REFERENCE_FILE)
+            copy_verified(artifacts[-2], CHECKPOINT_FILE, tmp / REFERENCE_FILE)
             first = next((i for i, s in enumerate(summary["stages"]) if s["kind"] in COMPRESSION_KINDS), len(artifacts) - 2)
-            shutil.copy2(artifacts[first].path / CHECKPOINT_FILE, tmp / UNCOMPRESSED_FILE)
+            copy_verified(artifacts[first], CHECKPOINT_FILE, tmp / UNCOMPRESSED_FILE)
         else:
-            shutil.copy2(artifacts[-1].path / CHECKPOINT_FILE, tmp / CHECKPOINT_FILE)
+            copy_verified(artifacts[-1], CHECKPOINT_FILE, tmp / CHECKPOINT_FILE)
         (tmp / BUILD_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
-    publish_directory(final_dir, fill)
+    try:
+        publish_directory(final_dir, fill)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, e.strerror, str(final_dir)) from None
+        raise

@@ -108,9 +108,10 @@ def _first_difference(a: dict, b: dict) -> str:
     return "shapes differ"
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Load an edgec checkpoint; everything in it is checked before anything is built."""
-    return _from_dict(_safe_load(path), path)
+def load_checkpoint(path: Path, data: bytes | None = None) -> Checkpoint:
+    """Load an edgec checkpoint; everything in it is checked before anything is built. ``data``: the
+    file's bytes, already read (and checked) by the caller; ``path`` then only names it."""
+    return _from_dict(_safe_load(path, data), path)
 
 
 def _from_dict(obj: Any, path: Path) -> Checkpoint:
@@ -159,11 +160,11 @@ def load_weights(path: Path) -> Checkpoint | dict[str, torch.Tensor]:
     )
 
 
-def _safe_load(path: Path) -> Any:
-    if not path.is_file():
+def _safe_load(path: Path, data: bytes | None = None) -> Any:
+    if data is None and not path.is_file():
         raise InputError(f"weights file {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise InputError(
             f"{path} holds pickled code or objects that weights_only loading refuses; "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,11 @@ class Artifact:
     path: Path
     digest: str
     info: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)  # {relative path: sha256}, authenticated by the cache
 
     def checkpoint(self) -> Checkpoint:
-        return load_checkpoint(self.path / CHECKPOINT_FILE)
+        """The model, read once and checked against the authenticated sha256 (a file swapped in
+        the cache after it was served is refused)."""
+        from .cache import read_verified
+
+        return load_checkpoint(self.path / CHECKPOINT_FILE, read_verified(self, CHECKPOINT_FILE))

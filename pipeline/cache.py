@@ -7,8 +7,13 @@ it was written for, the artifact's kind, every file's sha256, the artifact diges
 The cache does not trust itself. ``get`` reads an entry through one open directory handle (a
 concurrent replacement cannot mix two entries), never follows a symlink, and serves it only when
 the stage and key recorded in entry.json are the ones asked for, the files on disk are exactly the
-recorded ones with the recorded hashes, and the digest recomputed from that table is the recorded
-one. An entry that fails this is discarded (renamed aside, then deleted) and rebuilt, never served.
+recorded ones with the recorded hashes, the digest recomputed from that table is the recorded one,
+and entry.json carries a valid MAC (HMAC-SHA256 under a key kept outside the cache, see
+``cache_auth``) of all it records: whoever can write the cache but lacks the key cannot make an
+entry that is served. An entry that fails this (an entry from an older edgec, without a MAC,
+included) is discarded (renamed aside, then deleted) and rebuilt, never served.
+The artifact served carries the authenticated file table: ``read_verified`` / ``copy_verified``
+check every byte read later against it, so a file swapped after ``get`` is never used.
 A read that fails for a transient reason (EACCES, EIO, a file vanishing because another process is
 replacing the entry) is a miss, never a deletion.
 
@@ -31,7 +36,10 @@ import stat
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from edgec.errors import RunError
+
 from .artifact import Artifact
+from .cache_auth import entry_mac, load_cache_key, mac_matches
 from .publish import STALE_AFTER_S, apply_umask_modes, collect_stale, make_temp_dir, remove_tree, replace_directory, trash_path
 
 ENTRY_FILE = "entry.json"
@@ -57,6 +65,14 @@ def stable_hash(obj: Any) -> str:
 
 class CorruptEntry(ValueError):
     """An entry (or a build's output) that is not what the cache may serve."""
+
+
+class ChangedInCache(RunError):
+    """A served entry's file no longer has its authenticated content (someone wrote to the cache)."""
+
+    def __init__(self, artifact: Artifact, name: str):
+        super().__init__(f"{artifact.path / name} changed in the stage cache after it was checked (another process "
+                         "writes to the cache); it was not used: rerun the build")
 
 
 def _check_name(what: str, name: str) -> None:
@@ -155,9 +171,12 @@ def _read_entry_json(dir_fd: int) -> dict[str, Any]:
     return entry
 
 
-def _verify(dir_fd: int, stage: str, key: str, path: Path) -> Artifact:
+def _verify(dir_fd: int, stage: str, key: str, path: Path, secret: bytes) -> Artifact:
     """The artifact in the open entry folder, or CorruptEntry saying why it may not be served."""
     entry = _read_entry_json(dir_fd)
+    mac = entry.pop("mac", None)
+    if not mac_matches(secret, entry, mac):
+        raise CorruptEntry(f"{ENTRY_FILE} is not authenticated by this cache key" + ("" if mac else " (no MAC: an older edgec wrote it)"))
     if entry.get("stage") != stage or entry.get("key") != key:
         raise CorruptEntry(f"entry was written for {entry.get('stage')!r}/{entry.get('key')!r}, found under {stage!r}/{key!r}")
     kind, files, digest, info = (entry.get(k) for k in ("kind", "files", "digest", "info"))
@@ -174,7 +193,43 @@ def _verify(dir_fd: int, stage: str, key: str, path: Path) -> Artifact:
         raise CorruptEntry(f"files changed: {changed[:5]}")
     if stable_hash({"kind": kind, "files": table}) != digest:
         raise CorruptEntry("recorded digest does not match the file table")
-    return Artifact(kind, path, digest, info)
+    return Artifact(kind, path, digest, info, files)
+
+
+def read_verified(artifact: Artifact, name: str) -> bytes:
+    """The bytes of ``artifact``'s file ``name``, checked against its authenticated sha256: a file
+    replaced in the cache after ``get`` is refused (CorruptEntry), never used."""
+    expected = artifact.files.get(name)
+    if expected is None:
+        raise ChangedInCache(artifact, name)
+    data = (artifact.path / name).read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ChangedInCache(artifact, name)
+    return data
+
+
+def copy_verified(artifact: Artifact, name: str, dest: Path) -> None:
+    """Copy one authenticated file of ``artifact`` to ``dest``, checking each byte copied."""
+    expected = artifact.files.get(name)
+    if expected is None:
+        raise ChangedInCache(artifact, name)
+    h = hashlib.sha256()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with (artifact.path / name).open("rb") as src, dest.open("wb") as dst:
+        while block := src.read(1 << 20):
+            h.update(block)
+            dst.write(block)
+        mode = os.fstat(src.fileno()).st_mode
+    if h.hexdigest() != expected:
+        raise ChangedInCache(artifact, name)
+    if mode & stat.S_IXUSR:
+        os.chmod(dest, 0o755)
+
+
+def copy_artifact_verified(artifact: Artifact, dest: Path) -> None:
+    """Copy every authenticated file of ``artifact`` (and nothing else) under ``dest``."""
+    for name in artifact.files:
+        copy_verified(artifact, name, dest / name)
 
 
 class _Check(NamedTuple):
@@ -198,8 +253,13 @@ def _still_at(path: Path, ident: tuple[int, int]) -> bool:
 class StageCache:
     """``<root>/<stage>/<key>/`` entries; see the module docstring."""
 
-    def __init__(self, root: Path, collect: bool = True):
+    def __init__(self, root: Path, collect: bool = True, key: bytes | None = None,
+                 on_discard: Callable[[str, str, str], None] | None = None):
+        """``key``: the MAC key (default: ``cache_auth.load_cache_key()``). ``on_discard(stage, key,
+        reason)`` is told about every entry refused and discarded."""
         self.root = Path(root)
+        self._secret = load_cache_key() if key is None else key
+        self._on_discard = on_discard
         self.last_discard_reason = ""  # why the last discarded entry was refused (for logs and tests)
         if collect:
             self.collect_stale()
@@ -231,7 +291,7 @@ class StageCache:
         try:
             ident = _ident(os.fstat(dir_fd))
             try:
-                art = _verify(dir_fd, stage, key, final)
+                art = _verify(dir_fd, stage, key, final, self._secret)
             except CorruptEntry as e:
                 # Only a folder still in place is judged: one that was replaced or discarded while
                 # we read it (files vanishing, half-deleted) is someone else's business.
@@ -284,6 +344,8 @@ class StageCache:
                 pass  # the place was taken again: dropping this copy only costs a cache miss
         else:
             self.last_discard_reason = reason
+            if self._on_discard is not None:
+                self._on_discard(stage, key, reason)
         remove_tree(trash)
 
     # -- writing ---------------------------------------------------------------------------
@@ -311,10 +373,13 @@ class StageCache:
             except CorruptEntry as e:
                 raise ValueError(f"stage {stage!r} produced output the cache cannot hold: {e}") from None
             digest = stable_hash({"kind": kind, "files": files})
-            entry = {"kind": kind, "stage": stage, "key": key, "digest": digest, "files": files, "info": info}
+            # The MAC is of the record as it reads back from JSON (tuples become lists, ...).
+            body = json.loads(json.dumps({"kind": kind, "stage": stage, "key": key, "digest": digest, "files": files,
+                                          "info": info}))
+            entry = {**body, "mac": entry_mac(self._secret, body)}
             (tmp / ENTRY_FILE).write_text(json.dumps(entry, indent=1, sort_keys=True))
             apply_umask_modes(tmp)
-            return self._install(tmp, final, stage, key, force) or Artifact(kind, final, digest, info)
+            return self._install(tmp, final, stage, key, force) or Artifact(kind, final, digest, body["info"], files)
         finally:
             remove_tree(tmp)
 
