@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgec.ondevice.machine import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("rpi", "mobile", "desktop-gpu")
 AUC_TARGET, R2_TARGET = 0.01, 0.02
@@ -185,7 +187,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"total {seconds:.0f} s")
     payload = {**results, "schema": "edgec-beyond-classification-benchmark", "schema_version": 1,
-               "machine": os.uname().machine, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+               "machine": machine_info(), "load_average": os.getloadavg(),
                "verdicts": verdicts, "seconds": round(seconds, 1)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=2) + "\n")

@@ -35,12 +35,13 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+from edgec.ondevice.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = 5
@@ -290,7 +291,7 @@ def main() -> None:
            "pass": all(ok for _, ok, _ in checks),
            "seconds": round(seconds, 1), "threads": args.threads, "jobs": args.jobs, "quick": args.quick,
            "export_gate": GATE,
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+           "machine": {**machine_info(), "torch": torch.__version__,
                        "load_average_start": load_start, "load_average_end": os.getloadavg()},
            "command": "python benchmarks/continual.py " + " ".join(sys.argv[1:])}
     json_path.parent.mkdir(parents=True, exist_ok=True)

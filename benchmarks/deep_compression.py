@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from edgec.ondevice.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "deep_compression",
         "command": "edgec build --config CONFIG --data mnist:DIR --target rpi (fresh cache)",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
         "results": rows,
         "ok": all(r["ok"] for r in rows),
     }

@@ -29,12 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from edgec.ondevice.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 GAP_TARGET = 0.6
@@ -202,7 +203,7 @@ def main() -> None:
         "seconds": seconds,
         "teacher_seconds": [t.seconds for t in teachers.values()],
         "quick": args.quick,
-        "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "machine": {**machine_info(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "load_average_start": load_start,
                     "load_average_end": os.getloadavg()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgec.ondevice.machine import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("rpi", "mobile", "desktop-gpu")
 MODELS = {"lenet-300-100": 2, "lenet-5": 1}  # model -> training epochs (speed does not need more)
@@ -98,7 +100,7 @@ def main() -> None:
     print(f"total {seconds:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "schema": "edgec-harness-benchmark", "schema_version": 1, "machine": os.uname().machine, "cpus": os.cpu_count(),
+        "schema": "edgec-harness-benchmark", "schema_version": 1, "machine": machine_info(),
         "load_average": os.getloadavg(), "trivial": trivial, "rows": rows, "rpi_speedup_target": SPEEDUP_TARGET,
         "rpi_pass": verdicts, "seconds": seconds,
     }, indent=2) + "\n")

@@ -37,11 +37,12 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from edgec.ondevice.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -195,8 +196,7 @@ def main() -> None:
                                  "augment": augment_cfg.model_dump()},
             "noise": NOISE, "curves": "validation accuracy, mean over seeds, index = epochs trained",
             "final_accuracy": "test split (final_val_accuracy: validation)", "tolerance": TOLERANCE,
-            "threads": args.threads, "seconds": round(seconds, 1), "machine": platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": args.threads, "seconds": round(seconds, 1), "machine": machine_info(), "torch": torch.__version__,
         },
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)

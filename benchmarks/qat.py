@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgec.ondevice.machine import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
@@ -179,6 +181,7 @@ def main() -> None:
         "quick": args.quick,
         "seconds": round(time.perf_counter() - start, 1),
         "command": "python benchmarks/qat.py",
+        "machine": machine_info(),
     }
     if json_path is not None:
         previous = json.loads(json_path.read_text()) if json_path.is_file() else {}

@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from edgec.ondevice.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
             "latency_tolerance": serial["search"]["latency_tolerance"],
             "p50_ms_serial_vs_ray": {t["id"]: [t["targets"]["rpi"]["metrics"]["p50_ms"], u["targets"]["rpi"]["metrics"]["p50_ms"]]
                                      for t, u in zip(serial["trials"], ray["trials"]) if t["targets"]["rpi"]["metrics"]},
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "machine": machine_info(),
             "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
             "total_seconds": round(time.perf_counter() - start, 1),
         },

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgec.ondevice.machine import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = [("rpi", ()), ("mobile", ()), ("mobile", ("--precision", "fp16")), ("desktop-gpu", ())]
 
@@ -73,7 +75,7 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) and c != "build_seconds" else str(r[c]) for c in cols) + " |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"schema": "edgec-targets-benchmark", "schema_version": 1,
+    args.json.write_text(json.dumps({"schema": "edgec-targets-benchmark", "schema_version": 1, "machine": machine_info(),
                                      "load_average": os.getloadavg(), "rows": rows}, indent=2) + "\n")
 
 

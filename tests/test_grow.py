@@ -157,9 +157,16 @@ def test_new_classes_keep_the_old_outputs_and_predictions():
     x = torch.randn(64, 1, 8, 8)
     grown = net2net.extend_classes(model, 10, example=x[:2], calibration=x, generator=_gen(), noise=0.05)
     assert grown.out.out_features == 10
-    assert _max_diff(model, grown, x) == 0
     with torch.no_grad():
-        assert torch.equal(grown(x).argmax(1), model(x).argmax(1))  # the new classes start below every top logit
+        old, new = model(x), grown(x)
+    # The old rows are copied exactly, but a 10-wide matmul may sum in another order than a 5-wide one
+    # (CPU-dependent kernels): a few ulps of the largest output, never the noise the new rows carry.
+    ulps = 16 * torch.finfo(torch.float32).eps * float(old.abs().max())
+    assert _max_diff(model, grown, x) <= ulps
+    top2 = old.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * ulps  # a lead that those ulps cannot swap
+    assert torch.equal(new.argmax(1)[clear], old.argmax(1)[clear])  # the new classes start below every top logit
+    assert torch.all(new[:, 5:].amax(1) < old.amax(1))
     with pytest.raises(ConfigError, match="has 5 outputs already"):
         net2net.extend_classes(model, 3, example=x[:2], generator=_gen())
 

@@ -30,10 +30,28 @@ def usable_cpu_count():
         return n
 
 
+# The instruction sets that pick different int8 / fp32 kernels (oneDNN, XNNPACK, MLAS), so results that
+# differ in the last bits or in an int8 rounding can be traced to the CPU that produced them.
+KERNEL_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
+                    "amx_bf16", "asimd", "asimddp", "i8mm", "sve")
+
+
+def cpu_features():
+    """The ``KERNEL_ISA_FLAGS`` this CPU lists in /proc/cpuinfo (x86 ``flags``, arm ``Features``); None
+    where there is no /proc/cpuinfo."""
+    flags = _read_first("/proc/cpuinfo", "flags") or _read_first("/proc/cpuinfo", "Features")
+    if flags is None:
+        return None
+    present = set(flags.split())
+    return [flag for flag in KERNEL_ISA_FLAGS if flag in present]
+
+
 def machine_info():
-    """``{"machine", "system", "platform", "python", "numpy", "cpu_count", "usable_cpus", "cpu", "device_model"}``.
+    """``{"machine", "system", "platform", "python", "numpy", "cpu_count", "usable_cpus", "cpu", "cpu_features",
+    "device_model"}``.
 
     ``machine`` is ``platform.machine()`` (x86_64, aarch64, armv7l, arm64, AMD64 ...);
+    ``cpu_features`` which of ``KERNEL_ISA_FLAGS`` the CPU has (AMX, AVX-512, NEON dot product ...);
     ``device_model`` is /proc/device-tree/model where present (e.g. "Raspberry Pi 4 Model B Rev 1.4").
     """
     cpu = _read_first("/proc/cpuinfo", "model name") or _read_first("/proc/cpuinfo", "Model") \
@@ -48,6 +66,7 @@ def machine_info():
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable_cpu_count(),
         "cpu": cpu,
+        "cpu_features": cpu_features(),
         "device_model": _read_first("/proc/device-tree/model"),
     }
 
