@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, InputError
+from .suggest import did_you_mean
 from .modules import ConcatHeads
 from .zoo import ZOO
 
@@ -140,14 +141,14 @@ def _plain(v) -> bool:
 
 def zoo_base(name: str, input_shape, num_classes: int, **kwargs) -> dict[str, Any]:
     if name not in ZOO:
-        raise ConfigError(f"unknown model {name!r}: use one of {', '.join(ZOO)} or package.module:factory")
+        raise ConfigError(f"unknown model {name!r}{did_you_mean(name, ZOO)}: use one of {', '.join(ZOO)} or package.module:factory")
     return {"kind": "zoo", "name": name, "kwargs": {"input_shape": list(input_shape), "num_classes": int(num_classes), **kwargs}}
 
 
 def factory_base(factory: str, **kwargs) -> dict[str, Any]:
     module, sep, attr = factory.partition(":")
     if not sep or not module or not attr.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
-        raise ConfigError(f"model {factory!r} is neither a zoo name ({', '.join(ZOO)}) nor package.module:factory")
+        raise ConfigError(f"model {factory!r}{did_you_mean(factory, ZOO)} is neither a zoo name ({', '.join(ZOO)}) nor package.module:factory")
     return {"kind": "factory", "factory": factory, "kwargs": kwargs}
 
 

@@ -1,8 +1,8 @@
 """The ``edgec`` command line.
 
 Known errors (:class:`edgec.errors.EdgecError`) print one line and exit with their code (2 for bad
-usage, config or input; 1 for a failed run). ``--debug`` anywhere on the command line shows the
-traceback instead.
+usage, config or input; 1 for a failed run). ``--debug`` anywhere on the command line adds the
+traceback; the exit code never depends on it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tomllib
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -44,7 +45,7 @@ def _root(
     version: Annotated[
         Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors (anywhere on the command line).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks with the one-line errors, and native libraries' logs (anywhere on the command line).")] = False,
 ) -> None:
     """edgec: train -> prune -> retrain -> share -> distill -> export, cached stage by stage."""
 
@@ -316,6 +317,12 @@ def _internal(e: BaseException) -> str:
     return f"error: internal error {type(e).__name__}: {_one_line(e)} (rerun with --debug and report it)"
 
 
+def _show_traceback(debug: bool) -> None:
+    """--debug adds the traceback; the one-line message and the exit code stay what they are without it."""
+    if debug:
+        traceback.print_exc()
+
+
 def main() -> None:
     args, debug = _split_debug(sys.argv[1:])
     if debug:
@@ -337,8 +344,7 @@ def main() -> None:
         print("terminated (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
         sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
     except (EdgecError, BundleError) as e:  # both carry their exit code; BundleError comes from the runner
-        if debug:
-            raise
+        _show_traceback(debug)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except no_args_help as e:  # plain `edgec`: the help, as a usage error
@@ -350,30 +356,26 @@ def main() -> None:
         print(_usage_error(e, args), file=sys.stderr)
         sys.exit(2)
     except click_errors as e:
-        if debug:
-            raise
+        _show_traceback(debug)
         print(f"error: {_one_line(e.format_message())}", file=sys.stderr)
         sys.exit(e.exit_code)
     except aborts:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except OSError as e:  # disk full, permissions, read-only file system: the machine, not edgec
-        if debug:
-            raise
+        _show_traceback(debug)
         if e.errno == errno.EPIPE:  # whoever read stdout went away (`| head`): nothing to say
             sys.exit(1)
         message, exit_code = _os_error(e) if e.errno is not None else (_internal(e), 1)
         print(message, file=sys.stderr)
         sys.exit(exit_code)
     except MemoryError:
-        if debug:
-            raise
+        _show_traceback(debug)
         print("error: out of memory; use a smaller data set, model or batch size, or a machine with more memory",
               file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # a bug: still one line unless --debug
-        if debug:
-            raise
+        _show_traceback(debug)
         print(_internal(e), file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 from .errors import BundleError, SettingsError
 from .runtime_base import MAX_THREADS
@@ -231,16 +232,17 @@ def main(argv=None, bundle_dir=None, prog=None):
         cmd = {"verify": _cmd_verify, "bench": _cmd_bench, "predict": _cmd_predict}[args.command]
         return cmd(args, settings)
     except BundleError as e:
-        if debug:
-            raise
+        if debug:  # the traceback as well; the exit code stays the same
+            traceback.print_exc()
         sys.stderr.write("error: %s\n" % e)
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
     except Exception as e:
-        if debug:
-            raise
+        if debug:  # the traceback as well; the exit code stays the same
+            traceback.print_exc()
         msg = " ".join(str(e).split())[:300]
-        sys.stderr.write("error: %s: %s (hint: rerun with --debug for a traceback)\n" % (type(e).__name__, msg))
+        hint = "" if debug else " (hint: rerun with --debug for a traceback)"
+        sys.stderr.write("error: %s: %s%s\n" % (type(e).__name__, msg, hint))
         return EXIT_USAGE
