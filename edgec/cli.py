@@ -184,13 +184,21 @@ def targets(
     if json_out:
         print(json.dumps({k: p.model_dump(mode="json") for k, p in profiles.items()}, indent=2))
         return
+    console = Console()
+    budgets = {name: [f"{k}={v}" for k, v in p.budgets.model_dump().items() if v is not None] for name, p in profiles.items()}
+    if console.width < 120:  # a narrow terminal: one block per target, so no budget is cut off
+        for p in profiles.values():
+            console.print(f"[bold]{p.name}[/]  {p.format} {p.precision} {p.arch}")
+            console.print(p.description, style="dim")
+            console.print("budgets: " + ", ".join(budgets[p.name]))
+            console.print()
+        return
     table = Table(show_edge=False)
     for col in ("target", "format", "precision", "arch", "budgets", "description"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "budgets")
     for p in profiles.values():
-        budgets = ", ".join(f"{k}={v}" for k, v in p.budgets.model_dump().items() if v is not None)
-        table.add_row(p.name, p.format, p.precision, p.arch, budgets, p.description)
-    Console().print(table)
+        table.add_row(p.name, p.format, p.precision, p.arch, "\n".join(budgets[p.name]), p.description)
+    console.print(table)
 
 
 def _configure_libraries() -> None:
@@ -536,9 +544,11 @@ def check(
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Override the target's budget.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Override the target's budget.")] = None,
     min_speedup: Annotated[Optional[float], typer.Option(help="The bundle's p50 must be this many times lower than the uncompressed model's (needs --bench from `edgec bench --baseline`). Overrides the target's budget.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 1) when a budget could not be checked, e.g. max_p95_ms without --bench.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file ('-' for stdout).")] = None,
 ) -> None:
-    """Apply the target's budgets; exit 1 listing every violation, 0 when all hold."""
+    """Apply the target's budgets; exit 1 listing every violation, 0 when all that could be checked hold
+    (the budgets left unchecked are named; --strict fails on them)."""
     from edgec.budgets import check_budgets
     from edgec.ondevice import load_bundle
     from edgec.targets.profile import Budgets
@@ -568,10 +578,16 @@ def check(
         table.add_row(r["budget"], f"{r['op']} {r['limit']}", "-" if r["actual"] is None else f"{r['actual']:.6g}", verdict)
     console = Console(stderr=json_out is not None and str(json_out) == "-")
     console.print(table)
-    _write_json(json_out, {"schema": "edgec-check", "schema_version": 1, "budgets": rows})
     violated = [r for r in rows if r["ok"] is False]
+    unchecked = [r["budget"] for r in rows if r["ok"] is None]
+    _write_json(json_out, {"schema": "edgec-check", "schema_version": 1, "budgets": rows, "unchecked": unchecked})
+    if unchecked:
+        how = "give --bench BENCH.json (edgec bench --json, --baseline for min_speedup)"
+        console.print(f"[yellow]unchecked[/]: {', '.join(unchecked)}; {how}{'' if strict else ', or --strict to fail on them'}")
     if violated:
         raise RunError("budget violated: " + "; ".join(f"{r['budget']} {r['actual']:.6g} (limit {r['op']} {r['limit']})" for r in violated))
+    if strict and unchecked:
+        raise RunError(f"--strict: budget(s) not checked: {', '.join(unchecked)}; {how}")
 
 
 @app.command()
