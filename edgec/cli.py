@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -50,6 +52,31 @@ def _root(
     """edgec: train -> prune -> retrain -> share -> distill -> export, cached stage by stage."""
 
 
+class _RegistryHelp(TyperCommand):
+    """Help whose lists come from the registries (zoo models, stage kinds, built-in data sets), filled
+    in only when help is shown (the zoo imports torch), with brackets escaped for rich."""
+
+    def format_help(self, ctx, formatter) -> None:
+        for param in self.params:
+            if getattr(param, "help", None):
+                text = param.help
+                for placeholder, names in _registry_names().items():
+                    text = text.replace(placeholder, names)
+                param.help = escape(text)
+        super().format_help(ctx, formatter)
+
+
+def _registry_names() -> dict[str, str]:
+    import edgec.pipeline.stages  # noqa: F401  (registers the stage kinds)
+    from edgec.pipeline.stage import Stage
+
+    from .data import BUILTIN_DATASETS, SOURCE_FORMS
+    from .zoo import ZOO
+
+    return {"{ZOO}": ", ".join(ZOO), "{STAGES}": ", ".join(Stage.registry),
+            "{DATA}": " | ".join([*BUILTIN_DATASETS, *SOURCE_FORMS])}
+
+
 def _parse_set(items: list[str]) -> dict[str, Any]:
     """``--set train.lr=0.01``: the value is read as a TOML value, or as a string if that fails."""
     out: dict[str, Any] = {}
@@ -64,17 +91,17 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-@app.command()
+@app.command(cls=_RegistryHelp)
 def build(
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Built-in target (see `edgec targets`) or a board.toml path. Default: rpi.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Config file. Default: ./edgec.toml when present.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="digits (built in, default) | mnist:DIR | npz:FILE | folder:DIR")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Zoo model (lenet-300-100, lenet-5, mlp, cnn-small; default cnn-small) or package.module:factory.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="{DATA} (default digits; a built-in data set sets its task).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Zoo model ({ZOO}) or package.module:factory (found in the current folder too). Default: cnn-small for images, mlp for flat features.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Initial weights: an edgec checkpoint (no --model needed) or a plain state dict.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder; the build lands in OUT/<target>/. Default: ./edgec-out.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Stage cache. Default: $EDGEC_CACHE_DIR or ~/.cache/edgec.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation, shuffling and augmentation. Default: 0.")] = None,
-    stages: Annotated[Optional[str], typer.Option(help="Comma-separated stages to run, e.g. train,export: kinds for the shorthand list, ids to select from [[stages]] tables.")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="Comma-separated stages to run, e.g. train,export: kinds ({STAGES}) for the shorthand list, ids to select from [[stages]] tables.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Precision of the shipped model: int8, fp16 or fp32. Default: the target's.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (train stage).")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random shifts and rotations while training.")] = None,
@@ -590,11 +617,11 @@ def check(
         raise RunError(f"--strict: budget(s) not checked: {', '.join(unchecked)}; {how}")
 
 
-@app.command()
+@app.command(cls=_RegistryHelp)
 def search(
     config: Annotated[Path, typer.Option("--config", "-c", help="Search config: a build config (edgec.toml keys) plus a [search] table with [search.space].")],
     target: Annotated[Optional[list[str]], typer.Option("--target", "-t", help="Target to rank points for (repeatable: one Pareto front each). Default: the config's target, else rpi.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="digits | mnist:DIR | npz:FILE | folder:DIR (overrides the config's [data] source).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="{DATA} (overrides the config's [data] source).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: search.json, report, pareto/ bundles, best.toml, trials/.")] = Path("edgec-search"),
     cache_dir: Annotated[Optional[Path], typer.Option(help="Stage cache shared by every trial (on Ray: storage every node sees). Default: $EDGEC_CACHE_DIR or ~/.cache/edgec.")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="grid | random | tpe (overrides [search] strategy).")] = None,
