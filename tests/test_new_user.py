@@ -31,7 +31,7 @@ def test_named_dataset_carries_its_task_and_default_model_fits(tmp_path):
     assert cfg["task"] == "regression"
     out = json.loads(run_cli("build", "--data", "diabetes", "--stages", "train", "--epochs", "1", "--json",
                              "--cache-dir", tmp_path / "c", cwd=tmp_path).stdout)
-    assert "mlp" in json.dumps(out["source"])
+    assert out["source"]["params"] == 10 * 256 + 256 + 256 * 128 + 128 + 128 + 1  # mlp (256, 128) on 10 features
 
 
 def test_export_advice_names_only_untried_remedies():
@@ -128,8 +128,11 @@ def test_weights_that_are_not_a_checkpoint(tmp_path):
     assert "samples.npy is a NumPy array (.npy), not a model checkpoint" in proc.stderr
 
 
-def test_check_names_unchecked_budgets_and_strict_fails(tmp_path, bundles):
-    b = bundles["tflite-int8"]
+def test_check_names_unchecked_budgets_and_strict_fails(tmp_path, copy_bundle):
+    b = copy_bundle("tflite-int8")
+    m = read_manifest(b)
+    m["target"] = {"name": "rpi", "profile": {"budgets": {"max_p95_ms": 20.0}}}
+    write_manifest(b, m)
     proc = run_cli("check", b, cwd=tmp_path, check=None)
     if proc.returncode == 0:
         assert "unchecked: max_p95_ms" in " ".join(proc.stdout.split())
