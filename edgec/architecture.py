@@ -150,7 +150,8 @@ def zoo_base(name: str, input_shape, num_classes: int, **kwargs) -> dict[str, An
 def factory_base(factory: str, **kwargs) -> dict[str, Any]:
     module, sep, attr = factory.partition(":")
     if not sep or not module or not attr.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
-        raise ConfigError(f"model {factory!r}{did_you_mean(factory, ZOO)} is neither a zoo name ({', '.join(ZOO)}) nor package.module:factory")
+        raise ConfigError(f"model {factory!r} is neither a zoo name ({', '.join(ZOO)}) nor package.module:factory"
+                          f"{did_you_mean(factory, ZOO)}")
     return {"kind": "factory", "factory": factory, "kwargs": kwargs}
 
 
