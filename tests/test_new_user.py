@@ -157,6 +157,10 @@ def test_user_factory_found_in_the_current_folder(tmp_path):
     (tmp_path / "mymodel.py").write_text(
         "import torch\ndef make(input_shape, num_classes):\n"
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))\n")
-    run_cli("build", "--model", "mymodel:make", "--stages", "train", "--epochs", "1", "--cache-dir", "c", cwd=tmp_path)
+    # the console script (python -m would put the folder on sys.path itself)
+    script = os.path.join(os.path.dirname(sys.executable), "edgec")
+    proc = subprocess.run([script, "build", "--model", "mymodel:make", "--stages", "train", "--epochs", "1", "--cache-dir", "c"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
     proc = run_cli("build", "--model", "nomodel:make", "--stages", "train", "--cache-dir", "c", cwd=tmp_path, check=2)
     assert "looked on the import path and in the current folder" in proc.stderr
