@@ -27,7 +27,7 @@ from edgec.pipeline.runner import check_chain, plan_status, run_chain
 from edgec.pipeline.source import make_source
 from edgec.pipeline.stage import Stage, StageContext
 from edgec.targets.profile import TargetProfile, load_target
-from edgec.zoo import ZOO
+from edgec.zoo import ZOO, default_model
 
 from .config import MAIN_DATA, BuildConfig, DataSpec, parse_config
 from .data import Dataset, load_dataset
@@ -153,7 +153,10 @@ def _prepare(config: BuildConfig, profile: TargetProfile, console: Console) -> _
         if name != MAIN_DATA:
             console.print(f"data.{name}  {data.summary()}")
     first_data = datasets[stages[0].config.data] if stages and stages[0].config.data else main
-    source = make_source(config.model.name, config.model.args, config.model.weights, first_data, config.seed, cache, trust)
+    model_name = config.model.name
+    if "name" not in config.model.model_fields_set and config.model.weights is None:
+        model_name = default_model(first_data.input_shape)  # none named: one that fits the data's shape
+    source = make_source(model_name, config.model.args, config.model.weights, first_data, config.seed, cache, trust)
     ctx = StageContext(data=main, seed=config.seed, target=profile, console=console, trust=trust, datasets=datasets,
                        tasks={t.name: t.data for t in config.tasks})
     with console.status("checking the plan"):

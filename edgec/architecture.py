@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, InputError
+from .suggest import did_you_mean
 from .modules import ConcatHeads
 from .zoo import ZOO
 
@@ -150,14 +153,15 @@ def _plain(v) -> bool:
 
 def zoo_base(name: str, input_shape, num_classes: int, **kwargs) -> dict[str, Any]:
     if name not in ZOO:
-        raise ConfigError(f"unknown model {name!r}: use one of {', '.join(ZOO)} or package.module:factory")
+        raise ConfigError(f"unknown model {name!r}{did_you_mean(name, ZOO)}: use one of {', '.join(ZOO)} or package.module:factory")
     return {"kind": "zoo", "name": name, "kwargs": {"input_shape": list(input_shape), "num_classes": int(num_classes), **kwargs}}
 
 
 def factory_base(factory: str, **kwargs) -> dict[str, Any]:
     module, sep, attr = factory.partition(":")
     if not sep or not module or not attr.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
-        raise ConfigError(f"model {factory!r} is neither a zoo name ({', '.join(ZOO)}) nor package.module:factory")
+        raise ConfigError(f"model {factory!r} is neither a zoo name ({', '.join(ZOO)}) nor package.module:factory"
+                          f"{did_you_mean(factory, ZOO)}")
     return {"kind": "factory", "factory": factory, "kwargs": kwargs}
 
 
@@ -207,6 +211,23 @@ class ModelTrust:
             )
 
 
+def import_user_module(name: str):
+    """A module of a factory the user named (trust.require has passed): from the import path, else
+    from the current folder, as ``python -m`` would find it. The folder is searched after the
+    installed packages, so a file there never shadows one of them, and only for this import."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != name.split(".")[0] or cwd in sys.path:
+            raise
+    sys.path.append(cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(cwd)
+
+
 def build_base(base: dict[str, Any], trust: ModelTrust, origin: str) -> nn.Module:
     trust.require(base, origin)
     kwargs = base["kwargs"]
@@ -219,10 +240,11 @@ def build_base(base: dict[str, Any], trust: ModelTrust, origin: str) -> nn.Modul
             raise ConfigError(f"model {base['name']!r}: {e}; check [model] args") from None
     module_name, _, attr = base["factory"].partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = getattr(import_user_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise InputError(
-            f"cannot import model factory {base['factory']!r} ({e}); make the module importable (PYTHONPATH) and check the name"
+            f"cannot import model factory {base['factory']!r} ({e}; looked on the import path and in the current folder "
+            f"{os.getcwd()}); run edgec where the module is, or put its folder on PYTHONPATH, and check the name"
         ) from None
     try:
         model = factory(**kwargs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,9 +161,41 @@ def load_weights(path: Path) -> Checkpoint | dict[str, torch.Tensor]:
     )
 
 
+def _other_format(path: Path, data: bytes | None) -> str | None:
+    """What ``path`` is when its first bytes (or, for formats without a magic number, its suffix) say
+    it is a known file that is not a torch checkpoint: samples, an exported model, an archive."""
+    if data is None:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    else:
+        head = data[:8]
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy array (.npy)"
+    if head[4:8] == b"TFL3":
+        return "a TFLite model"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path if data is None else io.BytesIO(data)) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        if names and all(n.endswith(".npy") for n in names):
+            return "a NumPy archive (.npz)"
+        return None  # torch.save writes zip files too
+    if head.startswith((b"\x1f\x8b", b"\x89PNG", b"\xff\xd8\xff")):
+        return "a gzip file" if head[0] == 0x1F else "an image"
+    if path.suffix.lower() in (".onnx", ".tflite", ".npy", ".npz", ".json", ".toml", ".csv", ".txt"):
+        return f"a {path.suffix.lower()} file"
+    return None
+
+
 def _safe_load(path: Path, data: bytes | None = None) -> Any:
     if data is None and not path.is_file():
         raise InputError(f"weights file {path} does not exist")
+    other = _other_format(path, data)
+    if other:
+        raise InputError(f"{path} is {other}, not a model checkpoint; --weights takes an edgec checkpoint or a "
+                         "state dict saved with torch.save(model.state_dict(), path)")
     try:
         return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

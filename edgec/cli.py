@@ -1,8 +1,8 @@
 """The ``edgec`` command line.
 
 Known errors (:class:`edgec.errors.EdgecError`) print one line and exit with their code (2 for bad
-usage, config or input; 1 for a failed run). ``--debug`` anywhere on the command line shows the
-traceback instead.
+usage, config or input; 1 for a failed run). ``--debug`` anywhere on the command line adds the
+traceback; the exit code never depends on it.
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ import json
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -44,9 +47,34 @@ def _root(
     version: Annotated[
         Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors (anywhere on the command line).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks with the one-line errors, and native libraries' logs (anywhere on the command line).")] = False,
 ) -> None:
     """edgec: train -> prune -> retrain -> share -> distill -> export, cached stage by stage."""
+
+
+class _RegistryHelp(TyperCommand):
+    """Help whose lists come from the registries (zoo models, stage kinds, built-in data sets), filled
+    in only when help is shown (the zoo imports torch), with brackets escaped for rich."""
+
+    def format_help(self, ctx, formatter) -> None:
+        for param in self.params:
+            if getattr(param, "help", None):
+                text = param.help
+                for placeholder, names in _registry_names().items():
+                    text = text.replace(placeholder, names)
+                param.help = escape(text)
+        super().format_help(ctx, formatter)
+
+
+def _registry_names() -> dict[str, str]:
+    import edgec.pipeline.stages  # noqa: F401  (registers the stage kinds)
+    from edgec.pipeline.stage import Stage
+
+    from .data import BUILTIN_DATASETS, SOURCE_FORMS
+    from .zoo import ZOO
+
+    return {"{ZOO}": ", ".join(ZOO), "{STAGES}": ", ".join(Stage.registry),
+            "{DATA}": " | ".join([*BUILTIN_DATASETS, *SOURCE_FORMS])}
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -65,17 +93,17 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-@app.command()
+@app.command(cls=_RegistryHelp)
 def build(
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Built-in target (see `edgec targets`) or a board.toml path. Default: rpi.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Config file. Default: ./edgec.toml when present.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="digits (built in, default) | mnist:DIR | npz:FILE | folder:DIR")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Zoo model (lenet-300-100, lenet-5, mlp, cnn-small; default cnn-small) or package.module:factory.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="{DATA} (default digits; a built-in data set sets its task).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Zoo model ({ZOO}) or package.module:factory (found in the current folder too). Default: cnn-small for images, mlp for flat features.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Initial weights: an edgec checkpoint (no --model needed) or a plain state dict.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder; the build lands in OUT/<target>/. Default: ./edgec-out.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Stage cache. Default: $EDGEC_CACHE_DIR or ~/.cache/edgec.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation, shuffling and augmentation. Default: 0.")] = None,
-    stages: Annotated[Optional[str], typer.Option(help="Comma-separated stages to run, e.g. train,export: kinds for the shorthand list, ids to select from [[stages]] tables.")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="Comma-separated stages to run, e.g. train,export: kinds ({STAGES}) for the shorthand list, ids to select from [[stages]] tables.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Precision of the shipped model: int8, fp16 or fp32. Default: the target's.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (train stage).")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random shifts and rotations while training.")] = None,
@@ -185,13 +213,21 @@ def targets(
     if json_out:
         print(json.dumps({k: p.model_dump(mode="json") for k, p in profiles.items()}, indent=2))
         return
+    console = Console()
+    budgets = {name: [f"{k}={v}" for k, v in p.budgets.model_dump().items() if v is not None] for name, p in profiles.items()}
+    if console.width < 120:  # a narrow terminal: one block per target, so no budget is cut off
+        for p in profiles.values():
+            console.print(f"[bold]{p.name}[/]  {p.format} {p.precision} {p.arch}")
+            console.print(p.description, style="dim")
+            console.print("budgets: " + ", ".join(budgets[p.name]))
+            console.print()
+        return
     table = Table(show_edge=False)
     for col in ("target", "format", "precision", "arch", "budgets", "description"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "budgets")
     for p in profiles.values():
-        budgets = ", ".join(f"{k}={v}" for k, v in p.budgets.model_dump().items() if v is not None)
-        table.add_row(p.name, p.format, p.precision, p.arch, budgets, p.description)
-    Console().print(table)
+        table.add_row(p.name, p.format, p.precision, p.arch, "\n".join(budgets[p.name]), p.description)
+    console.print(table)
 
 
 def _configure_libraries() -> None:
@@ -327,6 +363,12 @@ def _out_of_memory(e: Exception) -> bool:
     return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _ALLOCATOR_FAILURES))
 
 
+def _show_traceback(debug: bool) -> None:
+    """--debug adds the traceback; the one-line message and the exit code stay what they are without it."""
+    if debug:
+        traceback.print_exc()
+
+
 def main() -> None:
     args, debug = _split_debug(sys.argv[1:])
     if debug:
@@ -348,8 +390,7 @@ def main() -> None:
         print("terminated (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
         sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
     except (EdgecError, BundleError) as e:  # both carry their exit code; BundleError comes from the runner
-        if debug:
-            raise
+        _show_traceback(debug)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except no_args_help as e:  # plain `edgec`: the help, as a usage error
@@ -361,24 +402,21 @@ def main() -> None:
         print(_usage_error(e, args), file=sys.stderr)
         sys.exit(2)
     except click_errors as e:
-        if debug:
-            raise
+        _show_traceback(debug)
         print(f"error: {_one_line(e.format_message())}", file=sys.stderr)
         sys.exit(e.exit_code)
     except aborts:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except OSError as e:  # disk full, permissions, read-only file system: the machine, not edgec
-        if debug:
-            raise
+        _show_traceback(debug)
         if e.errno == errno.EPIPE:  # whoever read stdout went away (`| head`): nothing to say
             sys.exit(1)
         message, exit_code = _os_error(e) if e.errno is not None else (_internal(e), 1)
         print(message, file=sys.stderr)
         sys.exit(exit_code)
     except Exception as e:  # out of memory, or a bug: still one line unless --debug
-        if debug:
-            raise
+        _show_traceback(debug)
         print(OUT_OF_MEMORY if _out_of_memory(e) else _internal(e), file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
@@ -539,9 +577,11 @@ def check(
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Override the target's budget.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Override the target's budget.")] = None,
     min_speedup: Annotated[Optional[float], typer.Option(help="The bundle's p50 must be this many times lower than the uncompressed model's (needs --bench from `edgec bench --baseline`). Overrides the target's budget.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 1) when a budget could not be checked, e.g. max_p95_ms without --bench.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file ('-' for stdout).")] = None,
 ) -> None:
-    """Apply the target's budgets; exit 1 listing every violation, 0 when all hold."""
+    """Apply the target's budgets; exit 1 listing every violation, 0 when all that could be checked hold
+    (the budgets left unchecked are named; --strict fails on them)."""
     from edgec.budgets import check_budgets
     from edgec.ondevice import load_bundle
     from edgec.targets.profile import Budgets
@@ -571,17 +611,23 @@ def check(
         table.add_row(r["budget"], f"{r['op']} {r['limit']}", "-" if r["actual"] is None else f"{r['actual']:.6g}", verdict)
     console = Console(stderr=json_out is not None and str(json_out) == "-")
     console.print(table)
-    _write_json(json_out, {"schema": "edgec-check", "schema_version": 1, "budgets": rows})
     violated = [r for r in rows if r["ok"] is False]
+    unchecked = [r["budget"] for r in rows if r["ok"] is None]
+    _write_json(json_out, {"schema": "edgec-check", "schema_version": 1, "budgets": rows, "unchecked": unchecked})
+    if unchecked:
+        how = "give --bench BENCH.json (edgec bench --json, --baseline for min_speedup)"
+        console.print(f"[yellow]unchecked[/]: {', '.join(unchecked)}; {how}{'' if strict else ', or --strict to fail on them'}")
     if violated:
         raise RunError("budget violated: " + "; ".join(f"{r['budget']} {r['actual']:.6g} (limit {r['op']} {r['limit']})" for r in violated))
+    if strict and unchecked:
+        raise RunError(f"--strict: budget(s) not checked: {', '.join(unchecked)}; {how}")
 
 
-@app.command()
+@app.command(cls=_RegistryHelp)
 def search(
     config: Annotated[Path, typer.Option("--config", "-c", help="Search config: a build config (edgec.toml keys) plus a [search] table with [search.space].")],
     target: Annotated[Optional[list[str]], typer.Option("--target", "-t", help="Target to rank points for (repeatable: one Pareto front each). Default: the config's target, else rpi.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="digits | mnist:DIR | npz:FILE | folder:DIR (overrides the config's [data] source).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="{DATA} (overrides the config's [data] source).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: search.json, report, pareto/ bundles, best.toml, trials/.")] = Path("edgec-search"),
     cache_dir: Annotated[Optional[Path], typer.Option(help="Stage cache shared by every trial (on Ray: storage every node sees). Default: $EDGEC_CACHE_DIR or ~/.cache/edgec.")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="grid | random | tpe (overrides [search] strategy).")] = None,

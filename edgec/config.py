@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgec.pipeline.stage import Stage, StageConfig, Strict
 from edgec.pipeline.stages import DEFAULT_STAGES
 
+from .data import BUILTIN_DATASETS
 from .errors import ConfigError
+from .suggest import did_you_mean
 from .tomlfile import read_toml
 
 DEFAULT_CONFIG_FILE = Path("edgec.toml")
@@ -86,7 +89,8 @@ class DataConfig(DataSpec):
 
 
 class ModelConfig(Strict):
-    name: str | None = Field("cnn-small", description="zoo name or package.module:factory")
+    name: str | None = Field("cnn-small", description="zoo name or package.module:factory (unset: cnn-small for "
+                             "images, mlp for flat features)")
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the zoo model or factory")
     weights: Path | None = Field(None, description="initial weights: edgec checkpoint or plain state dict")
 
@@ -177,12 +181,16 @@ def parse_config(raw: dict[str, Any], overrides: Overrides | None = None, origin
         for dotted, value in overrides.keys.items():
             if dotted.split(".")[0] not in Stage.registry and dotted.split(".")[0] not in {s.id for s in specs}:
                 _set_dotted(top, dotted, value)
+        source = top["data"].get("source") if isinstance(top.get("data"), dict) else None
+        if "task" not in top and isinstance(source, str) and source in BUILTIN_DATASETS:
+            top["task"] = BUILTIN_DATASETS[source]  # a named built-in data set carries its task
         config = _validate(BuildConfig, {**top, "stages": specs}, "")
     except ConfigError as e:
         raise ConfigError(f"{origin}{e}") from None
     for spec in config.stages:
         if spec.config.data is not None and spec.config.data not in config.data.named:
-            raise ConfigError(f"{origin}stage {spec.id!r}: data {spec.config.data!r} is not declared; add a [data.{spec.config.data}] "
+            raise ConfigError(f"{origin}stage {spec.id!r}: data {spec.config.data!r} is not declared"
+                              f"{did_you_mean(spec.config.data, config.data.named)}; add a [data.{spec.config.data}] "
                               f"table (declared: {', '.join(config.data.named) or 'none'})")
     names = [t.name for t in config.tasks]
     if len(set(names)) != len(names):
@@ -233,7 +241,7 @@ def _stage_tables(raw: dict[str, Any], overrides: Overrides) -> list[dict[str, A
         names = overrides.stages if overrides.stages is not None else listed
         for name in names:
             if not isinstance(name, str) or name not in Stage.registry:
-                raise ConfigError(f"unknown stage {name!r} in stages: use {', '.join(Stage.registry)}")
+                raise ConfigError(f"unknown stage {name!r}{did_you_mean(name, Stage.registry)} in stages: use {', '.join(Stage.registry)}")
         for kind in set(Stage.registry) - set(names):
             _validate(Stage.registry[kind].Config, sections[kind], f"[{kind}]")
         return _assign_ids([{"kind": name, **sections[name]} for name in names])
@@ -250,14 +258,14 @@ def _stage_tables(raw: dict[str, Any], overrides: Overrides) -> list[dict[str, A
         if head in by_id and rest:
             _set_dotted(by_id[head], rest, value)
         elif head in Stage.registry:
-            raise ConfigError(f"--set {dotted}: no stage has id {head!r}; ids: {', '.join(by_id)}")
+            raise ConfigError(f"--set {dotted}: no stage has id {head!r}{did_you_mean(head, by_id)}; ids: {', '.join(by_id)}")
     for table in tables:
         for dotted, value in overrides.per_kind.get(table["kind"], {}).items():
             _set_dotted(table, dotted, value)
     if overrides.stages is not None:
         unknown = [s for s in overrides.stages if s not in by_id]
         if unknown:
-            raise ConfigError(f"--stages {unknown[0]!r}: no stage with that id in the config; ids: {', '.join(by_id)}")
+            raise ConfigError(f"--stages {unknown[0]!r}: no stage with that id in the config{did_you_mean(unknown[0], by_id)}; ids: {', '.join(by_id)}")
         tables = [t for t in tables if t["id"] in overrides.stages]
     return tables
 
@@ -268,7 +276,7 @@ def _assign_ids(tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, table in enumerate(tables):
         kind = table.get("kind")
         if kind not in Stage.registry:
-            raise ConfigError(f"stages[{i}]: kind {kind!r} is not a stage; use one of {', '.join(Stage.registry)}")
+            raise ConfigError(f"stages[{i}]: kind {kind!r} is not a stage{did_you_mean(kind, Stage.registry)}; use one of {', '.join(Stage.registry)}")
         seen[kind] = seen.get(kind, 0) + 1
         default = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
         stage_id = table.setdefault("id", default)
@@ -299,9 +307,24 @@ def _validate(model: type[BaseModel], raw: dict[str, Any], where: str):
         dotted = ".".join(str(p) for p in err["loc"])
         prefix = f"{where}: " if where else ""
         if err["type"] == "extra_forbidden":
-            raise ConfigError(f"{prefix}unknown key {dotted!r}; see `edgec build --print-config` for valid keys") from None
+            hint = did_you_mean(str(err["loc"][-1]), _keys_at(model, err["loc"][:-1]))
+            raise ConfigError(f"{prefix}unknown key {dotted!r}{hint}; see `edgec build --print-config` for valid keys") from None
         where_key = f"{dotted}: " if dotted else ""
-        raise ConfigError(f"{prefix}{where_key}{err['msg']} (got {err.get('input')!r})") from None
+        got = repr(err.get("input"))
+        shown = "" if got in err["msg"] else f" (got {got})"  # a validator's own message often names the value
+        raise ConfigError(f"{prefix}{where_key}{err['msg']}{shown}") from None
+
+
+def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys a config model accepts at ``loc`` (a path of nested model fields); [] past a non-model."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        nested = [t for t in (field.annotation, *typing.get_args(field.annotation)) if isinstance(t, type)
+                  and issubclass(t, BaseModel)] if field else []
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
 
 
 def _set_dotted(node: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,4 +1,4 @@
-"""Data sources: ``digits`` (built in), ``mnist:DIR``, ``npz:FILE``, ``folder:DIR``.
+"""Data sources: ``digits`` and ``diabetes`` (built in), ``mnist:DIR``, ``npz:FILE``, ``folder:DIR``.
 
 Every source yields a :class:`Dataset` holding *raw* samples (uint8 where the source is 8-bit)
 and the affine map that turns a raw sample into the model input (``raw * scale + offset``).
@@ -23,11 +23,20 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from .errors import InputError
+from .suggest import did_you_mean
 
 SPLIT_SEED = 0  # fixed on purpose: splits do not move with --seed
 MAX_CLASSES = 100_000  # a label beyond this is a corrupt file, not a class index
 MIN_TRAIN_PER_CLASS = 2  # samples each class keeps for training after the validation split
 MAX_IMAGE_PIXELS = 50_000_000  # folder: a larger image is refused as a decompression bomb
+# Built-in data sets by name, with the task their labels define (a build's default task).
+BUILTIN_DATASETS = {"digits": "classification", "diabetes": "regression"}
+SOURCE_FORMS = ("mnist:DIR", "npz:FILE", "folder:DIR")
+
+
+def unknown_source(spec: str) -> InputError:
+    hint = did_you_mean(spec.partition(":")[0], [*BUILTIN_DATASETS, *(f.split(":")[0] for f in SOURCE_FORMS)])
+    return InputError(f"unknown data spec {spec!r}{hint}: use {', '.join([*BUILTIN_DATASETS, *SOURCE_FORMS])}")
 
 
 @dataclass(frozen=True)
@@ -102,10 +111,11 @@ def load_dataset(spec: str, val_fraction: float = 0.1, image_size: int | None = 
         parts = _npz(Path(arg).expanduser())
     elif scheme == "folder" and arg:
         parts = _folder(Path(arg).expanduser(), image_size)
+    elif spec in BUILTIN_DATASETS:
+        raise InputError(f"{spec} is a {BUILTIN_DATASETS[spec]} data set; set task = \"{BUILTIN_DATASETS[spec]}\" "
+                         f"(--set task={BUILTIN_DATASETS[spec]}) or leave task unset")
     else:
-        raise InputError(
-            f"unknown data spec {spec!r}: use digits, mnist:DIR, npz:FILE or folder:DIR"
-        )
+        raise unknown_source(spec)
     name, x_train, y_train, x_test, y_test, scale, labels = parts
     return _finish(name, x_train, y_train, x_test, y_test, scale, labels, val_fraction)
 
@@ -543,6 +553,8 @@ def _regression(spec: str, val_fraction: float) -> Dataset:
             raise InputError(f"{name}: y_train has {y_train.shape[1]} target(s) per sample but y_test {y_test.shape[1]}")
         scale = 1.0 / 255.0 if x_train.dtype == np.uint8 else 1.0
         labels = ["y"] if y_train.shape[1] == 1 else [f"y{i}" for i in range(y_train.shape[1])]
+    elif scheme not in ("digits", "mnist", "folder"):
+        raise unknown_source(spec)
     else:
         raise InputError(f"data {spec!r} cannot train a regression: use diabetes or npz:FILE (float y_train, y_test)")
     if len(x_train) < 2:

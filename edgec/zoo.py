@@ -361,3 +361,8 @@ class ConvAutoencoder(nn.Module):
 
 
 ZOO.update({"autoencoder": DenseAutoencoder, "conv-autoencoder": ConvAutoencoder})
+
+
+def default_model(input_shape: tuple[int, ...]) -> str:
+    """The zoo model a build uses when none is named: a CNN for images (C, H, W), an MLP otherwise."""
+    return "cnn-small" if len(input_shape) == 3 else "mlp"

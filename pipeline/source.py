@@ -71,12 +71,11 @@ def _require_fits_memory(arch: dict, trust: ModelTrust) -> None:
 def _factory_args(factory: str, args: dict, data: Dataset) -> dict:
     """A user factory gets what the zoo gets (input_shape, in_channels, num_classes) when its
     signature accepts them and [model] args does not set them."""
-    import importlib
     import inspect
 
     module, _, attr = factory.partition(":")
     try:
-        params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+        params = inspect.signature(getattr(architecture.import_user_module(module), attr)).parameters
     except (ImportError, AttributeError, TypeError, ValueError):
         return dict(args)  # the build reports the import error with its fix
     offered = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}

@@ -33,6 +33,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgec.errors import ConfigError
+from edgec.suggest import did_you_mean
 from edgec.tomlfile import read_toml
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -156,7 +157,8 @@ def load_target(spec: str) -> TargetProfile:
         return _read(path, builtin=False)
     builtins = builtin_targets()
     if spec not in builtins:
-        raise ConfigError(f"unknown target {spec!r}: use one of {', '.join(builtins)} or a path to a board.toml")
+        raise ConfigError(f"unknown target {spec!r}{did_you_mean(spec, builtins)}: use one of {', '.join(builtins)} "
+                          "or a path to a board.toml")
     return builtins[spec]
 
 

@@ -101,7 +101,7 @@ def test_unwritable_output(tmp_path):
 
 
 def test_debug_shows_traceback(tmp_path):
-    proc = run_cli("--debug", "build", "--target", "toaster", cwd=tmp_path, check=1)
+    proc = run_cli("--debug", "build", "--target", "toaster", cwd=tmp_path, check=2)  # the same exit code as without --debug
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
 
 

@@ -54,7 +54,7 @@ def test_no_command_shows_help_exit_2(tmp_path):
 def test_debug_is_accepted_anywhere(tmp_path, where):
     args = ["build", "--target", "toaster"]
     args = {"first": ["--debug", *args], "after-command": ["build", "--debug", *args[1:]], "last": [*args, "--debug"]}[where]
-    proc = run_cli(*args, cwd=tmp_path, check=1)
+    proc = run_cli(*args, cwd=tmp_path, check=2)  # the same exit code as without --debug
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
     out = run_cli("build", "--print-config", "--debug", "--seed", "3", cwd=tmp_path)
     assert '"seed": 3' in out.stdout

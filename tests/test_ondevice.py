@@ -613,6 +613,8 @@ def test_run_py_bench_and_predict(copy_bundle, tmp_path):
     p = run_py(b, "predict", tmp_path / "x.npy")
     assert p.returncode == 0, p.stderr
     lines = [ln.split("\t") for ln in p.stdout.strip().splitlines()]
+    assert lines[0][:3] == ["index", "label", "class"]
+    lines = lines[1:]
     assert [ln[0] for ln in lines] == ["0", "1", "2", "3", "4"]
     want = load_bundle(b).open_model().predict_raw(x_raw).argmax(1)
     assert [int(ln[2]) for ln in lines] == want.tolist()

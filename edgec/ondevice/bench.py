@@ -18,7 +18,9 @@ Conventions (TFLite benchmark_model, onnxruntime_perf_test, MLPerf Tiny):
   runtime + one model) and load/first-inference times are cold; ``peak_rss_bytes`` is
   taken after the batch-1 runs (before other batch sizes load more copies).
   With ``isolate=False`` it is this process's peak, including whatever the caller loaded.
-* best setting: lowest p50 at batch 1 (ties: fewer threads); returned as ``recommended`` and,
+* best setting: lowest p50 at batch 1 among the settings whose p99 is within TAIL_FACTOR (2x) of
+  the lowest p99 (a fast median with a long tail is not best; ties: fewer threads); returned as
+  ``recommended`` and,
   with ``save_recommendation``, kept for this machine in the bundle's recommended.json
   (``recommend.py``): never in the manifest, never applied to another machine.
 * accuracy on eval.npz (full set) and agreement with test vectors for the best setting.
@@ -265,16 +267,25 @@ def _thread_cap(bundle, max_threads):
 
 
 TIE_BAND = 0.01
+TAIL_FACTOR = 2.0
+BEST_CRITERION = ("lowest p50 latency at batch 1 among settings whose p99 is within %gx of the lowest p99 "
+                  "(within 1%% of that p50 counts as a tie: fewer threads wins)" % TAIL_FACTOR)
 
 
 def _pick_best(ok):
-    """Lowest p50; settings within TIE_BAND (1%) of it count as tied and the one with fewest
-    threads wins (then lowest p50): on a small device spare cores matter more than 1%."""
+    """The best setting and those its tail ruled out. Only settings whose p99 is within TAIL_FACTOR of
+    the lowest p99 compete (a median bought with a long tail, e.g. a spinning second thread on a busy
+    core, is not best); among them the lowest p50, where settings within TIE_BAND (1%) of it count as
+    tied and the one with fewest threads wins (then lowest p50): spare cores matter more than 1%."""
     if not ok:
-        return None
-    low = min(r["latency_ms"]["p50"] for r in ok)
-    tied = [r for r in ok if r["latency_ms"]["p50"] <= low * (1.0 + TIE_BAND)]
-    return min(tied, key=lambda r: (r["settings"].get("threads") or 0, r["latency_ms"]["p50"]))
+        return None, []
+    tail = min(r["latency_ms"]["p99"] for r in ok) * TAIL_FACTOR
+    steady = [r for r in ok if r["latency_ms"]["p99"] <= tail]
+    low = min(r["latency_ms"]["p50"] for r in steady)
+    tied = [r for r in steady if r["latency_ms"]["p50"] <= low * (1.0 + TIE_BAND)]
+    best = min(tied, key=lambda r: (r["settings"].get("threads") or 0, r["latency_ms"]["p50"]))
+    excluded = [r for r in ok if r not in steady and r["latency_ms"]["p50"] < best["latency_ms"]["p50"]]
+    return best, excluded
 
 
 def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_sizes=(1, 8, 32), runtime=None,
@@ -374,7 +385,7 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
         if not r.get("ok"):
             errors.append("%s: %s" % (r["id"], r.get("error")))
     ok = [r for r in results if r.get("ok")]
-    best = _pick_best(ok)
+    best, tail_excluded = _pick_best(ok)
     sysinfo = machine_info()
     identity = machine_identity(rt, sysinfo)
     man_size = bundle.manifest.get("size") or {}
@@ -405,7 +416,9 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
         overheads = [r["harness_overhead_ms"] for r in ok if r.get("harness_overhead_ms") is not None]
         res["harness"]["overhead_ms_per_iteration"] = float(np.median(overheads)) if overheads else None
         res["best"] = {"id": best["id"], "settings": _clean(best["settings"]), "p50_ms": best["latency_ms"]["p50"],
-                       "criterion": "lowest p50 latency at batch 1 (within 1% counts as a tie: fewer threads wins)"}
+                       "criterion": BEST_CRITERION,
+                       "excluded_for_tail": [{"id": r["id"], "p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"]}
+                                             for r in tail_excluded]}
         res["recommended"] = _clean(best["settings"])
         for k in ("latency_ms", "throughput", "load_ms", "first_inference_ms", "peak_rss_bytes", "vectors"):
             res[k] = best.get(k)

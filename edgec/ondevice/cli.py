@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 from .errors import BundleError, SettingsError
 from .runtime_base import MAX_THREADS
@@ -213,9 +214,24 @@ def _cmd_predict(args, settings):
     if args.json:
         _write_json({"file": args.file, "predictions": preds}, args.json)
     if args.json != "-":
-        for p in preds:
-            sys.stdout.write("%d\t%s\t%d\t%.4f\n" % (p["index"], p["label"], p["class"], p["score"]))
+        sys.stdout.write(_predict_table(preds, getattr(model, "task", "classification"), labels))
     return EXIT_OK
+
+
+def _predict_table(preds, task, labels):
+    """Tab-separated, one header line, then a row per sample in the task's own words."""
+    if task == "regression":
+        width = len(preds[0]["values"]) if preds else len(labels)
+        names = [labels[j] if j < len(labels) else "y%d" % j for j in range(width)]
+        rows = ["\t".join(["%d" % p["index"]] + ["%.6g" % v for v in p["values"]]) for p in preds]
+        header = ["index"] + names
+    elif task == "reconstruction":
+        rows = ["%d\t%.6g" % (p["index"], p["score"]) for p in preds]
+        header = ["index", "anomaly score (reconstruction error)"]
+    else:
+        rows = ["%d\t%s\t%d\t%.4f" % (p["index"], p["label"], p["class"], p["score"]) for p in preds]
+        header = ["index", "label", "class", "score (top logit)"]
+    return "\n".join(["\t".join(header)] + rows) + "\n"
 
 
 def main(argv=None, bundle_dir=None, prog=None):
@@ -226,21 +242,24 @@ def main(argv=None, bundle_dir=None, prog=None):
     except SystemExit as e:  # argparse: --help (0) or usage error (2)
         return int(e.code or 0)
     debug = getattr(args, "debug", False)
+    if debug:
+        os.environ["EDGEC_DEBUG"] = "1"  # native runtimes' log lines are shown too (quiet.py)
     try:
         settings = _settings_from(args)
         cmd = {"verify": _cmd_verify, "bench": _cmd_bench, "predict": _cmd_predict}[args.command]
         return cmd(args, settings)
     except BundleError as e:
-        if debug:
-            raise
+        if debug:  # the traceback as well; the exit code stays the same
+            traceback.print_exc()
         sys.stderr.write("error: %s\n" % e)
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
     except Exception as e:
-        if debug:
-            raise
+        if debug:  # the traceback as well; the exit code stays the same
+            traceback.print_exc()
         msg = " ".join(str(e).split())[:300]
-        sys.stderr.write("error: %s: %s (hint: rerun with --debug for a traceback)\n" % (type(e).__name__, msg))
+        hint = "" if debug else " (hint: rerun with --debug for a traceback)"
+        sys.stderr.write("error: %s: %s%s\n" % (type(e).__name__, msg, hint))
         return EXIT_USAGE

@@ -149,6 +149,10 @@ def render_bench(result, markdown=False):
         b = r["best"]
         out.append(("**best**: `%s` (p50 %s %s): %s" if markdown else "best: %s (p50 %s %s): %s") % (
             b["id"], _lat(b["p50_ms"], unit), unit, b["criterion"]))
+        for x in b.get("excluded_for_tail") or []:
+            out.append(("- not %s: lower p50 (%s %s) but p99 %s %s, over the tail limit" if markdown
+                        else "not %s: lower p50 (%s %s) but p99 %s %s, over the tail limit") % (
+                x["id"], _lat(x["p50_ms"], unit), unit, _lat(x["p99_ms"], unit), unit))
     else:
         out.append("best: none (every setting failed)")
     for n in r.get("notes") or []:

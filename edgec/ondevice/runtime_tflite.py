@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from .errors import ModelLoadError, RuntimeMissingError
+from .quiet import native_stderr_quiet
 from .runtime_base import Model, as_bool, first_line
 
 NAME = "tflite"
@@ -55,8 +56,9 @@ class TFLiteModel(Model):
                 kwargs["experimental_op_resolver_type"] = rtype
         t0 = time.perf_counter()
         try:
-            it = mod.Interpreter(model_path=path, **kwargs)
-            it.allocate_tensors()
+            with native_stderr_quiet():  # the XNNPACK delegate announces itself on fd 2
+                it = mod.Interpreter(model_path=path, **kwargs)
+                it.allocate_tensors()
         except Exception as e:
             raise ModelLoadError("%s does not load in %s %s: %s" % (
                 os.path.basename(path), rt.package, rt.version, first_line(e)),
@@ -130,7 +132,8 @@ class TFLiteModel(Model):
                 it.resize_tensor_input(self._in_idx, shape, strict=False)
             except TypeError:
                 it.resize_tensor_input(self._in_idx, shape)
-            it.allocate_tensors()
+            with native_stderr_quiet():
+                it.allocate_tensors()
             out = [o for o in it.get_output_details() if o["index"] == self._out_idx][0]
             out_shape = [int(d) for d in out["shape"]]
             if not out_shape or out_shape[0] != b:

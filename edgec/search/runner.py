@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from edgec.errors import ConfigError, InputError
 from edgec.tomlfile import read_toml
@@ -260,11 +261,17 @@ class _Progress:
             if res["status"] == "ok":
                 parts.append(f"{target}: val acc {m['accuracy']:.4f}, {m['transport_bytes']:,} B, p50 {m['p50_ms'] * 1e3:.1f} us")
             else:
-                parts.append(f"{target}: {res['status']}")
+                parts.append(f"{target}: {res['status']}" + (f" ({_reason(res['reason'])})" if res.get("reason") else ""))
         if not record["targets"]:
-            parts.append(f"{record['status']}: {record['reason']}")
+            parts.append(f"{record['status']}: {_reason(record['reason'])}")
         self.console.print(f"[{len(self.records)}/{self.total or '?'}] {point} -> {'; '.join(parts)} "
                            f"[dim]({record['stage_runs']} stage run(s), {record['seconds']:.0f} s)[/]")
+
+
+def _reason(text: Any, limit: int = 300) -> str:
+    """Why a trial was rejected or failed, as one line of console text (its markup characters escaped)."""
+    line = " ".join(str(text).split())
+    return escape(line if len(line) <= limit else line[:limit - 3] + "...")
 
 
 def _short(value: Any) -> str:

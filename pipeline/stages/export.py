@@ -123,13 +123,14 @@ class ExportStage(Stage):
             return exported, _run_exported(out_dir / model_file, runtime_name, exported, x_test)
 
         exported, outputs = convert_and_run(calibration)
-        remedy, tried = None, []
+        remedy, tried, attempts = None, [], []
         if data.task == "classification":
             metrics = _compare(reference, outputs, data.y_test)
             if precision == "int8" and qat is None and self._mismatch(metrics, target):
                 # Remedies that are safe to try (the gate still decides); the first that passes ships.
                 for remedy, cal, options in self._automatic_remedies(data, target.format):
                     tried.append(remedy)
+                    attempts.append((len(cal) if cal is not None else None, options))
                     exported, outputs = convert_and_run(data.to_input(data.x_train[cal]) if cal is not None else calibration,
                                                         **options)
                     metrics = _compare(reference, outputs, data.y_test)
@@ -141,7 +142,7 @@ class ExportStage(Stage):
                 worst = _worst_int8_op(model, out_dir / model_file, calibration) if precision == "int8" else ""
                 tried_text = f"tried automatically: {', '.join(tried)}; " if tried else ""
                 self._refuse_on_mismatch(metrics, target, worst + tried_text + self._remedies(
-                    precision, target, len(data.y_train), qat=qat is not None))
+                    precision, target, len(data.y_train), qat=qat is not None, attempts=attempts))
         else:
             metrics = objective.export_metrics(reference, outputs)
             refuse_on_mismatch(metrics, target, cfg.max_metric_drop, cfg.max_relative_error,
@@ -229,21 +230,24 @@ class ExportStage(Stage):
         drop = metrics["reference_accuracy"] - metrics["accuracy"]
         return metrics["top1_agreement"] < target.budgets.min_agreement or drop > target.budgets.max_accuracy_drop
 
-    def _remedies(self, precision: str, target, train_samples: int, qat: bool = False) -> str:
-        """Only what can change the outcome on this target's converter."""
+    def _remedies(self, precision: str, target, train_samples: int, qat: bool = False,
+                  attempts: list[tuple[int | None, dict[str, Any]]] = ()) -> str:
+        """Only what can change the outcome on this target's converter and was not tried already
+        (``attempts``: the automatic remedies' calibration sample counts and converter options)."""
         if precision == "fp32":
             return "check that the model is deterministic in eval mode"
         if qat:  # the int8 ranges come from the qat stage: calibration options do not apply
             return (f"try more quantization-aware training (--set qat.epochs=...), or leave qat out, or --precision "
                     f"{'fp16' if 'fp16' in target.precisions else 'fp32'}")
         tips = []
-        samples = self.config.calibration.samples
+        samples = max([self.config.calibration.samples] + [n for n, _ in attempts if n is not None])
         if precision == "int8" and samples < train_samples:
             tips.append(f"more calibration samples (--set export.calibration.samples={min(4 * samples, train_samples)}; "
                         f"the train split has {train_samples})")
-        if precision == "int8" and target.format == "onnx":
-            other = "percentile" if self.config.calibration.method != "percentile" else "entropy"
-            tips.append(f"another calibration method (--set export.calibration.method={other})")
+        methods = {self.config.calibration.method} | {o["calibration_method"] for _, o in attempts if "calibration_method" in o}
+        untried = [m for m in ("percentile", "entropy", "minmax") if m not in methods]
+        if precision == "int8" and target.format == "onnx" and untried:
+            tips.append(f"another calibration method (--set export.calibration.method={untried[0]})")
         if precision == "int8":
             tips.append("training longer (near-tied top-1 classes flip under int8 rounding)")
         tips.append(f"--precision {'fp16' if 'fp16' in target.precisions and precision != 'fp16' else 'fp32'}")
