@@ -106,20 +106,21 @@ def model_trust(config: BuildConfig) -> ModelTrust:
 def load_datasets(config: BuildConfig, stages: list[Stage]) -> dict[str, Dataset]:
     """The main data set and every named one a stage reads (loaded once each)."""
     main = config.data
-    loaded = {MAIN_DATA: _load_view(main, main.source, "data", config.task)}
+    loaded = {MAIN_DATA: _load_view(main, main.source, "data", config.task, config.cache_dir)}
     task_data = {t.data for t in config.tasks if t.data != MAIN_DATA}  # [[tasks]]: stages may read any task's data
     for name in sorted({s.config.data for s in stages if s.config.data} | task_data):
         spec = main.named[name]
-        loaded[name] = _load_view(spec, spec.source or main.source, f"data.{name}", config.task)
+        loaded[name] = _load_view(spec, spec.source or main.source, f"data.{name}", config.task, config.cache_dir)
     return loaded
 
 
-def _load_view(spec: DataSpec, source: str, where: str, task: str = "classification") -> Dataset:
+def _load_view(spec: DataSpec, source: str, where: str, task: str = "classification",
+               cache_dir: Path | None = None) -> Dataset:
     if task != "classification":  # regression / reconstruction (pipeline/objectives.py)
         data = load_dataset(source, spec.val_fraction, spec.image_size, task=task, normal=spec.normal,
-                            input_noise=spec.input_noise)
+                            input_noise=spec.input_noise, cache_dir=cache_dir)
     else:
-        data = load_dataset(source, spec.val_fraction, spec.image_size)
+        data = load_dataset(source, spec.val_fraction, spec.image_size, cache_dir=cache_dir)
     if spec.classes is not None:
         data = select_classes(data, spec.classes, where)
     if spec.permute is not None:

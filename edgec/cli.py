@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .data_commands import data_app
 from .errors import ConfigError, EdgecError, RunError
 from .ondevice.errors import BundleError
 from .tomlfile import NestedTooDeep, parse_toml
@@ -552,6 +553,7 @@ def bench(
 
 keys_app = typer.Typer(help="Ed25519 keys for signed bundles.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(data_app, name="data")
 
 
 @keys_app.command("generate")

@@ -1,4 +1,6 @@
-"""Data sources: ``digits`` and ``diabetes`` (built in), ``mnist:DIR``, ``npz:FILE``, ``folder:DIR``.
+"""Data sources: ``digits`` and ``diabetes`` (built in), ``mnist`` / ``fashion-mnist`` / ``kmnist``
+(downloaded by ``edgec data fetch NAME``, or ``NAME:DIR`` for a folder of the IDX files), ``npz:FILE``,
+``folder:DIR``.
 
 Every source yields a :class:`Dataset` holding *raw* samples (uint8 where the source is 8-bit)
 and the affine map that turns a raw sample into the model input (``raw * scale + offset``).
@@ -22,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from .data_fetch import DATASETS as FETCHABLE
+from .data_fetch import downloaded_dir
 from .errors import InputError
 from .suggest import did_you_mean
 
@@ -31,12 +35,13 @@ MIN_TRAIN_PER_CLASS = 2  # samples each class keeps for training after the valid
 MAX_IMAGE_PIXELS = 50_000_000  # folder: a larger image is refused as a decompression bomb
 # Built-in data sets by name, with the task their labels define (a build's default task).
 BUILTIN_DATASETS = {"digits": "classification", "diabetes": "regression"}
-SOURCE_FORMS = ("mnist:DIR", "npz:FILE", "folder:DIR")
+SOURCE_FORMS = ("mnist", "fashion-mnist", "kmnist", "mnist:DIR", "npz:FILE", "folder:DIR")
 
 
 def unknown_source(spec: str) -> InputError:
     hint = did_you_mean(spec.partition(":")[0], [*BUILTIN_DATASETS, *(f.split(":")[0] for f in SOURCE_FORMS)])
-    return InputError(f"unknown data spec {spec!r}{hint}: use {', '.join([*BUILTIN_DATASETS, *SOURCE_FORMS])}")
+    return InputError(f"unknown data spec {spec!r}{hint}: use {', '.join([*BUILTIN_DATASETS, *SOURCE_FORMS])} "
+                      "(edgec data fetch NAME downloads mnist, fashion-mnist or kmnist)")
 
 
 @dataclass(frozen=True)
@@ -98,15 +103,17 @@ class Dataset:
 
 
 def load_dataset(spec: str, val_fraction: float = 0.1, image_size: int | None = None, task: str = "classification",
-                 normal: list[int] | None = None, input_noise: float = 0.0) -> Dataset:
-    """Resolve a ``--data`` spec into a validated :class:`Dataset` (for ``task``: see load_task_dataset)."""
+                 normal: list[int] | None = None, input_noise: float = 0.0, cache_dir: Path | None = None) -> Dataset:
+    """Resolve a ``--data`` spec into a validated :class:`Dataset` (for ``task``: see load_task_dataset).
+    ``cache_dir`` holds the data sets ``edgec data fetch`` downloaded (default: the default cache)."""
     if task != "classification":
-        return load_task_dataset(spec, val_fraction, image_size, task, normal, input_noise)
+        return load_task_dataset(spec, val_fraction, image_size, task, normal, input_noise, cache_dir)
     scheme, _, arg = spec.partition(":")
     if scheme == "digits" and not arg:
         parts = _digits()
-    elif scheme == "mnist" and arg:
-        parts = _mnist(Path(arg).expanduser())
+    elif scheme in FETCHABLE:
+        folder = Path(arg).expanduser() if arg else downloaded_dir(scheme, cache_dir)
+        parts = _idx_dataset(scheme, folder)
     elif scheme == "npz" and arg:
         parts = _npz(Path(arg).expanduser())
     elif scheme == "folder" and arg:
@@ -264,7 +271,7 @@ def _digits():
     return "digits", x_train, y_train, x_test, y_test, 1.0 / 16.0, [str(i) for i in range(10)]
 
 
-# --- MNIST IDX -------------------------------------------------------------------------------
+# --- MNIST-style IDX (mnist, fashion-mnist, kmnist) -------------------------------------------
 # IDX is four lines of numpy; torchvision (the usual reader) has no CPU wheel for this torch.
 
 _MNIST_FILES = {
@@ -275,27 +282,28 @@ _MNIST_FILES = {
 }
 
 
-def _mnist(folder: Path):
+def _idx_dataset(name: str, folder: Path):
+    """The four IDX files of ``name`` (a key of FETCHABLE) in ``folder``, gzipped or not."""
     if not folder.is_dir():
-        raise InputError(f"mnist: {folder} is not a directory; point mnist:DIR at the folder with the IDX files")
+        raise InputError(f"{name}: {folder} is not a directory; point {name}:DIR at the folder with the IDX files")
     arrays = {}
     for key, stem in _MNIST_FILES.items():
         candidates = [folder / (stem + ".gz"), folder / stem]
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
-            raise InputError(f"mnist: {stem}[.gz] not found in {folder}; it needs the four IDX files as distributed")
+            raise InputError(f"{name}: {stem}[.gz] not found in {folder}; it needs the four IDX files as distributed")
         arrays[key] = read_idx(path)
     x_train, x_test = arrays["x_train"], arrays["x_test"]
     if x_train.ndim != 3 or arrays["y_train"].ndim != 1:
-        raise InputError(f"mnist: {folder} does not hold 3-d image and 1-d label IDX files")
+        raise InputError(f"{name}: {folder} does not hold 3-d image and 1-d label IDX files")
     return (
-        "mnist",
+        name,
         x_train[:, None],
         arrays["y_train"].astype(np.int64),
         x_test[:, None],
         arrays["y_test"].astype(np.int64),
         1.0 / 255.0,
-        [str(i) for i in range(10)],
+        list(FETCHABLE[name].labels),
     )
 
 
@@ -504,7 +512,7 @@ def task_summary(data: Dataset) -> str:
 
 
 def load_task_dataset(spec: str, val_fraction: float, image_size: int | None, task: str,
-                      normal: list[int] | None = None, input_noise: float = 0.0) -> Dataset:
+                      normal: list[int] | None = None, input_noise: float = 0.0, cache_dir: Path | None = None) -> Dataset:
     """A regression or reconstruction data set.
 
     Regression: ``diabetes`` (scikit-learn's, shipped with it: 442 patients, 10 features, disease
@@ -525,7 +533,7 @@ def load_task_dataset(spec: str, val_fraction: float, image_size: int | None, ta
         if normal is not None or input_noise:
             raise InputError("data.normal and data.input_noise apply to task = \"reconstruction\" only")
         return _regression(spec, val_fraction)
-    return _reconstruction(spec, val_fraction, image_size, normal, input_noise)
+    return _reconstruction(spec, val_fraction, image_size, normal, input_noise, cache_dir)
 
 
 def _diabetes():
@@ -553,7 +561,7 @@ def _regression(spec: str, val_fraction: float) -> Dataset:
             raise InputError(f"{name}: y_train has {y_train.shape[1]} target(s) per sample but y_test {y_test.shape[1]}")
         scale = 1.0 / 255.0 if x_train.dtype == np.uint8 else 1.0
         labels = ["y"] if y_train.shape[1] == 1 else [f"y{i}" for i in range(y_train.shape[1])]
-    elif scheme not in ("digits", "mnist", "folder"):
+    elif scheme not in ("digits", "folder", *FETCHABLE):
         raise unknown_source(spec)
     else:
         raise InputError(f"data {spec!r} cannot train a regression: use diabetes or npz:FILE (float y_train, y_test)")
@@ -572,7 +580,7 @@ def _regression(spec: str, val_fraction: float) -> Dataset:
 
 
 def _reconstruction(spec: str, val_fraction: float, image_size: int | None, normal: list[int] | None,
-                    input_noise: float) -> Dataset:
+                    input_noise: float, cache_dir: Path | None = None) -> Dataset:
     if not (input_noise >= 0 and math.isfinite(input_noise)):
         raise InputError(f"data.input_noise must be a finite number >= 0, got {input_noise}")
     scheme, _, arg = spec.partition(":")
@@ -594,7 +602,7 @@ def _reconstruction(spec: str, val_fraction: float, image_size: int | None, norm
             anomaly = _anomaly_flags(name, arrays[ANOMALY_KEY], len(x_test))
         scale, x_offset = (1.0 / 255.0 if x_train.dtype == np.uint8 else 1.0), 0.0
     else:
-        labelled = load_dataset(spec, val_fraction, image_size)  # validated as a classification source
+        labelled = load_dataset(spec, val_fraction, image_size, cache_dir=cache_dir)  # validated as a classification source
         name, scale, x_offset = labelled.name, labelled.scale, labelled.offset
         x_train = np.concatenate([labelled.x_train, labelled.x_val])
         y_train = np.concatenate([labelled.y_train, labelled.y_val])

@@ -21,6 +21,6 @@ def test_example_config_validates(config, tmp_path):
     proc = run_cli("build", "--config", config, "--print-config", cwd=tmp_path)
     resolved = json.loads(proc.stdout)
     if config.name in DEEP_COMPRESSION:
-        assert resolved["data"]["source"] == "digits"  # no data path baked in: the user passes --data
+        assert resolved["data"]["source"] == "mnist"  # the downloaded MNIST (edgec data fetch mnist): no silent fallback
         assert [s["kind"] for s in resolved["stages"]] == ["train", "prune", "retrain", "share", "export"]
         assert resolved["model"]["name"] == DEEP_COMPRESSION[config.name]
