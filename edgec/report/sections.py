@@ -427,7 +427,8 @@ def latency_section(doc: Doc, bench: dict | None, manifest: dict | None, build_d
     if base.get("speedup_p50"):
         doc.p(f"Uncompressed model (`uncompressed.pt`, exported {base.get('precision', '?')} for this target, same harness, same "
               f"run): p50 {fmt_ms(base['p50_ms'])} against the bundle's {fmt_ms(base['bundle_p50_ms'])}: the bundle is "
-              f"**{base['speedup_p50']:.2f}x** as fast.")
+              f"**{base['speedup_p50']:.2f}x** as fast."
+              + _paired_sentence(base.get("speedup")))
     rows = []
     for s in bench.get("settings") or []:
         if s.get("ok"):
@@ -438,3 +439,11 @@ def latency_section(doc: Doc, bench: dict | None, manifest: dict | None, build_d
             rows.append([s.get("id", "?"), "failed", "-", "-", "-", "-", "-"])
     if rows:
         doc.table(Table(["setting", "runs", "p50", "p95", "p99", "max", "peak RSS"], rows, right={1, 2, 3, 4, 5, 6}))
+
+
+def _paired_sentence(paired: Any) -> str:
+    if not isinstance(paired, dict) or not paired.get("rounds"):
+        return ""
+    return (f" Timed side by side in {paired['rounds']} interleaved rounds: median {paired['median']:.2f}x, range "
+            f"{paired['min']:.2f}-{paired['max']:.2f}x, {paired['confidence']:.0%} lower bound **{paired['lower_bound']:.2f}x** "
+            "(the figure the `min_speedup` budget judges).")
