@@ -48,12 +48,16 @@ COMPARED = [
 
 
 def run_bench(bundle: Path, console: Console, *, reference: bool, markdown: bool, trusted_model: str | None = None,
-              baseline: bool = False, **options) -> tuple[dict, str]:
-    from edgec.ondevice import bench_bundle, render_bench
+              baseline: bool = False, ops: bool = False, **options) -> tuple[dict, str]:
+    from edgec.ondevice import bench_bundle, load_bundle, render_bench
+    from edgec.ondevice.op_profile import profile_ops
     if baseline:
         _uncompressed_path(bundle)  # before the bundle's sweep: a missing file costs no time
     with console.status("benchmarking") as status:
         result = bench_bundle(str(bundle), progress=status.update, **options)
+        if ops and result.get("recommended") is not None:
+            status.update("timing each operator")
+            result["ops_profile"] = profile_ops(load_bundle(str(bundle)), result["recommended"], options.get("runtime"))
         if baseline:
             result["baseline"] = bench_baseline(bundle, result, options, trusted_model, progress=status.update)
     if reference:

@@ -476,6 +476,7 @@ def bench(
     reference: Annotated[bool, typer.Option(help="Also time the fp32 torch model (OUT/<target>/reference.pt) in this run and report the speedup.")] = False,
     baseline: Annotated[bool, typer.Option(help="Also export the uncompressed model (OUT/<target>/uncompressed.pt) for the bundle's target with the same converter and precision, bench it with the same harness in this run, then time both in interleaved rounds: baseline.speedup holds the per-round ratios and their lower confidence bound (what `edgec check --min-speedup` gates).")] = False,
     model: Annotated[Optional[str], typer.Option(help="With --reference / --baseline: the package.module:factory the model was built from (needed for user models; a file never chooses code to import).")] = None,
+    ops: Annotated[bool, typer.Option("--ops", help="Also time every operator at the best setting: a per-op table (op, type, shape, mean time, share, delegated or not); in --json as ops_profile and in the report as a bar chart.")] = False,
     write_recommended: Annotated[bool, typer.Option(help="Keep the best setting of a full sweep for this machine in the bundle's recommended.json (the manifest is never changed).")] = True,
     compare: Annotated[Optional[list[Path]], typer.Option(help="Compare two bench JSON files (give --compare A --compare B) instead of running.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file ('-' for stdout).")] = None,
@@ -500,7 +501,7 @@ def bench(
     # Per machine, in recommended.json (edgec/ondevice/recommend.py): never into the (signed) manifest.
     result, text = run_bench(bundle, console, warmup=warmup, runs=runs, min_seconds=min_seconds, sweep=sweep,
                              batch_sizes=sizes, runtime=runtime, reference=reference, baseline=baseline,
-                             save_recommendation=write_recommended, markdown=markdown, trusted_model=model)
+                             save_recommendation=write_recommended, markdown=markdown, trusted_model=model, ops=ops)
     _echo(text, json_out)
     _write_json(json_out, result)
     if not result["ok"]:

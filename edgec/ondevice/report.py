@@ -151,6 +151,10 @@ def render_bench(result, markdown=False):
             b["id"], _lat(b["p50_ms"], unit), unit, b["criterion"]))
     else:
         out.append("best: none (every setting failed)")
+    if r.get("ops_profile"):
+        from .op_profile import render_ops
+        out.append("")
+        out.extend(render_ops(r["ops_profile"]))
     for n in r.get("notes") or []:
         out.append(("- note: %s" if markdown else "note: %s") % n)
     for e in r.get("errors") or []:
