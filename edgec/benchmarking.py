@@ -6,8 +6,10 @@
   user names that factory (``--model``), like every file edgec reads;
 - ``--baseline``: the uncompressed model (``OUT/<target>/uncompressed.pt``: the model before the
   first compression stage) is exported for the bundle's target with the same converter and
-  precision and benched by the same harness in the same run; ``baseline.speedup_p50`` (its p50 over
-  the bundle's, each at its best setting) is what the ``min_speedup`` budget checks;
+  precision and benched by the same harness in the same run; then both are timed in interleaved
+  rounds at their best settings (``edgec.ondevice.paired``): ``baseline.speedup`` holds the per-round
+  ratios, and its lower confidence bound is what the ``min_speedup`` budget checks
+  (``baseline.speedup_p50``, the ratio of the two sweeps' p50s, is kept for reference);
 - ``--compare``: ratios per figure between two bench results, regressions flagged.
 """
 
@@ -30,6 +32,7 @@ BENCH_SCHEMA = "edgec-bench"
 REFERENCE_FILE = "reference.pt"
 UNCOMPRESSED_FILE = "uncompressed.pt"
 BASELINE_CALIBRATION_SAMPLES = 512
+PAIRED_ROUNDS = 9  # interleaved rounds of --baseline timing (edgec.ondevice.paired)
 # Figures compared by --compare: (path in the result, lower is better, regression threshold)
 COMPARED = [
     ("latency_ms.p50", True, 0.10),
@@ -45,12 +48,16 @@ COMPARED = [
 
 
 def run_bench(bundle: Path, console: Console, *, reference: bool, markdown: bool, trusted_model: str | None = None,
-              baseline: bool = False, **options) -> tuple[dict, str]:
-    from edgec.ondevice import bench_bundle, render_bench
+              baseline: bool = False, ops: bool = False, **options) -> tuple[dict, str]:
+    from edgec.ondevice import bench_bundle, load_bundle, render_bench
+    from edgec.ondevice.op_profile import profile_ops
     if baseline:
         _uncompressed_path(bundle)  # before the bundle's sweep: a missing file costs no time
     with console.status("benchmarking") as status:
         result = bench_bundle(str(bundle), progress=status.update, **options)
+        if ops and result.get("recommended") is not None:
+            status.update("timing each operator")
+            result["ops_profile"] = profile_ops(load_bundle(str(bundle)), result["recommended"], options.get("runtime"))
         if baseline:
             result["baseline"] = bench_baseline(bundle, result, options, trusted_model, progress=status.update)
     if reference:
@@ -73,6 +80,11 @@ def run_bench(bundle: Path, console: Console, *, reference: bool, markdown: bool
                f"speedup {base['speedup_p50']:.2f}x at p50" if base.get("speedup_p50") else
                "not measured: " + "; ".join(base.get("errors") or ["no setting succeeded"])[:300])
         )
+        paired = base.get("speedup")
+        if paired:
+            text += (f"\ninterleaved rounds ({paired['rounds']}, both models loaded, order alternating): speedup median "
+                     f"{paired['median']:.2f}x, range {paired['min']:.2f}-{paired['max']:.2f}x, "
+                     f"{paired['confidence']:.0%} lower bound {paired['lower_bound']:.2f}x (what --min-speedup judges)")
     return result, text
 
 
@@ -82,7 +94,8 @@ def bench_baseline(bundle: Path, result: dict, options: dict[str, Any], trusted_
     temporary bundle and bench it with the same harness and options as the bundle itself."""
     from edgec.architecture import ModelTrust
     from edgec.checkpoint import load_checkpoint
-    from edgec.ondevice import bench_bundle
+    from edgec.ondevice import bench_bundle, load_bundle
+    from edgec.ondevice.paired import paired_speedup
 
     model = load_checkpoint(_uncompressed_path(bundle)).build(ModelTrust(frozenset({trusted_model} if trusted_model else ())))
     with tempfile.TemporaryDirectory(prefix="edgec-baseline-") as tmp:
@@ -92,11 +105,20 @@ def bench_baseline(bundle: Path, result: dict, options: dict[str, Any], trusted_
         opts = dict(options, save_recommendation=False)
         res = bench_bundle(str(Path(tmp) / "bundle"), progress=(lambda m: progress(f"baseline {m}")) if progress else None,
                            **opts)
+        paired = None
+        if res.get("ok") and result.get("ok"):
+            if progress:
+                progress(f"timing both models in {PAIRED_ROUNDS} interleaved rounds")
+            paired = paired_speedup(load_bundle(str(Path(tmp) / "bundle")), res["recommended"], load_bundle(str(bundle)),
+                                    result["recommended"], runtime=options.get("runtime"), rounds=PAIRED_ROUNDS,
+                                    runs=max(10, int(options.get("runs", 100)) // 2),
+                                    min_seconds=max(0.02, float(options.get("min_seconds", 1.0)) / 5))
     p50, bundle_p50 = (res.get("latency_ms") or {}).get("p50"), (result.get("latency_ms") or {}).get("p50")
     return {
         "model": UNCOMPRESSED_FILE, **made, "ok": bool(res.get("ok")),
         "p50_ms": p50, "bundle_p50_ms": bundle_p50,
         "speedup_p50": p50 / bundle_p50 if p50 and bundle_p50 else None,
+        "speedup": paired,
         "best_setting": (res.get("best") or {}).get("id"),
         "latency_ms": res.get("latency_ms"), "load_ms": res.get("load_ms"), "peak_rss_bytes": res.get("peak_rss_bytes"),
         "accuracy": res.get("accuracy"), "size": {k: (res.get("size") or {}).get(k) for k in ("model_bytes", "transport_bytes")},

@@ -518,8 +518,9 @@ def bench(
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes for throughput, comma-separated.")] = "1,8,32",
     runtime: Annotated[Optional[str], typer.Option(help="Force a runtime package: ai-edge-litert, tflite-runtime or onnxruntime.")] = None,
     reference: Annotated[bool, typer.Option(help="Also time the fp32 torch model (OUT/<target>/reference.pt) in this run and report the speedup.")] = False,
-    baseline: Annotated[bool, typer.Option(help="Also export the uncompressed model (OUT/<target>/uncompressed.pt) for the bundle's target with the same converter and precision, bench it with the same harness in this run and record baseline.speedup_p50 (what `edgec check --min-speedup` gates).")] = False,
+    baseline: Annotated[bool, typer.Option(help="Also export the uncompressed model (OUT/<target>/uncompressed.pt) for the bundle's target with the same converter and precision, bench it with the same harness in this run, then time both in interleaved rounds: baseline.speedup holds the per-round ratios and their lower confidence bound (what `edgec check --min-speedup` gates).")] = False,
     model: Annotated[Optional[str], typer.Option(help="With --reference / --baseline: the package.module:factory the model was built from (needed for user models; a file never chooses code to import).")] = None,
+    ops: Annotated[bool, typer.Option("--ops", help="Also time every operator at the best setting: a per-op table (op, type, shape, mean time, share, delegated or not); in --json as ops_profile and in the report as a bar chart.")] = False,
     write_recommended: Annotated[bool, typer.Option(help="Keep the best setting of a full sweep for this machine in the bundle's recommended.json (the manifest is never changed).")] = True,
     compare: Annotated[Optional[list[Path]], typer.Option(help="Compare two bench JSON files (give --compare A --compare B) instead of running.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON to this file ('-' for stdout).")] = None,
@@ -544,7 +545,7 @@ def bench(
     # Per machine, in recommended.json (edgec/ondevice/recommend.py): never into the (signed) manifest.
     result, text = run_bench(bundle, console, warmup=warmup, runs=runs, min_seconds=min_seconds, sweep=sweep,
                              batch_sizes=sizes, runtime=runtime, reference=reference, baseline=baseline,
-                             save_recommendation=write_recommended, markdown=markdown, trusted_model=model)
+                             save_recommendation=write_recommended, markdown=markdown, trusted_model=model, ops=ops)
     _echo(text, json_out)
     _write_json(json_out, result)
     if not result["ok"]:
@@ -608,8 +609,8 @@ def check(
         unknown = "unknown (no --bench)" if bench_data is None else (
             "unknown (bench without --baseline)" if r["budget"] == "min_speedup" else "unknown (not in the bench result)")
         verdict = f"[dim]{unknown}[/]" if r["ok"] is None else ("[green]ok[/]" if r["ok"] else "[red]VIOLATED[/]")
-        if r.get("p50_ms"):  # min_speedup: show both latencies
-            verdict += f" (p50 {r['p50_ms']['bundle']:.4g} ms vs uncompressed {r['p50_ms']['uncompressed']:.4g} ms)"
+        if r.get("p50_ms"):  # min_speedup: show both latencies and which figure was judged
+            verdict += f" (p50 {r['p50_ms']['bundle']:.4g} ms vs uncompressed {r['p50_ms']['uncompressed']:.4g} ms; judged: {r['rule']})"
         table.add_row(r["budget"], f"{r['op']} {r['limit']}", "-" if r["actual"] is None else f"{r['actual']:.6g}", verdict)
     console = Console(stderr=json_out is not None and str(json_out) == "-")
     console.print(table)

@@ -233,6 +233,18 @@ def test_min_speedup_budget():
         Budgets(min_speedup=0)
 
 
+def test_min_speedup_judges_the_lower_bound_of_interleaved_rounds():
+    """A median above the limit does not pass when the conservative bound is below it."""
+    from edgec.ondevice.paired import summarize_ratios
+
+    manifest = {"metrics": {"reference_accuracy": 0.9, "accuracy": 0.9, "top1_agreement": 1.0}, "size": {}}
+    bench = _bench(2.4)
+    bench["baseline"]["speedup"] = summarize_ratios([1.7, 1.9, 2.1, 2.2, 2.3, 2.4, 2.4, 2.5, 2.6])
+    row = {r["budget"]: r for r in check_budgets(manifest, Budgets(min_speedup=2.0), bench)}["min_speedup"]
+    assert row["actual"] == 1.9 and row["ok"] is False and "lower bound" in row["rule"]
+    assert {r["budget"]: r for r in check_budgets(manifest, Budgets(min_speedup=1.8), bench)}["min_speedup"]["ok"]
+
+
 def test_build_keeps_the_uncompressed_model_and_bench_baseline_gates_the_speedup(tmp_path):
     """End to end: a channel-pruned rpi bundle; `edgec bench --baseline` exports uncompressed.pt for the same
     target and times both in one run; `edgec check --min-speedup` passes or fails on the measured ratio and
@@ -255,9 +267,13 @@ def test_build_keeps_the_uncompressed_model_and_bench_baseline_gates_the_speedup
     data = json.loads(bench.read_text())
     base = data["baseline"]
     assert base["ok"] and base["speedup_p50"] == pytest.approx(base["p50_ms"] / data["latency_ms"]["p50"])
+    paired = base["speedup"]  # interleaved rounds: the gate judges their lower bound, not the median
+    assert paired["rounds"] == 9 and len(paired["ratios"]) == 9 and paired["bound_rank"] == 2
+    assert paired["min"] <= paired["lower_bound"] <= paired["median"] <= paired["max"]
     assert base["params"] > 2 * json.loads((result.bundle / "manifest.json").read_text())["size"]["reference_fp32_bytes"] / 4
     fails = run_cli("check", result.bundle, "--bench", bench, "--min-speedup", "1000", cwd=tmp_path, check=1)
     assert "min_speedup" in fails.stdout and "uncompressed" in fails.stdout and "min_speedup" in fails.stderr
+    assert "lower bound" in " ".join(fails.stdout.split())
     run_cli("check", result.bundle, "--bench", bench, "--min-speedup", "0.001", cwd=tmp_path)
     report = (write_report(build_dir, bench=bench)["markdown"]).read_text()
     assert "Uncompressed model" in report and "same run" in report

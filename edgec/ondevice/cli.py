@@ -68,6 +68,9 @@ def build_parser(bundle_dir=None, prog=None):
     b.add_argument("--in-process", action="store_true",
                    help="measure in this process instead of one fresh subprocess per setting")
     b.add_argument("--no-accuracy", action="store_true", help="skip the eval.npz accuracy run")
+    b.add_argument("--ops", action="store_true",
+                   help="also time every operator at the best setting: a per-op table (op, type, shape, time, "
+                        "share, delegated); TFLite needs ai-edge-litert")
     b.add_argument("--json", metavar="FILE", help="write the result as JSON ('-' for stdout)")
     b.add_argument("--markdown", action="store_true", help="print Markdown instead of plain text")
     b.add_argument("--quiet", action="store_true", help="no per-setting progress lines on stderr")
@@ -186,6 +189,10 @@ def _cmd_bench(args, settings):
                        warmup_seconds=args.warmup_seconds, max_seconds=args.max_seconds, settings=settings,
                        max_threads=args.max_threads, isolate=not args.in_process, accuracy=not args.no_accuracy,
                        progress=progress, save_recommendation=args.write_recommended, task=args.task)
+    if args.ops and res.get("recommended") is not None:
+        from .op_profile import profile_ops
+        progress("timing each operator")
+        res["ops_profile"] = profile_ops(load_bundle(args.bundle), res["recommended"], args.runtime)
     if args.json:
         _write_json(res, args.json)
     if args.json != "-":

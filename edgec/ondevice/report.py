@@ -155,6 +155,10 @@ def render_bench(result, markdown=False):
                 x["id"], _lat(x["p50_ms"], unit), unit, _lat(x["p99_ms"], unit), unit))
     else:
         out.append("best: none (every setting failed)")
+    if r.get("ops_profile"):
+        from .op_profile import render_ops
+        out.append("")
+        out.extend(render_ops(r["ops_profile"]))
     for n in r.get("notes") or []:
         out.append(("- note: %s" if markdown else "note: %s") % n)
     for e in r.get("errors") or []:

@@ -208,6 +208,20 @@ def plot_latency_samples(samples: np.ndarray, budget: float | None, where: str) 
     return png(fig)
 
 
+def plot_ops(ops: list[dict], top: int = 20) -> bytes:
+    """Horizontal bars of the ``top`` heaviest operators of an ``edgec bench --ops`` profile."""
+    rows = sorted(ops, key=lambda o: -float(o.get("mean_us") or 0))[:top][::-1]
+    fig, ax = figure(8.0, 0.9 + 0.28 * len(rows))
+    labels = [f"#{o.get('index')} {o.get('type')} {o.get('name', '')}"[:48] for o in rows]
+    colors = ["#7f7f7f" if o.get("delegated") is False else "#1f77b4" for o in rows]
+    ax.barh(np.arange(len(rows)), [float(o.get("mean_us") or 0) for o in rows], color=colors)
+    ax.set_yticks(np.arange(len(rows)), labels, fontsize=7)
+    ax.set_xlabel("mean time per call (us)")
+    ax.set_title("Time per operator (heaviest first)", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    return png(fig)
+
+
 def _budget_line(ax, budget: float | None, horizontal: bool) -> None:
     if not budget:
         return

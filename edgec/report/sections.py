@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from .document import Doc, Image, Table, fmt_bytes, fmt_int, fmt_metric, fmt_ms, fmt_pct
-from .plots import (plot_confusion, plot_latency_profile, plot_latency_samples, plot_pareto, plot_sharing,
-                    plot_sparsity)
+from .plots import (plot_confusion, plot_latency_profile, plot_latency_samples, plot_ops, plot_pareto,
+                    plot_sharing, plot_sparsity)
 
 BENCH_FILE = "bench.json"
 BUNDLE_DIR = "bundle"
@@ -427,7 +427,9 @@ def latency_section(doc: Doc, bench: dict | None, manifest: dict | None, build_d
     if base.get("speedup_p50"):
         doc.p(f"Uncompressed model (`uncompressed.pt`, exported {base.get('precision', '?')} for this target, same harness, same "
               f"run): p50 {fmt_ms(base['p50_ms'])} against the bundle's {fmt_ms(base['bundle_p50_ms'])}: the bundle is "
-              f"**{base['speedup_p50']:.2f}x** as fast.")
+              f"**{base['speedup_p50']:.2f}x** as fast."
+              + _paired_sentence(base.get("speedup")))
+    _ops_chart(doc, bench.get("ops_profile"))
     rows = []
     for s in bench.get("settings") or []:
         if s.get("ok"):
@@ -438,3 +440,31 @@ def latency_section(doc: Doc, bench: dict | None, manifest: dict | None, build_d
             rows.append([s.get("id", "?"), "failed", "-", "-", "-", "-", "-"])
     if rows:
         doc.table(Table(["setting", "runs", "p50", "p95", "p99", "max", "peak RSS"], rows, right={1, 2, 3, 4, 5, 6}))
+
+
+def _paired_sentence(paired: Any) -> str:
+    if not isinstance(paired, dict) or not paired.get("rounds"):
+        return ""
+    return (f" Timed side by side in {paired['rounds']} interleaved rounds: median {paired['median']:.2f}x, range "
+            f"{paired['min']:.2f}-{paired['max']:.2f}x, {paired['confidence']:.0%} lower bound **{paired['lower_bound']:.2f}x** "
+            "(the figure the `min_speedup` budget judges).")
+
+
+def _ops_chart(doc: Doc, profile: Any) -> None:
+    """``edgec bench --ops``: where the time goes, heaviest operators first."""
+    if not isinstance(profile, dict) or not profile.get("ops"):
+        if isinstance(profile, dict) and profile.get("error"):
+            doc.skipped("per-op profile", str(profile["error"]))
+        return
+    try:
+        png = plot_ops(profile["ops"])
+    except Exception as e:
+        doc.skipped("per-op profile", f"the plot failed ({type(e).__name__}: {e})")
+        return
+    graph = profile.get("graph_us")
+    doc.image(Image(
+        "ops", "Time per operator", png,
+        f"{profile.get('runtime', '?')}: {profile.get('method', '?')}. Bars: mean time per call of each operator "
+        f"(heaviest first; grey: not delegated)."
+        + (f" Whole graph {graph:.1f} us; the operators add up to {profile.get('sum_us', 0):.1f} us." if graph else ""),
+    ))
