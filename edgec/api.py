@@ -19,6 +19,8 @@ from typing import Any, Mapping
 from rich.console import Console
 
 from edgec.architecture import ModelTrust
+from edgec.pipeline.accuracy_budget import measure as measure_budget
+from edgec.pipeline.accuracy_budget import refuse_over_budget, resolve_budget
 from edgec.pipeline.artifact import BUNDLE, CHECKPOINT_FILE
 from edgec.pipeline.cache import StageCache
 from edgec.pipeline.manifest import MANIFEST, write_lineage
@@ -195,6 +197,11 @@ def _build(config: BuildConfig, profile: TargetProfile, console: Console, force:
         "config": canonical,
         "reached_bundle": compression_reaching_the_end(steps),
     }
+    budget_pt, budget_source = resolve_budget(config.budget.max_accuracy_drop, profile)
+    record = measure_budget(steps, source, main, ctx.trust, budget_pt, budget_source, config.budget.enforce)
+    if record is not None:
+        summary["accuracy_budget"] = record
+        refuse_over_budget(record)  # never publish a bundle below the budget as a passing build
     final_dir = config.out / profile.name
     artifacts = [source] + [s.artifact for s in steps]
     _publish(final_dir, artifacts, summary, config)
@@ -254,7 +261,8 @@ def _publish(final_dir: Path, artifacts: list, summary: dict[str, Any], config: 
     def fill(tmp: Path) -> None:
         if artifacts[-1].kind == BUNDLE:
             shutil.copytree(artifacts[-1].path, tmp / BUNDLE_DIR, ignore=shutil.ignore_patterns("entry.json"))
-            write_lineage(tmp / BUNDLE_DIR / MANIFEST, summary["stages"], summary["config"]["stages"])
+            write_lineage(tmp / BUNDLE_DIR / MANIFEST, summary["stages"], summary["config"]["stages"],
+                          summary.get("accuracy_budget"))
             if config.sign_key is not None:
                 from edgec.signing import sign_bundle
 
