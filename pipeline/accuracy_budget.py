@@ -117,7 +117,7 @@ def refuse_over_budget(record: dict[str, Any]) -> None:
     best_text = f"; best point after {best['stage']}: {fmt(best['val'])} ({-best['drop_pt']:+.1f} pt)" if best else ""
     raise RunError(
         f"accuracy budget not met: bundle {record['metric']} {fmt(record['bundle_val'])} on validation vs trained "
-        f"{fmt(record['reference'])} ({-record['drop_pt']:+.1f} pt > budget {record['budget_pt']:g} pt); tried {tried}"
+        f"{fmt(record['reference'])} ({-record['drop_pt']:+.1f} pt > budget {record['budget_pt']:.1f} pt); tried {tried}"
         f"{best_text}; nothing published. Leave sparsity/bits at their budgeted defaults, train longer, or raise "
         f"the budget (--max-drop)")
 

@@ -62,6 +62,9 @@ class Budgets(BaseModel):
                                  "samples whose top-1 margin exceeds the int8 error bound (near-ties excluded)")
     min_logit_snr_db: float = Field(15.0, ge=0, le=200, description="signal-to-noise ratio of the exported model's "
                                     "outputs against the reference's, in dB")
+    min_speedup: float | None = Field(
+        None, gt=0, description="the bundle's p50 latency must be this many times lower than the uncompressed model's, "
+        "exported for the same target and timed in the same run (edgec bench --baseline)")
 
     @model_validator(mode="before")
     @classmethod
@@ -81,9 +84,6 @@ class AccuracyBudget(BaseModel):
 
     max_accuracy_drop: float | None = Field(None, ge=0, le=100, description="points of the trained model's "
                                             "validation metric the bundle may lose")
-    min_speedup: float | None = Field(
-        None, gt=0, description="the bundle's p50 latency must be this many times lower than the uncompressed model's, "
-        "exported for the same target and timed in the same run (edgec bench --baseline)")
 
 
 class TargetProfile(BaseModel):
