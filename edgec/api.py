@@ -154,7 +154,8 @@ def _prepare(config: BuildConfig, profile: TargetProfile, console: Console) -> _
     first_data = datasets[stages[0].config.data] if stages and stages[0].config.data else main
     source = make_source(config.model.name, config.model.args, config.model.weights, first_data, config.seed, cache, trust)
     ctx = StageContext(data=main, seed=config.seed, target=profile, console=console, trust=trust, datasets=datasets,
-                       tasks={t.name: t.data for t in config.tasks})
+                       tasks={t.name: t.data for t in config.tasks},
+                       budget_pt=resolve_budget(config.budget.max_accuracy_drop, profile)[0])
     with console.status("checking the plan"):
         check_chain(stages, source, ctx, datasets)
     return _Prepared(stages, datasets, source, ctx, cache)

@@ -23,6 +23,10 @@ from edgec.errors import RunError
 from edgec.ondevice import metrics as M
 
 DEFAULT_MAX_DROP_PT = 1.0
+# How the chain spends the budget (fractions of it). A prune stage without an explicit sparsity
+# chooses per-layer sparsities whose validation drop (before retraining) stays within its share;
+# weight sharing and int8 quantization keep their settings and the rest of the budget covers them.
+ALLOCATION = {"prune": 0.5, "share": 0.25, "quantization": 0.25}
 
 
 def resolve_budget(configured: float | None, profile) -> tuple[float, str]:
@@ -82,6 +86,7 @@ def budget_record(*, metric: str, higher: bool, reference_val: float, reference_
         "budget_pt": budget_pt,
         "budget_source": source,
         "enforced": enforce,
+        "allocation": {part: share * budget_pt for part, share in ALLOCATION.items()},
         "met": drop <= budget_pt + 1e-9,
         "stages": stages,
     }
