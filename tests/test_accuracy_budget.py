@@ -59,6 +59,9 @@ def test_check_max_drop_gates_a_bundle_published_over_budget(tmp_path):
     assert not recorded["met"] and recorded["drop_pt"] > 1.0 and not recorded["enforced"]
     assert "OVER BUDGET" in proc.stdout
     assert [s["stage"] for s in recorded["stages"]] == ["prune", "export"]
+    build = json.loads((tmp_path / "edgec-out" / "desktop-gpu" / "build.json").read_text())
+    prune = next(s["info"] for s in build["stages"] if s["kind"] == "prune")
+    assert "sensitivity" not in prune and prune["sparsity"]["total"]["sparsity"] > 0.98  # the explicit value, as given
     bundle = tmp_path / "edgec-out" / "desktop-gpu" / "bundle"
     failed = run_cli("check", bundle, "--max-drop", "1", cwd=tmp_path, check=1)
     assert "max_drop" in failed.stderr.splitlines()[-1]
@@ -116,3 +119,17 @@ def test_parity_refuses_conversion_faults():
     wrong = parity_metrics(reference, np.random.default_rng(0).normal(0, 5, reference.shape), labels)
     problems = parity_problems(wrong, Budgets())
     assert any("SNR" in p for p in problems) and any("error bound" in p for p in problems)
+
+
+def test_budgeted_prune_ships_within_the_budget_where_fixed_pruning_breaks(tmp_path):
+    """The same chain as BROKEN without a sparsity: the stage measures each layer's sensitivity and
+    prunes what the budget allows."""
+    run_cli("build", *TINY, "--stages", "train,prune,export", "--set", "prune.steps=1", cwd=tmp_path)
+    recorded, _ = _budget(tmp_path / "edgec-out" / "desktop-gpu")
+    assert recorded["met"] and recorded["drop_pt"] <= 1.0
+    assert recorded["allocation"] == {"prune": 0.5, "share": 0.25, "quantization": 0.25}
+    build = json.loads((tmp_path / "edgec-out" / "desktop-gpu" / "build.json").read_text())
+    sensitivity = next(s["info"] for s in build["stages"] if s["kind"] == "prune")["sensitivity"]
+    assert sensitivity["share_pt"] == 0.5 and sensitivity["joint_drop_pt"] <= 0.5
+    assert sensitivity["curves"]  # every prunable layer measured
+    assert all(len(curve) == len(sensitivity["candidates"]) for curve in sensitivity["curves"].values())
