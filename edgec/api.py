@@ -19,6 +19,8 @@ from typing import Any, Mapping
 from rich.console import Console
 
 from edgec.architecture import ModelTrust
+from edgec.pipeline.accuracy_budget import measure as measure_budget
+from edgec.pipeline.accuracy_budget import refuse_over_budget, resolve_budget
 from edgec.pipeline.artifact import BUNDLE, CHECKPOINT_FILE
 from edgec.pipeline.cache import StageCache, copy_artifact_verified, copy_verified
 from edgec.pipeline.manifest import MANIFEST, write_lineage
@@ -159,7 +161,8 @@ def _prepare(config: BuildConfig, profile: TargetProfile, console: Console) -> _
         model_name = default_model(first_data.input_shape)  # none named: one that fits the data's shape
     source = make_source(model_name, config.model.args, config.model.weights, first_data, config.seed, cache, trust)
     ctx = StageContext(data=main, seed=config.seed, target=profile, console=console, trust=trust, datasets=datasets,
-                       tasks={t.name: t.data for t in config.tasks})
+                       tasks={t.name: t.data for t in config.tasks},
+                       budget_pt=resolve_budget(config.budget.max_accuracy_drop, profile)[0])
     with console.status("checking the plan"):
         check_chain(stages, source, ctx, datasets)
     return _Prepared(stages, datasets, source, ctx, cache)
@@ -202,6 +205,11 @@ def _build(config: BuildConfig, profile: TargetProfile, console: Console, force:
         "config": canonical,
         "reached_bundle": compression_reaching_the_end(steps),
     }
+    budget_pt, budget_source = resolve_budget(config.budget.max_accuracy_drop, profile)
+    record = measure_budget(steps, source, main, ctx.trust, budget_pt, budget_source, config.budget.enforce)
+    if record is not None:
+        summary["accuracy_budget"] = record
+        refuse_over_budget(record)  # never publish a bundle below the budget as a passing build
     final_dir = config.out / profile.name
     artifacts = [source] + [s.artifact for s in steps]
     _publish(final_dir, artifacts, summary, config)
@@ -264,7 +272,8 @@ def _publish(final_dir: Path, artifacts: list, summary: dict[str, Any], config: 
     def fill(tmp: Path) -> None:
         if artifacts[-1].kind == BUNDLE:
             copy_artifact_verified(artifacts[-1], tmp / BUNDLE_DIR)
-            write_lineage(tmp / BUNDLE_DIR / MANIFEST, summary["stages"], summary["config"]["stages"])
+            write_lineage(tmp / BUNDLE_DIR / MANIFEST, summary["stages"], summary["config"]["stages"],
+                          summary.get("accuracy_budget"))
             if config.sign_key is not None:
                 from edgec.signing import sign_bundle
 

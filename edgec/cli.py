@@ -113,6 +113,7 @@ def build(
     sign_key: Annotated[Optional[Path], typer.Option(help="Sign the bundle with this Ed25519 private key (edgec keys generate).")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config as JSON and exit.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the build summary as JSON on stdout (progress goes to stderr).")] = False,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", min=0.0, help="Accuracy budget: points of the trained model's validation metric the bundle may lose (default: [budget] max_accuracy_drop, the target's, else 1.0).")] = None,
 ) -> None:
     """Build a deployable bundle for a target."""
     from .api import build as run_build
@@ -121,7 +122,7 @@ def build(
     keys: dict[str, Any] = {}
     for key, value in (
         ("target", target), ("data.source", data), ("model.weights", weights), ("out", out),
-        ("cache_dir", cache_dir), ("seed", seed), ("sign_key", sign_key),
+        ("cache_dir", cache_dir), ("seed", seed), ("sign_key", sign_key), ("budget.max_accuracy_drop", max_drop),
     ):
         if value is not None:
             keys[key] = str(value) if isinstance(value, Path) else value
@@ -188,6 +189,11 @@ def _print_summary(console: Console, result) -> None:
     console.print(table)
     reached = result.summary.get("reached_bundle") or []
     console.print(f"in the bundle: {', '.join(reached) if reached else 'the trained model, uncompressed'}")
+    record = result.summary.get("accuracy_budget")
+    if record:
+        from edgec.pipeline.accuracy_budget import summary_line
+
+        console.print(f"[bold {'green' if record['met'] else 'red'}]{summary_line(record)}[/]")
     console.print(f"[bold green]done[/] in {result.seconds:.1f} s ({result.stages_run} stage(s) ran) -> {result.build_dir}")
 
 
@@ -577,7 +583,8 @@ def check(
     max_model_bytes: Annotated[Optional[int], typer.Option(help="Override the target's budget.")] = None,
     max_transport_bytes: Annotated[Optional[int], typer.Option(help="Override the target's budget.")] = None,
     max_p95_ms: Annotated[Optional[float], typer.Option(help="Override the target's budget (needs --bench).")] = None,
-    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Override the target's budget.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", min=0.0, help="Accuracy budget in points: the bundle's validation drop against the trained model (manifest accuracy_budget). Default: the budget the build applied.")] = None,
+    max_export_drop: Annotated[Optional[float], typer.Option("--max-export-drop", "--max-accuracy-drop", help="Override the target's budget (accuracy lost in export, a fraction; --max-accuracy-drop is its old name).")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Override the target's budget.")] = None,
     min_speedup: Annotated[Optional[float], typer.Option(help="The bundle's p50 must be this many times lower than the uncompressed model's (needs --bench from `edgec bench --baseline`). Overrides the target's budget.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 1) when a budget could not be checked, e.g. max_p95_ms without --bench.")] = False,
@@ -593,7 +600,7 @@ def check(
     budgets = Budgets.model_validate(manifest["target"]["profile"]["budgets"])
     overrides = {
         "max_model_bytes": max_model_bytes, "max_transport_bytes": max_transport_bytes, "max_p95_ms": max_p95_ms,
-        "max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement, "min_speedup": min_speedup,
+        "max_export_drop": max_export_drop, "min_agreement": min_agreement, "min_speedup": min_speedup,
     }
     budgets = budgets.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     bench_data = None
@@ -601,7 +608,7 @@ def check(
         from edgec.benchmarking import load_bench_json
 
         bench_data = load_bench_json(bench_result)
-    rows = check_budgets(manifest, budgets, bench_data)
+    rows = check_budgets(manifest, budgets, bench_data, max_drop)
     table = Table(title=f"budgets: {manifest['target']['name']}", show_edge=False)
     for col in ("budget", "limit", "actual", "result"):
         table.add_column(col)

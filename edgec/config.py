@@ -124,6 +124,14 @@ class StageSpec(BaseModel):
         return {"kind": self.kind, "id": self.id, **self.config.model_dump(mode="json")}
 
 
+class BudgetConfig(Strict):
+    """[budget]: how much of the trained model's validation metric the bundle may lose (pipeline/accuracy_budget.py)."""
+
+    max_accuracy_drop: float | None = Field(None, ge=0, le=100, description="points of the trained model's validation "
+                                            "metric the bundle may lose; default the target's [budget], else 1.0")
+    enforce: bool = Field(True, description="false: record and report the drop but publish a bundle over the budget")
+
+
 class BuildConfig(Strict):
     target: str = "rpi"
     task: Literal["classification", "reconstruction", "regression"] = Field(
@@ -136,6 +144,7 @@ class BuildConfig(Strict):
     stages: list[StageSpec] = Field(default_factory=list)
     tasks: list[TaskSpec] = Field(default_factory=list, description="[[tasks]]: several tasks served by one model")
     sign_key: Path | None = Field(None, description="Ed25519 private key (edgec keys generate) that signs the bundle")
+    budget: BudgetConfig = BudgetConfig()
 
     def canonical(self) -> dict[str, Any]:
         """The resolved config in list form (what --print-config prints and build.json records)."""

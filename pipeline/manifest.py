@@ -77,13 +77,18 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def write_lineage(manifest_path: Path, stages: list[dict[str, Any]], configs: list[dict[str, Any]]) -> None:
-    """Every stage that made the bundle: id, kind, config and cache key."""
+def write_lineage(manifest_path: Path, stages: list[dict[str, Any]], configs: list[dict[str, Any]],
+                  accuracy_budget: dict[str, Any] | None = None) -> None:
+    """Every stage that made the bundle: id, kind, config and cache key; and the accuracy budget's
+    record (the trained model's validation figure, the bundle's, drop and budget), which only the
+    whole chain knows."""
     manifest = json.loads(manifest_path.read_text())
     by_id = {c["id"]: c for c in configs}
     manifest["lineage"] = [
         {"stage": s["id"], "kind": s["kind"], "config": by_id.get(s["id"]), "cache_key": s["key"]} for s in stages
     ]
+    if accuracy_budget is not None:
+        manifest["accuracy_budget"] = accuracy_budget
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 

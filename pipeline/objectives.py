@@ -335,7 +335,7 @@ def refuse_on_mismatch(metrics: dict[str, Any], target, max_drop: float | None, 
                        remedies: str) -> None:
     """The export gate beyond classification: RunError (no bundle written) when the exported model's
     outputs are too far from the reference's or the task's headline figure dropped too much."""
-    drop = target.budgets.max_accuracy_drop if max_drop is None else max_drop
+    drop = target.budgets.max_export_drop if max_drop is None else max_drop
     if metrics["metric"] == "mse" and max_drop is None:
         drop = math.inf  # no anomaly marked: the relative output error bounds the reconstructions (MSE is not a 0..1 figure)
     rel = DEFAULT_MAX_RELATIVE_ERROR if max_relative_error is None else max_relative_error

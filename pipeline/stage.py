@@ -51,6 +51,8 @@ class StageContext:
     # data set name, so a stage can read the data of tasks other than its own (export, learn).
     datasets: Mapping[str, Dataset] = field(default_factory=dict)
     tasks: Mapping[str, str] = field(default_factory=dict)
+    # The accuracy budget in points (pipeline/accuracy_budget.py): stages without an explicit setting spend their share
+    budget_pt: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,11 @@ Field reference (also in the README):
                           list), for a user's board.toml the folder of that file. No absolute path, no
                           '..', no symlink.
   budgets                 limits enforced by ``edgec check``; a missing limit is not checked
-                          (min_speedup: bundle p50 vs the uncompressed model's, from ``edgec bench --baseline``)
+                          (min_speedup: bundle p50 vs the uncompressed model's, from ``edgec bench --baseline``;
+                          max_export_drop, min_agreement, min_logit_snr_db: the export stage's parity with the
+                          model that entered it; the old key max_accuracy_drop is read as max_export_drop)
+  budget                  max_accuracy_drop: the accuracy budget in points against the trained model
+                          (default 1.0; a build's [budget] / --max-drop overrides it)
 
 ``name`` becomes the build's output folder ``<out>/<name>/``, so it is a safe identifier
 (``NAME_PATTERN``). Every error is a one-line ConfigError naming the file and the key.
@@ -53,11 +57,34 @@ class Budgets(BaseModel):
     max_model_bytes: int | None = Field(None, gt=0)
     max_transport_bytes: int | None = Field(None, gt=0)
     max_p95_ms: float | None = Field(None, gt=0)
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="reference accuracy minus bundle accuracy")
-    min_agreement: float = Field(0.99, ge=0, le=1, description="top-1 agreement with the reference model")
+    max_export_drop: float = Field(0.01, ge=0, le=1, description="accuracy of the model that entered export minus "
+                                   "the bundle's, on the test split (a fraction; formerly max_accuracy_drop)")
+    min_agreement: float = Field(0.99, ge=0, le=1, description="top-1 agreement with the reference model on the "
+                                 "samples whose top-1 margin exceeds the int8 error bound (near-ties excluded)")
+    min_logit_snr_db: float = Field(15.0, ge=0, le=200, description="signal-to-noise ratio of the exported model's "
+                                    "outputs against the reference's, in dB")
     min_speedup: float | None = Field(
         None, gt=0, description="the bundle's p50 latency must be this many times lower than the uncompressed model's, "
         "exported for the same target and timed in the same run (edgec bench --baseline)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_key(cls, raw):
+        """Profiles written before the accuracy budget: their [budgets] max_accuracy_drop is max_export_drop."""
+        if isinstance(raw, dict) and "max_accuracy_drop" in raw:
+            if "max_export_drop" in raw:
+                raise ValueError("max_accuracy_drop is the old name of max_export_drop: keep only max_export_drop")
+            raw = {("max_export_drop" if k == "max_accuracy_drop" else k): v for k, v in raw.items()}
+        return raw
+
+
+class AccuracyBudget(BaseModel):
+    """[budget]: the target's default accuracy budget (a build's [budget] / --max-drop overrides it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_accuracy_drop: float | None = Field(None, ge=0, le=100, description="points of the trained model's "
+                                            "validation metric the bundle may lose")
 
 
 class TargetProfile(BaseModel):
@@ -75,6 +102,7 @@ class TargetProfile(BaseModel):
     requirements: list[str] = []
     requirements_file: str | None = None
     budgets: Budgets = Budgets()
+    budget: AccuracyBudget = AccuracyBudget()
 
     @field_validator("name")
     @classmethod

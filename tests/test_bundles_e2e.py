@@ -95,10 +95,10 @@ def test_refuses_to_ship_on_mismatch(workdir):
     board = workdir / "strict-board.toml"
     board.write_text(
         'name = "strict"\nformat = "tflite"\nprecision = "int8"\nprecisions = ["int8"]\n'
-        'requirements = ["ai-edge-litert>=2.3"]\n[budgets]\nmin_agreement = 1.0\nmax_accuracy_drop = 0.0\n'
-    )
+        'requirements = ["ai-edge-litert>=2.3"]\n[budgets]\nmin_logit_snr_db = 200.0\n'
+    )  # an output SNR no int8 model reaches: the parity gate refuses
     proc = build(workdir, str(board), out="strict", check=1)
-    assert "does not match the reference" in proc.stderr and "agreement" in proc.stderr
+    assert "does not match the reference" in proc.stderr and "SNR" in proc.stderr
     # the safe remedies were tried before refusing, and the op adding the most int8 error is named
     assert "tried automatically: minmax activation observer" in proc.stderr
     assert "the op adding the most int8 error is" in proc.stderr

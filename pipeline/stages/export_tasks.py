@@ -31,6 +31,7 @@ from edgec.targets.onnx_export import export_onnx
 from ..algorithms.continual import encode_task_models
 from ..algorithms.transport_codec import encode_transport
 from ..manifest import create_manifest, write_manifest
+from ..parity import parity_problems
 from .learn import PACKNET_EXT, TASKS_EXT, task_model
 
 TASKS_TRANSPORT = "model.tasks.edgt"
@@ -114,7 +115,7 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
         runner.close()
         metrics[t] = compare(ref[:, a:b], out[:, a:b], d.y_test)
         outputs_of[t], refs_of[t] = out, ref
-    problems = [f"task {t!r}: {p}" for t in order for p in mismatch_problems(metrics[t], target.budgets)]
+    problems = [f"task {t!r}: {p}" for t in order for p in parity_problems(metrics[t], target.budgets)]
     if problems:
         raise RunError("exported model does not match the reference for " + "; ".join(problems) + "; no bundle written; "
                        + stage._remedies(precision, target, sum(len(d.y_train) for d in datas.values())))
@@ -193,6 +194,8 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
         "reference_accuracy": float(np.mean([metrics[t]["reference_accuracy"] for t in order])),
         "accuracy": float(np.mean([metrics[t]["accuracy"] for t in order])),
         "top1_agreement": float(min(metrics[t]["top1_agreement"] for t in order)),
+        "decided_agreement": float(min(metrics[t]["decided_agreement"] for t in order)),
+        "logit_snr_db": float(min(metrics[t]["logit_snr_db"] for t in order)),
         "max_abs_diff": float(max(metrics[t]["max_abs_diff"] for t in order)),
         "test_samples": int(sum(metrics[t]["test_samples"] for t in order)),
         "eval_samples": int(sum(metrics[t]["eval_samples"] for t in order)),
@@ -223,18 +226,6 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
     if tasks_transport is not None:
         info["tasks_transport"] = tasks_transport
     return info
-
-
-def mismatch_problems(metrics: dict[str, Any], budgets) -> list[str]:
-    """The refuse-to-ship gate of one task (as the single-task export applies it to the bundle)."""
-    problems = []
-    drop = metrics["reference_accuracy"] - metrics["accuracy"]
-    if metrics["top1_agreement"] < budgets.min_agreement:
-        problems.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {budgets.min_agreement}")
-    if drop > budgets.max_accuracy_drop:
-        problems.append(f"accuracy {metrics['accuracy']:.4f} vs reference {metrics['reference_accuracy']:.4f}: drop "
-                        f"{drop:.4f} > {budgets.max_accuracy_drop}")
-    return problems
 
 
 def _atol(output: dict[str, Any]) -> float:

@@ -29,10 +29,12 @@ from ..compression_info import compressed_model_info
 from ..algorithms.channels import (
     ChannelPruner, ChannelSpec, accumulate_gradients, channel_report, channel_widths, model_cost,
 )
+from ..accuracy_budget import ALLOCATION
 from ..algorithms.pruning import (
     GlobalSparsity, LayerSparsity, MaskEnforcer, ThresholdPruning, apply_masks, compute_masks, per_layer,
-    sparsity_schedule,
+    prunable_layers, sparsity_schedule,
 )
+from ..algorithms.sensitivity import budgeted_sparsities
 from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import OptimConfig, fit, resolve_device
 
@@ -46,8 +48,9 @@ class PruneConfig(StageConfig):
         "threshold; channels: remove whole channels (structured: smaller and faster, not only sparser)"
     )
     quality: float | dict[str, float] = Field(1.0, description="threshold mode: quality for all layers or per layer name/type")
-    sparsity: float | dict[str, float] = Field(
-        default_factory=lambda: {"conv": 0.5, "linear": 0.8}, description="layer/global modes: target fraction of zeros (all layers, or per name/type)")
+    sparsity: float | dict[str, float] | None = Field(
+        None, description="layer/global modes: target fraction of zeros (all layers, or per name/type); default (layer "
+        "mode): chosen per layer by validation sensitivity within the stage's share of the accuracy budget")
     steps: int = Field(3, ge=1, description="pruning rounds; between rounds the model is retrained with masks fixed")
     schedule: Literal["cubic", "linear"] = "cubic"
     retrain: OptimConfig = Field(OptimConfig(epochs=3, patience=3), description="training between rounds")
@@ -71,7 +74,7 @@ class PruneConfig(StageConfig):
     @field_validator("sparsity")
     @classmethod
     def _sparsity_range(cls, value):
-        for s in value.values() if isinstance(value, dict) else [value]:
+        for s in value.values() if isinstance(value, dict) else ([] if value is None else [value]):
             if not 0 <= s < 1:
                 raise ValueError(f"sparsity must be in [0, 1), got {s}")
         return value
@@ -93,6 +96,9 @@ class PruneConfig(StageConfig):
         return value
 
 
+SENSITIVITY_VERSION = 1  # bump when the sensitivity analysis chooses differently for the same inputs
+
+
 class PruneStage(Stage):
     kind = "prune"
     version = 1
@@ -104,6 +110,9 @@ class PruneStage(Stage):
         resolve_device(self.config.retrain.device)
         if self.config.mode == "channels":
             return self._check_channels(probe)
+        if self.budgeted:
+            prunable_layers(probe.model)  # something to measure
+            return probe
         spec = self._spec(1.0)
         if isinstance(spec, ThresholdPruning):
             per_layer(probe.model, spec.quality, "prune.quality")
@@ -111,12 +120,25 @@ class PruneStage(Stage):
             per_layer(probe.model, dict(spec.sparsity), "prune.sparsity")
         return probe
 
-    def key_material(self, ctx: StageContext) -> dict[str, Any]:
-        return {**super().key_material(ctx), "device": resolve_device(self.config.retrain.device)}
+    @property
+    def budgeted(self) -> bool:
+        """No sparsity set: the stage chooses per-layer sparsities by validation sensitivity."""
+        return self.config.mode == "layer" and self.config.sparsity is None
 
-    def _spec(self, fraction: float):
-        """The pruning rule for one round; ``fraction`` of the way (0..1] through the schedule."""
+    def key_material(self, ctx: StageContext) -> dict[str, Any]:
+        budget = {"budget_share_pt": ALLOCATION["prune"] * ctx.budget_pt, "sensitivity": SENSITIVITY_VERSION} \
+            if self.budgeted else {}
+        return {**super().key_material(ctx), "device": resolve_device(self.config.retrain.device), **budget}
+
+    def _spec(self, fraction: float, chosen: dict[str, float] | None = None):
+        """The pruning rule for one round; ``fraction`` of the way (0..1] through the schedule;
+        ``chosen``: the budgeted per-layer sparsities."""
         cfg = self.config
+        if chosen is not None:
+            return LayerSparsity({k: _at(v, fraction, cfg) for k, v in chosen.items()})
+        if cfg.mode == "global" and cfg.sparsity is None:
+            raise ConfigError("prune.sparsity: global mode needs a sparsity (one number); leave mode = \"layer\" for "
+                              "per-layer sparsities chosen within the accuracy budget")
         if cfg.mode == "threshold":
             return ThresholdPruning(cfg.quality)
         if cfg.mode == "global":
@@ -133,15 +155,30 @@ class PruneStage(Stage):
         model = ckpt.build(ctx.trust)
         masks = dict(ckpt.masks)
         cfg = self.config
-        for step in range(cfg.steps):
-            masks = compute_masks(model, self._spec((step + 1) / cfg.steps), existing_masks=masks)
+        chosen, sensitivity = self._budgeted_sparsities(model, masks, ctx) if self.budgeted else (None, None)
+        for step in range(cfg.steps if chosen != {} else 0):
+            masks = compute_masks(model, self._spec((step + 1) / cfg.steps, chosen), existing_masks=masks)
             with MaskEnforcer(model, masks) as enforcer:
                 if step < cfg.steps - 1:
                     fit(model, ctx.data, cfg.retrain, ctx.seed + step, ctx.console,
                         label=f"{self.id} {step + 1}/{cfg.steps}", after_step=enforcer.reapply)
         ckpt.state_dict, ckpt.masks = model.state_dict(), masks
         ckpt.save(out_dir / CHECKPOINT_FILE)
-        return compressed_model_info(model, ckpt, ctx.data)
+        info = compressed_model_info(model, ckpt, ctx.data)
+        return info if sensitivity is None else {**info, "sensitivity": sensitivity}
+
+    def _budgeted_sparsities(self, model: nn.Module, masks, ctx: StageContext):
+        """Per-layer sparsities spending this stage's share of the accuracy budget (algorithms/sensitivity.py)."""
+        from ..accuracy_budget import drop_points, model_headline
+
+        model.eval()
+        _, base, higher = model_headline(model, ctx.data, "val")
+        share = ALLOCATION["prune"] * ctx.budget_pt
+        chosen, record = budgeted_sparsities(
+            model, masks, share, lambda m: drop_points(base, model_headline(m, ctx.data, "val")[1], higher))
+        shown = ", ".join(f"{k or 'model'} {v:.0%}" for k, v in chosen.items()) or "none (every layer too sensitive)"
+        ctx.console.print(f"{self.id}: sparsities within {share:.2g} pt of the budget: {shown}")
+        return chosen, record
 
     # --- channels mode -----------------------------------------------------------------------
 

@@ -1,0 +1,151 @@
+"""The accuracy budget: how much of the trained model's validation metric the bundle may lose.
+
+Measured on the VALIDATION split (the test split stays held out; it is reported beside), against the
+*trained* model: the first train stage's output, or the source model when the chain has no train
+stage (a user's ``--weights``). The figure is the task's headline (``edgec/ondevice/metrics.py``):
+top-1 accuracy for classification, R^2 for regression, ROC AUC for reconstruction with marked
+anomalies, all in points (x100); a reconstruction without anomalies is judged by its MSE, whose
+drop is its relative increase in percent.
+
+Precedence of the budget (points): ``--max-drop`` / edgec.toml ``[budget] max_accuracy_drop``,
+else the target profile's ``[budget] max_accuracy_drop``, else :data:`DEFAULT_MAX_DROP_PT`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from edgec.data import Dataset
+from edgec.errors import RunError
+from edgec.ondevice import metrics as M
+
+DEFAULT_MAX_DROP_PT = 1.0
+# How the chain spends the budget (fractions of it). A prune stage without an explicit sparsity
+# chooses per-layer sparsities whose validation drop (before retraining) stays within its share;
+# weight sharing and int8 quantization keep their settings and the rest of the budget covers them.
+ALLOCATION = {"prune": 0.5, "share": 0.25, "quantization": 0.25}
+
+
+def resolve_budget(configured: float | None, profile) -> tuple[float, str]:
+    """(budget in points, where it came from)."""
+    if configured is not None:
+        return float(configured), "config"
+    from_target = getattr(getattr(profile, "budget", None), "max_accuracy_drop", None)
+    if from_target is not None:
+        return float(from_target), f"target {profile.name}"
+    return DEFAULT_MAX_DROP_PT, "default"
+
+
+def headline(data: Dataset, outputs: np.ndarray, split: str) -> tuple[str, float | None, bool]:
+    """(metric name, value, higher is better) of model ``outputs`` on ``split`` ("val" | "test")."""
+    y = getattr(data, f"y_{split}")
+    if data.task == "classification":
+        return "accuracy", float((np.asarray(outputs).argmax(1) == y).mean()), True
+    from .objectives import objective_for
+
+    figures = objective_for(data).outputs_metrics(np.asarray(outputs), split)
+    return M.headline(data.task, figures)
+
+
+def drop_points(reference: float, value: float, higher: bool) -> float:
+    """The loss from ``reference`` to ``value`` in points (errors: percent of the reference)."""
+    if higher:
+        return 100.0 * (reference - value)
+    return 100.0 * (value - reference) / max(abs(reference), 1e-12)
+
+
+def model_headline(model: nn.Module, data: Dataset, split: str) -> tuple[str, float | None, bool]:
+    from .training import predict
+
+    return headline(data, predict(model, getattr(data, f"x_{split}"), data).numpy(), split)
+
+
+def stage_metric(info: dict[str, Any], metric: str) -> float | None:
+    """A stage's validation figure from its recorded info (model_info / the export stage)."""
+    value = info.get(f"val_{metric}")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def budget_record(*, metric: str, higher: bool, reference_val: float, reference_test: float | None,
+                  bundle_val: float, bundle_test: float | None, budget_pt: float, source: str, enforce: bool,
+                  reference_stage: str, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """What build.json and the manifest record as ``accuracy_budget``."""
+    drop = drop_points(reference_val, bundle_val, higher)
+    return {
+        "metric": metric,
+        "split": "val",
+        "reference_stage": reference_stage,
+        "reference": reference_val,
+        "reference_test": reference_test,
+        "bundle_val": bundle_val,
+        "bundle_test": bundle_test,
+        "drop_pt": round(drop, 4),
+        "budget_pt": budget_pt,
+        "budget_source": source,
+        "enforced": enforce,
+        "allocation": {part: share * budget_pt for part, share in ALLOCATION.items()},
+        "met": drop <= budget_pt + 1e-9,
+        "stages": stages,
+    }
+
+
+def stage_trajectory(steps: list, metric: str, higher: bool, reference_val: float) -> list[dict[str, Any]]:
+    """The validation figure after every stage (after the reference) that records one, with its drop."""
+    out = []
+    for step in steps:
+        value = stage_metric(step.artifact.info, metric)
+        if value is not None:
+            out.append({"stage": step.id, "kind": step.kind, "val": value,
+                        "drop_pt": round(drop_points(reference_val, value, higher), 4)})
+    return out
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """``accuracy 97.2% (trained 97.5%, -0.3 pt, budget 1.0 pt)`` (validation figures)."""
+    metric = record["metric"]
+    shown = (lambda v: f"{100 * v:.1f}%") if metric == "accuracy" else (lambda v: f"{v:.4f}")
+    verdict = "" if record["met"] else " OVER BUDGET"
+    return (f"{metric} {shown(record['bundle_val'])} (trained {shown(record['reference'])}, "
+            f"{-record['drop_pt']:+.1f} pt, budget {record['budget_pt']:.1f} pt) on validation{verdict}")
+
+
+def refuse_over_budget(record: dict[str, Any]) -> None:
+    """RunError (nothing published) when the bundle lost more than the budget and it is enforced."""
+    if record["met"] or not record["enforced"]:
+        return
+    tried = " -> ".join(s["stage"] for s in record["stages"]) or "the chain"
+    fmt = (lambda v: f"{100 * v:.1f}%") if record["metric"] == "accuracy" else (lambda v: f"{v:.4f}")
+    best = min(record["stages"], key=lambda s: s["drop_pt"], default=None)
+    best_text = f"; best point after {best['stage']}: {fmt(best['val'])} ({-best['drop_pt']:+.1f} pt)" if best else ""
+    raise RunError(
+        f"accuracy budget not met: bundle {record['metric']} {fmt(record['bundle_val'])} on validation vs trained "
+        f"{fmt(record['reference'])} ({-record['drop_pt']:+.1f} pt > budget {record['budget_pt']:.1f} pt); tried {tried}"
+        f"{best_text}; nothing published. Leave sparsity/bits at their budgeted defaults, train longer, or raise "
+        f"the budget (--max-drop)")
+
+
+def measure(steps: list, source, data: Dataset, trust, budget_pt: float, budget_source: str,
+            enforce: bool) -> dict[str, Any] | None:
+    """The budget record of a chain that ends in a single-task bundle (None otherwise)."""
+    bundle_info = steps[-1].artifact.info if steps else {}
+    if not steps or steps[-1].kind != "export" or "tasks" in bundle_info:
+        return None
+    ref_index = next((i for i, s in enumerate(steps) if s.kind == "train"), None)
+    reference = source if ref_index is None else steps[ref_index].artifact
+    model = reference.checkpoint().build(trust)
+    metric, reference_val, higher = model_headline(model, data, "val")
+    _, reference_test, _ = model_headline(model, data, "test")
+    bundle_val = stage_metric(bundle_info, metric)
+    if reference_val is None or bundle_val is None:
+        return None
+    after = steps[(ref_index + 1) if ref_index is not None else 0:]
+    test = bundle_info.get(metric)
+    return budget_record(
+        metric=metric, higher=higher, reference_val=reference_val, reference_test=reference_test,
+        bundle_val=bundle_val, bundle_test=float(test) if isinstance(test, (int, float)) else None,
+        budget_pt=budget_pt, source=budget_source, enforce=enforce,
+        reference_stage="source (--weights)" if ref_index is None else steps[ref_index].id,
+        stages=stage_trajectory(after, metric, higher, reference_val))

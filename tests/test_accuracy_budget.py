@@ -1,0 +1,135 @@
+"""The accuracy budget (measured against the trained model, recorded, printed, enforced, gated by
+`edgec check --max-drop`) and the margin-aware export parity gate."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgec.targets.profile import Budgets, load_target
+from edgec.pipeline.parity import parity_metrics, parity_problems
+
+from support import run_cli
+
+# A small, fast chain: an MLP, ONNX fp32 (conversion costs nothing, so every drop is the chain's).
+TINY = ["--model", "mlp", "--target", "desktop-gpu", "--precision", "fp32", "--epochs", "6"]
+# Pruning 99% of every layer without retraining: surely over a 1-point budget.
+BROKEN = [*TINY, "--stages", "train,prune,export", "--set", "prune.steps=1", "--set", "prune.sparsity=0.99"]
+
+
+def _budget(build_dir):
+    build = json.loads((build_dir / "build.json").read_text())
+    manifest = json.loads((build_dir / "bundle" / "manifest.json").read_text())
+    return build["accuracy_budget"], manifest["accuracy_budget"]
+
+
+def test_budget_is_recorded_printed_and_checked(tmp_path):
+    proc = run_cli("build", *TINY, "--stages", "train,export", "--max-drop", "1.5", cwd=tmp_path)
+    recorded, in_manifest = _budget(tmp_path / "edgec-out" / "desktop-gpu")
+    assert recorded == in_manifest
+    assert recorded["metric"] == "accuracy" and recorded["reference_stage"] == "train"
+    assert recorded["budget_pt"] == 1.5 and recorded["budget_source"] == "config" and recorded["met"]
+    # fp32 ONNX computes what torch does: the bundle keeps the trained model's validation accuracy
+    assert recorded["reference"] == pytest.approx(recorded["bundle_val"], abs=1e-9)
+    assert recorded["drop_pt"] == pytest.approx(0, abs=1e-6)
+    assert 0 < recorded["bundle_test"] <= 1 and 0 < recorded["reference_test"] <= 1
+    line = f"accuracy {100 * recorded['bundle_val']:.1f}% (trained {100 * recorded['reference']:.1f}%, "
+    assert line in proc.stdout and "budget 1.5 pt) on validation" in proc.stdout
+    bundle = tmp_path / "edgec-out" / "desktop-gpu" / "bundle"
+    checked = run_cli("check", bundle, "--max-drop", "0", "--json", "-", cwd=tmp_path)
+    row = next(r for r in json.loads(checked.stdout)["budgets"] if r["budget"] == "max_drop")
+    assert row["ok"] is True and row["limit"] == 0
+
+
+def test_over_budget_build_exits_1_in_one_line_and_publishes_nothing(tmp_path):
+    proc = run_cli("build", *BROKEN, cwd=tmp_path, check=1)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: accuracy budget not met: bundle accuracy")
+    assert "tried prune -> export" in lines[-1] and "best point after" in lines[-1] and "budget 1.0 pt" in lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "edgec-out" / "desktop-gpu").exists()
+
+
+def test_check_max_drop_gates_a_bundle_published_over_budget(tmp_path):
+    """budget.enforce = false publishes and reports; `edgec check --max-drop` is the CI gate."""
+    proc = run_cli("build", *BROKEN, "--set", "budget.enforce=false", cwd=tmp_path)
+    recorded, _ = _budget(tmp_path / "edgec-out" / "desktop-gpu")
+    assert not recorded["met"] and recorded["drop_pt"] > 1.0 and not recorded["enforced"]
+    assert "OVER BUDGET" in proc.stdout
+    assert [s["stage"] for s in recorded["stages"]] == ["prune", "export"]
+    build = json.loads((tmp_path / "edgec-out" / "desktop-gpu" / "build.json").read_text())
+    prune = next(s["info"] for s in build["stages"] if s["kind"] == "prune")
+    assert "sensitivity" not in prune and prune["sparsity"]["total"]["sparsity"] > 0.98  # the explicit value, as given
+    bundle = tmp_path / "edgec-out" / "desktop-gpu" / "bundle"
+    failed = run_cli("check", bundle, "--max-drop", "1", cwd=tmp_path, check=1)
+    assert "max_drop" in failed.stderr.splitlines()[-1]
+    run_cli("check", bundle, "--max-drop", "100", cwd=tmp_path)
+
+
+def test_profile_budget_and_the_old_export_drop_key(tmp_path):
+    assert Budgets.model_validate({"max_accuracy_drop": 0.03}).max_export_drop == 0.03
+    with pytest.raises(ValueError, match="old name of max_export_drop"):
+        Budgets.model_validate({"max_accuracy_drop": 0.03, "max_export_drop": 0.02})
+    board = tmp_path / "board.toml"
+    board.write_text('name = "board"\nformat = "onnx"\nprecision = "fp32"\nprecisions = ["fp32"]\n'
+                     'requirements = ["onnxruntime"]\n[budgets]\nmax_accuracy_drop = 0.02\n[budget]\nmax_accuracy_drop = 2.5\n')
+    profile = load_target(str(board))
+    assert profile.budgets.max_export_drop == 0.02 and profile.budget.max_accuracy_drop == 2.5
+
+
+# --- the parity gate -------------------------------------------------------------------------------
+
+def _logits(n=1000, classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1, (n, classes)).astype(np.float32)
+    logits[np.arange(n), rng.integers(0, classes, n)] += 6.0  # a confident model ...
+    tied = rng.choice(n, 40, replace=False)  # ... with 4% near-ties: the two best classes 0.01 apart
+    second = (logits[tied].argmax(1) + 1) % classes
+    logits[tied, second] = logits[tied].max(1) - 0.01
+    return logits, tied, second
+
+
+def test_parity_accepts_near_ties_that_flip_under_rounding():
+    reference, tied, second = _logits()
+    rng = np.random.default_rng(1)
+    outputs = reference + rng.uniform(-0.05, 0.05, reference.shape).astype(np.float32)  # int8-sized error
+    outputs[tied, second] = reference[tied].max(1) + 0.1  # every near-tie flips
+    labels = reference.argmax(1)
+    m = parity_metrics(reference, outputs, labels)
+    assert m["top1_agreement"] <= 0.965  # the old gate (0.99) would refuse this model
+    assert m["decided_agreement"] == 1.0 and m["decided_samples"] >= 900
+    assert parity_problems(m, Budgets()) == []
+
+
+def test_parity_refuses_conversion_faults():
+    """A Dropout left active (the fault that once gave 0.41 agreement) and a wrong model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 10))
+    x = torch.randn(500, 16)
+    model.eval()
+    with torch.no_grad():
+        reference = model(x).numpy() * 20  # confident logits
+        model.train()  # the fault: dropout active in the exported graph
+        faulty = model(x).numpy() * 20
+    labels = reference.argmax(1)
+    m = parity_metrics(reference, faulty, labels)
+    assert parity_problems(m, Budgets()), m
+    wrong = parity_metrics(reference, np.random.default_rng(0).normal(0, 5, reference.shape), labels)
+    problems = parity_problems(wrong, Budgets())
+    assert any("SNR" in p for p in problems) and any("error bound" in p for p in problems)
+
+
+def test_budgeted_prune_ships_within_the_budget_where_fixed_pruning_breaks(tmp_path):
+    """The same chain as BROKEN without a sparsity: the stage measures each layer's sensitivity and
+    prunes what the budget allows."""
+    run_cli("build", *TINY, "--stages", "train,prune,export", "--set", "prune.steps=1", cwd=tmp_path)
+    recorded, _ = _budget(tmp_path / "edgec-out" / "desktop-gpu")
+    assert recorded["met"] and recorded["drop_pt"] <= 1.0
+    assert recorded["allocation"] == {"prune": 0.5, "share": 0.25, "quantization": 0.25}
+    build = json.loads((tmp_path / "edgec-out" / "desktop-gpu" / "build.json").read_text())
+    sensitivity = next(s["info"] for s in build["stages"] if s["kind"] == "prune")["sensitivity"]
+    assert sensitivity["share_pt"] == 0.5 and sensitivity["joint_drop_pt"] <= 0.5
+    assert sensitivity["curves"]  # every prunable layer measured
+    assert all(len(curve) == len(sensitivity["candidates"]) for curve in sensitivity["curves"].values())
