@@ -53,7 +53,8 @@ def _idx_files(sizes_and_hashes: tuple[tuple[int, str], ...]) -> tuple[RemoteFil
 
 
 # Mirrors are torchvision's (torchvision/datasets/mnist.py). MNIST's sha256s are those of the files
-# torchvision's md5s accept; Fashion-MNIST's and KMNIST's are the published sha256s of the same files.
+# torchvision's md5s accept (checked against a local copy of the published files); Fashion-MNIST's and
+# KMNIST's are the sha256s other loaders pin for the same files (e.g. TFDS's MNIST-family builders).
 DATASETS: dict[str, FetchableDataset] = {
     d.name: d
     for d in (
