@@ -57,6 +57,8 @@ def _check_replaceable(final: Path, out: Path) -> None:
                     return  # an empty folder: nothing to lose
     except FileNotFoundError:
         return
+    except NotADirectoryError:
+        raise InputError(f"cannot write to {out}: a folder on its path is a file; choose another folder with --out") from None
     except OSError as e:
         raise InputError(f"cannot read {final} ({e.strerror}); choose another folder with --out") from None
     if not is_edgec_build(final):

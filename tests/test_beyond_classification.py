@@ -131,7 +131,8 @@ def test_bundle_runner_verifies_on_its_own(bundles, tmp_path):
     np.save(tmp_path / "x.npy", np.load(bundles["reconstruction", "rpi"].bundle / "eval.npz")["x"][:3])
     proc = subprocess.run([sys.executable, "run.py", "predict", str(tmp_path / "x.npy")],
                           cwd=bundles["reconstruction", "rpi"].bundle, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.count("anomaly score") == 3
+    lines = proc.stdout.splitlines()  # one header line naming the score, then a row per sample
+    assert proc.returncode == 0 and "anomaly score" in lines[0] and len(lines) == 4
 
 
 def test_verify_fails_when_the_figure_drops(bundles, tmp_path):
@@ -170,7 +171,8 @@ def test_full_compression_chain(work, regression_npz, task):
     """train, distill (MSE to the teacher), prune, retrain, share, export: every stage honours the task."""
     base = anomaly_config() if task == "reconstruction" else regression_config(regression_npz)
     figure = "auc" if task == "reconstruction" else "r2"
-    config = {**base, "stages": [base["stages"][0], {"kind": "distill", "epochs": 10, "lr": 3e-3},
+    # short stages with explicit settings: the chain's mechanics are under test, so the budget only records
+    config = {**base, "budget": {"enforce": False}, "stages": [base["stages"][0], {"kind": "distill", "epochs": 10, "lr": 3e-3},
                                  {"kind": "prune", "sparsity": 0.5, "steps": 2, "retrain": {"epochs": 2}},
                                  {"kind": "retrain", "epochs": 5}, {"kind": "share", "bits": 5, "epochs": 2},
                                  {"kind": "export"}]}

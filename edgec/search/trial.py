@@ -79,6 +79,9 @@ def resolve(base: dict[str, Any], point: dict[str, Any], factories: frozenset[st
     from edgec.config import Overrides, parse_config
 
     config = parse_config(copy.deepcopy(base), Overrides(dict(point), {}))
+    if "enforce" not in config.budget.model_fields_set:
+        # a search maps the trade-off: a point over the accuracy budget is measured and marked, not refused
+        config.budget.enforce = False
     unnamed = sorted(model_trust(config).factories - factories)
     if unnamed:
         raise ConfigError(f"the point names the model factory {unnamed[0]!r}, which the search config does not: "
@@ -222,6 +225,7 @@ def _measure(ctx: SearchContext, config, result, datasets, target: str) -> dict[
         "p95_ms": latency["p95_ms"],
         "val_samples": int(len(data.y_val)),
         "test_samples": metrics.get("test_samples"),
+        "within_accuracy_budget": (manifest.get("accuracy_budget") or {}).get("met"),
     }
     return {
         "status": "ok", "feasible": True, "reason": None, "metrics": figures, "latency": latency,
