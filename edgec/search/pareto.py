@@ -39,7 +39,9 @@ _CHECKS = {
 
 def violations(target_record: dict[str, Any], bounds: dict[str, float]) -> list[str]:
     """Why a trial's build for a target is not a valid point ([] when it is). The export stage has
-    already enforced the accuracy-drop and agreement budgets (it refuses to ship otherwise)."""
+    already enforced the export-parity budgets (it refuses to ship otherwise); the accuracy budget is
+    recorded per point (``within_accuracy_budget``), not enforced, unless the search config sets
+    ``[budget] enforce``."""
     if target_record.get("status") != "ok":
         return [target_record.get("reason") or target_record.get("status", "not built")]
     metrics = target_record["metrics"]
