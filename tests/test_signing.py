@@ -19,7 +19,7 @@ import test_ondevice as tod
 from edgec.cli import app
 from edgec.errors import ConfigError, InputError
 from edgec.ondevice import IntegrityError, KeyFileError, RuntimeMissingError, bench_bundle, verify_bundle
-from edgec.ondevice.manifest_seal import manifest_bytes
+from edgec.ondevice.manifest_seal import SEAL_KEY, check_seal, manifest_bytes
 from edgec.signing import CRYPTOGRAPHY_REQUIREMENT, generate_keypair, sign_bundle
 
 FAST = dict(warmup=1, warmup_seconds=0.0, runs=3, min_seconds=0.0, max_seconds=2.0, batch_sizes=(1,))
@@ -127,9 +127,11 @@ def test_sign_bundle_writes_signature_and_requirement(signed, base_bundles, keys
     assert reqs[-1] == CRYPTOGRAPHY_REQUIREMENT and reqs[:-1] == (base_bundles["onnx"] / "requirements.txt").read_text().splitlines()
     entry = [f for f in json.loads(raw)["files"] if f["name"] == "requirements.txt"][0]
     assert entry["bytes"] == (b / "requirements.txt").stat().st_size
-    # nothing else in the manifest changed
+    # nothing else in the manifest changed, and its self-digest was recomputed over the new file table
     before, after = tod.read_manifest(base_bundles["onnx"]), json.loads(raw)
-    assert {k: v for k, v in before.items() if k != "files"} == {k: v for k, v in after.items() if k != "files"}
+    same = ("files", SEAL_KEY)
+    assert {k: v for k, v in before.items() if k not in same} == {k: v for k, v in after.items() if k not in same}
+    check_seal(after)
     for name in ("manifest.sig", "manifest.json", "requirements.txt"):
         assert stat.S_IMODE((b / name).stat().st_mode) & 0o044 == 0o044, name
 
