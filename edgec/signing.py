@@ -8,8 +8,9 @@ SubjectPublicKeyInfo PEM, mode 0644; give it to whoever verifies bundles).
 which lists every file of the bundle with its sha256 (the on-device runner included), into
 ``manifest.sig`` (format: ``edgec.ondevice.signature``). Checking the signature on a device needs
 the ``cryptography`` package there, so signing first adds it to the bundle's requirements.txt and
-updates that file's entry in the manifest's file table. Everything else in the manifest is left
-exactly as it is, so call it last, once the manifest is final (lineage written).
+updates that file's entry in the manifest's file table (and reseals the manifest's self-digest).
+Everything else in the manifest is left exactly as it is, so call it last, once the manifest is
+final (lineage written).
 
 ``edgec verify BUNDLE --public-key edgec.pub`` and, on the device, ``python run.py verify
 --public-key edgec.pub`` then refuse an unsigned bundle, one signed by another key, a changed
@@ -29,6 +30,7 @@ from edgec.errors import ConfigError, InputError
 from edgec.ondevice.errors import BundleError
 from edgec.ondevice.integrity import MANIFEST_NAME, SIGNATURE_NAME, describe_files
 from edgec.ondevice.manifest import load_bundle, read_manifest_bytes
+from edgec.ondevice.manifest_seal import manifest_bytes
 from edgec.ondevice.recommend import write_file_atomic
 from edgec.ondevice.signature import ALGORITHM, SIGNATURE_SCHEMA, SIGNATURE_SCHEMA_VERSION, fingerprint, read_key_file
 
@@ -145,7 +147,7 @@ def sign_bundle(bundle_dir: Path, private_key_path: Path) -> None:
         entry = describe_files(str(bundle_dir), [REQUIREMENTS_NAME])[0]
         files = [f for f in manifest["files"] if f["name"] != REQUIREMENTS_NAME] + [entry]
         manifest["files"] = sorted(files, key=lambda f: f["name"])
-        raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        raw = manifest_bytes(manifest)  # resealed: its self-digest covers the new entry
         write_file_atomic(str(bundle_dir / MANIFEST_NAME), raw, mode=BUNDLE_FILE_MODE)
 
     public = key.public_key()

@@ -2,7 +2,8 @@
 
 The export stage creates it; the build amends it with the lineage (the manifest is not listed in
 its own file table, so amending it does not disturb the recorded hashes; a signature, when the
-bundle is signed, is made after the last amendment). Readers on the device are in
+bundle is signed, is made after the last amendment). Every write seals it with its self-digest
+(``edgec/ondevice/manifest_seal.py``), which every reader checks first. Readers on the device are in
 ``edgec/ondevice/manifest.py``; the field reference is in the README.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import edgec
+from edgec.ondevice.manifest_seal import manifest_bytes
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -74,7 +76,7 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
 
     names = sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest["files"] = describe_files(str(bundle_dir), names)
-    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (bundle_dir / MANIFEST).write_bytes(manifest_bytes(manifest))
 
 
 def write_lineage(manifest_path: Path, stages: list[dict[str, Any]], configs: list[dict[str, Any]],
@@ -89,7 +91,7 @@ def write_lineage(manifest_path: Path, stages: list[dict[str, Any]], configs: li
     ]
     if accuracy_budget is not None:
         manifest["accuracy_budget"] = accuracy_budget
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest_path.write_bytes(manifest_bytes(manifest))
 
 
 def _atol(output: dict[str, Any]) -> float:

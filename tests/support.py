@@ -62,3 +62,18 @@ def decisive_agreement(out, ref, precision: str) -> float:
     decisive = top2[:, 1] - top2[:, 0] > TIE_MARGIN[precision] * np.ptp(ref)
     assert decisive.mean() >= MIN_DECISIVE, f"only {decisive.mean():.3f} of the samples have a decisive top-1"
     return float((out[decisive].argmax(1) == ref[decisive].argmax(1)).mean())
+
+
+def reseal_manifest(path: Path) -> dict:
+    """Recompute the self-digest of a manifest a test edited on purpose (``path``: the bundle folder or
+    its manifest.json), so the edit under test is what the reader sees. Returns the manifest."""
+    import json
+
+    from edgec.ondevice.manifest_seal import manifest_bytes
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_bytes(manifest_bytes(manifest))
+    return manifest

@@ -15,7 +15,7 @@ from edgec.errors import RunError
 from edgec.ondevice import bench_bundle, load_bundle, verify_bundle
 from edgec.pipeline.algorithms.output_range import representable
 
-from support import run_cli
+from support import reseal_manifest, run_cli
 
 TARGETS = ("rpi", "mobile", "desktop-gpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,7 @@ def test_verify_fails_when_the_figure_drops(bundles, tmp_path):
     assert manifest["metrics"]["eval_r2"] < 0.9999
     manifest["metrics"]["eval_r2"], manifest["tolerance"]["metric"] = 1.0, 0.0
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    reseal_manifest(copy)
     verified = verify_bundle(str(copy))
     assert not verified["ok"] and any(e.startswith("quality: r2") for e in verified["errors"])
 

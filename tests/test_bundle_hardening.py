@@ -34,6 +34,7 @@ from edgec.ondevice import transport
 from edgec.ondevice.integrity import check_files
 from edgec.ondevice.recommend import RECOMMENDED_SCHEMA, store_recommendation
 from edgec.ondevice.runtimes import import_runtime
+from support import reseal_manifest
 
 ONDEVICE_DIR = tod.ONDEVICE_DIR
 FAST = dict(warmup=1, warmup_seconds=0.0, runs=5, min_seconds=0.0, max_seconds=2.0, batch_sizes=(1,))
@@ -72,6 +73,7 @@ def edit_manifest(b, change):
     m = tod.read_manifest(b)
     change(m)
     (b / "manifest.json").write_text(json.dumps(m))
+    reseal_manifest(b)
     return m
 
 
@@ -333,6 +335,7 @@ def test_any_mangled_field_gives_a_bundle_error_or_a_result(bundle):
             m = copy.deepcopy(good)
             set_key(m, key, value)
             (b / "manifest.json").write_text(json.dumps(m))
+            reseal_manifest(b)
             try:
                 verify_bundle(b, check_accuracy=True)
             except BundleError as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from support import run_cli
+from support import reseal_manifest, run_cli
 
 from edgec.errors import InputError
 from edgec.pipeline.artifact import MODEL
@@ -50,6 +50,7 @@ def _forge_runner(entry: Path) -> None:
         if f["name"] == "run.py":
             f.update(sha256=_sha(FORGED_RUNNER), bytes=len(FORGED_RUNNER))
     (entry / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    reseal_manifest(entry)  # the self-digest is no secret: a forger recomputes it too
     _rewrite_entry(entry)
 
 

@@ -24,6 +24,8 @@ from edgec.ondevice import (BundleError, IntegrityError, ManifestError, ModelLoa
                             compare_outputs, import_runtime, load_bundle, open_model, preprocess_raw,
                             quantize, render_bench_markdown, render_bench_text, render_verify_text,
                             sweep_grid, verify_bundle)
+from edgec.ondevice.manifest_seal import manifest_bytes
+from support import reseal_manifest
 
 ONDEVICE_DIR = Path(__file__).resolve().parents[1] / "edgec" / "ondevice"
 N_VECTORS = 16
@@ -46,9 +48,9 @@ def _file_table(root):
 
 
 def write_manifest(root, manifest):
-    """Refresh ``files`` from disk and write manifest.json."""
+    """Refresh ``files`` from disk and write manifest.json (sealed, as edgec writes it)."""
     manifest = dict(manifest, files=_file_table(root))
-    (Path(root) / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (Path(root) / "manifest.json").write_bytes(manifest_bytes(manifest))
     return manifest
 
 
@@ -343,16 +345,19 @@ def test_manifest_problems_are_one_line_errors(copy_bundle):
     m = dict(good)
     del m["tolerance"]
     (b / "manifest.json").write_text(json.dumps(m))
+    reseal_manifest(b)
     with pytest.raises(ManifestError, match="missing 'tolerance.atol'"):
         load_bundle(b)
     m = json.loads(json.dumps(good))
     m["files"].append({"name": "../outside.txt", "bytes": 1, "sha256": "0" * 64})
     (b / "manifest.json").write_text(json.dumps(m))
+    reseal_manifest(b)
     with pytest.raises(ManifestError, match="outside the bundle"):
         verify_bundle(b)
     m = json.loads(json.dumps(good))
     m["runtime"]["name"] = "coreml"
     (b / "manifest.json").write_text(json.dumps(m))
+    reseal_manifest(b)
     with pytest.raises(ManifestError, match="runtime.name"):
         load_bundle(b)
     # manifest.json given instead of the folder

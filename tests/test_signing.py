@@ -19,6 +19,7 @@ import test_ondevice as tod
 from edgec.cli import app
 from edgec.errors import ConfigError, InputError
 from edgec.ondevice import IntegrityError, KeyFileError, RuntimeMissingError, bench_bundle, verify_bundle
+from edgec.ondevice.manifest_seal import SEAL_KEY, check_seal, manifest_bytes
 from edgec.signing import CRYPTOGRAPHY_REQUIREMENT, generate_keypair, sign_bundle
 
 FAST = dict(warmup=1, warmup_seconds=0.0, runs=3, min_seconds=0.0, max_seconds=2.0, batch_sizes=(1,))
@@ -126,9 +127,11 @@ def test_sign_bundle_writes_signature_and_requirement(signed, base_bundles, keys
     assert reqs[-1] == CRYPTOGRAPHY_REQUIREMENT and reqs[:-1] == (base_bundles["onnx"] / "requirements.txt").read_text().splitlines()
     entry = [f for f in json.loads(raw)["files"] if f["name"] == "requirements.txt"][0]
     assert entry["bytes"] == (b / "requirements.txt").stat().st_size
-    # nothing else in the manifest changed
+    # nothing else in the manifest changed, and its self-digest was recomputed over the new file table
     before, after = tod.read_manifest(base_bundles["onnx"]), json.loads(raw)
-    assert {k: v for k, v in before.items() if k != "files"} == {k: v for k, v in after.items() if k != "files"}
+    same = ("files", SEAL_KEY)
+    assert {k: v for k, v in before.items() if k not in same} == {k: v for k, v in after.items() if k not in same}
+    check_seal(after)
     for name in ("manifest.sig", "manifest.json", "requirements.txt"):
         assert stat.S_IMODE((b / name).stat().st_mode) & 0o044 == 0o044, name
 
@@ -208,15 +211,15 @@ def test_resigned_by_attacker_with_victim_fingerprint_is_refused(copy_signed, ke
 def test_tampered_manifest_is_refused(copy_signed, keys, change):
     b = copy_signed()
     text = (b / "manifest.json").read_text()
-    if change == "accuracy":
+    if change == "accuracy":  # resealed: the self-digest is no secret, the signature is what refuses it
         m = json.loads(text)
         m["metrics"]["accuracy"] = 1.0
-        text = json.dumps(m, indent=2, sort_keys=True) + "\n"
+        text = manifest_bytes(m).decode()
     elif change == "files":  # drop a file from the table and delete it: integrity alone would pass
         m = json.loads(text)
         m["files"] = [f for f in m["files"] if f["name"] != "labels.txt"]
         (b / "labels.txt").unlink()
-        text = json.dumps(m, indent=2, sort_keys=True) + "\n"
+        text = manifest_bytes(m).decode()
     elif change == "not-json":
         text = text[:-10]
     else:
@@ -367,6 +370,6 @@ def test_emulated_arm64_verify_checks_the_signature(arm64_cache, copy_signed, ke
     assert any("signed by another key" in e for e in res["errors"])
     m = json.loads((b / "manifest.json").read_text())
     m["metrics"]["accuracy"] = 1.0
-    (b / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    (b / "manifest.json").write_bytes(manifest_bytes(m))
     res = verify_bundle_emulated(b, arm64_cache, "ai-edge-litert", exact=False, public_key=keys["public"])
     assert not res["ok"] and any("does not match its signature" in e for e in res["errors"])

@@ -30,6 +30,13 @@ class ManifestError(BundleError):
     """manifest.json is unreadable, malformed or of an unsupported schema."""
 
 
+class ManifestSealError(ManifestError):
+    """manifest.json has no self-digest, or one its content does not match (see ``manifest_seal``):
+    a failed check, like a changed file."""
+
+    exit_code = 1
+
+
 class SchemaTooNewError(ManifestError):
     """manifest.json has a schema_version newer than this runner understands."""
 

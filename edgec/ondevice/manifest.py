@@ -16,6 +16,7 @@ import numpy as np
 from .errors import ManifestError, ModelLoadError, NotABundleError, SchemaTooNewError, SettingsError
 from .integrity import (MANIFEST_NAME, PYCACHE, UNLISTED_OK, FileRefused, check_files, check_name,
                         open_bundle_file, read_bundle_file, require_intact, safe_join)
+from .manifest_seal import check_seal
 from .metrics import TASKS
 from .recommend import machine_recommendation
 from .runtime_base import MAX_THREADS
@@ -155,8 +156,8 @@ def _listed(names, key, value):
 
 
 def validate_manifest(m):
-    """Check every part of the schema the runner relies on, for type and range; raise ManifestError
-    (one line, naming the key) otherwise. Returns ``m``."""
+    """Check the manifest's self-digest (``manifest_seal``), then every part of the schema the runner
+    relies on, for type and range; raise ManifestError (one line, naming the key) otherwise. Returns ``m``."""
     if not isinstance(m, dict):
         raise ManifestError("manifest.json is not a JSON object", _REEXPORT)
     if "schema_version" not in m:
@@ -170,6 +171,7 @@ def validate_manifest(m):
             "bundle manifest schema_version %d is newer than this runner supports (%d)"
             % (sv, SUPPORTED_SCHEMA_VERSION),
             "upgrade edgec (pip install -U edgec), or use the run.py shipped inside the bundle")
+    check_seal(m)  # before any other field is read: a changed byte anywhere is caught here
     # runtime
     _require(m, "runtime", dict, "an object")
     name = _require(m, "runtime.name", str, "a string")
