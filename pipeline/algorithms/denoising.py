@@ -11,9 +11,10 @@ input it reconstructs can be negative (standardised features), which a ReLU coul
 
 The stack is found by running the model, not by reading its class: the hidden layers are the
 ``nn.Linear`` modules in call order, except the last (the classifier); the first must take the
-flattened input and every later one (the classifier too) the ReLU of the layer before, exactly;
-anything else (a BatchNorm, a residual, another activation in between) is refused, since the
-autoencoders would then not be training the function the network computes.
+flattened input and every later one (the classifier too) the ReLU of the layer before, exactly, and
+no other module may hold weights or statistics; anything else (a BatchNorm, a residual, another
+activation in between) is refused, since the autoencoders would then not be training the function
+the network computes.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def hidden_stack(model: nn.Module, sample: torch.Tensor) -> list[HiddenLayer]:
         raise ConfigError(f"{why}; this model calls {len(calls)} Linear layer(s) (use the mlp zoo model or a user MLP)")
     if len({id(m) for m, _, _ in calls}) != len(calls):
         raise ConfigError(f"{why}; a Linear layer is called more than once")
+    # A module with state of its own (BatchNorm, LayerNorm, PReLU) can be the identity at initialisation,
+    # where the values below cannot see it, and not after training.
+    for name, module in model.named_modules():
+        own_state = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if own_state and not isinstance(module, nn.Linear):
+            raise ConfigError(f"{why}; '{name}' ({type(module).__name__}) has weights or statistics of its own")
     flat = sample.flatten(1)
     if calls[0][1].shape != flat.shape or not torch.equal(calls[0][1], flat):
         raise ConfigError(f"{why}; the first Linear layer '{names[calls[0][0]]}' does not take the flattened input")
