@@ -236,7 +236,7 @@ def compression_reaching_the_end(steps: list) -> list[str]:
             reached.append(f"weight-shared ({step.id})")
         elif step.kind == "qat":
             reached.append(f"quantization-aware trained ({step.id}: int8 exports use its ranges)")
-        elif step.kind not in ("train", "retrain", "export"):
+        elif step.kind not in ("train", "retrain", "pretrain", "export"):  # pretrain: initial weights, not compression
             reached.append(f"{step.kind} ({step.id})")
     return reached
 

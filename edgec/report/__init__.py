@@ -18,7 +18,7 @@ skipped with a note saying why; only an unreadable build directory (or a bad ``b
 Modules: ``build_file`` (build.json, checked), ``document`` (the blocks, HTML / Markdown rendering,
 writing), ``plots`` (matplotlib), ``sections`` (the build-level sections), ``tasks`` (regression /
 reconstruction bundles instead of the confusion matrix), ``continual`` (the forgetting matrix of
-multi-task builds).
+multi-task builds), ``pretrain`` (the layer reconstructions and gradient norms of a pretrain stage).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from .build_file import read_build
 from .continual import IMAGES as MULTITASK_IMAGES
 from .continual import forgetting_section
 from .document import ASSETS_DIR, REPORT_HTML, REPORT_MD, Doc, write_document
+from .pretrain import IMAGES as PRETRAIN_IMAGES
+from .pretrain import pretrain_section
 from .sections import (BENCH_FILE, BUNDLE_DIR, IMAGES, budget_section, confusion_section, header, latency_section,
                        pareto_section, sharing_section, sparsity_section, stage_section)
 from .tasks import IMAGES as TASK_IMAGES
@@ -64,6 +66,7 @@ def write_report(build_dir: Path, bench: Path | None = None) -> dict[str, Path]:
     pareto_section(doc, summary)
     sparsity_section(doc, summary)
     sharing_section(doc, summary)
+    pretrain_section(doc, summary)
     forgetting_section(doc, summary, manifest)
     if (manifest or {}).get("task", "classification") == "classification":
         confusion_section(doc, bundle_dir, manifest)
@@ -71,7 +74,7 @@ def write_report(build_dir: Path, bench: Path | None = None) -> dict[str, Path]:
         task_section(doc, bundle_dir, manifest)
     latency_section(doc, bench_data, manifest, build_dir)
     return write_document(doc, build_dir, title=f"edgec build report: {summary.get('target', build_dir.name)}",
-                          images=IMAGES + MULTITASK_IMAGES + TASK_IMAGES)
+                          images=IMAGES + PRETRAIN_IMAGES + MULTITASK_IMAGES + TASK_IMAGES)
 
 
 # --- inputs -------------------------------------------------------------------------------------
