@@ -113,9 +113,11 @@ def test_stage_for_task(tmp_path, cache, stage, method, task):
         assert info["function_preserved"]["max_abs_diff"] <= 1e-4 and "top1_agreement" not in info["function_preserved"]
         assert info[f"source_{figure}"] == pytest.approx(info[figure], abs=1e-4)  # the function is kept
     else:
-        assert info["method"] == method and set(info["task_accuracy"]) == {"a", "b"}
-        assert all(isinstance(v, float) for v in info["task_accuracy"].values())
-        assert info["task_accuracy"]["b"] == pytest.approx(info[figure], abs=1e-6)
+        assert info["method"] == method and set(info["task_r2"]) == {"a", "b"} and "task_accuracy" not in info
+        assert all(isinstance(v, float) for v in info["task_r2"].values())
+        assert info["task_r2"]["b"] == pytest.approx(info[figure], abs=1e-6)
+        report = run_cli("report", out / "rpi", cwd=tmp_path, env=env)  # build.json passes the report's checks
+        assert "Traceback" not in report.stderr
 
 
 def test_gaussian_fisher_of_a_linear_head_is_the_input_second_moment():
@@ -129,3 +131,14 @@ def test_gaussian_fisher_of_a_linear_head_is_the_input_second_moment():
     fisher = diagonal_fisher(model, x, (0, 2), ["weight", "bias"], likelihood="gaussian")
     assert torch.allclose(fisher["weight"], x.pow(2).mean(0).expand(2, 3), atol=1e-6)
     assert torch.allclose(fisher["bias"], torch.ones(2), atol=1e-6)
+
+
+def test_lwf_temperature_is_refused_for_regression(tmp_path):
+    """Regression heads output values, which lwf keeps by MSE: a temperature would be a silent no-op."""
+    config = write_config(tmp_path / "edgec.toml", "learn", "lwf", "regression")
+    config.write_text(config.read_text() + '"temperature" = 3.0\n')  # on the last stage, learn-b
+    proc = run_cli("build", "--config", config, "--out", tmp_path / "out", cwd=tmp_path,
+                   env={"EDGEC_CACHE_DIR": str(tmp_path / "cache")}, check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "temperature" in lines[0] and "regression" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -142,7 +142,8 @@ class GrowStage(Stage):
             if not result["passed"]:
                 break
         top1 = f", top-1 agreement {result['top1_agreement']:.4f}" if classifier else ""
-        return (f"grow: {step.op} {step.layer!r} changed the model's function: max |output difference| "
+        what = "logit" if classifier else "output"
+        return (f"grow: {step.op} {step.layer!r} changed the model's function: max |{what} difference| "
                 f"{result['max_abs_diff']:.3g} (allowed {TOLERANCE:g}){top1} on the {len(data.y_test)} test samples; "
                 "this is a bug in grow for this model: please report it")
 

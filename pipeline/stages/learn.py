@@ -23,7 +23,7 @@ set, method; EWC Fishers and anchors; PackNet weight owners) lives in the checkp
 ``extensions`` (namespaces ``tasks``, ``ewc``, ``packnet``); the export stage reads it to evaluate
 and gate every task and to write the manifest's ``tasks`` section. Algorithms:
 ``algorithms/continual.py``. After training, every task learned so far is evaluated on its test
-split (one row of the forgetting matrix: ``info.task_accuracy``; for regression each task's R^2).
+split (one row of the forgetting matrix: ``info.task_accuracy``; regression: ``info.task_r2``).
 
 Tasks (``pipeline/objectives.py``): classification and regression (each head outputs its task's
 targets; the losses are the objective's: MSE on standardized targets, LwF keeps the old heads'
@@ -207,6 +207,9 @@ class LearnStage(Stage):
         why = refusal(cfg.method, data.task)
         if why:
             raise ConfigError(why)
+        if data.task != "classification" and "temperature" in cfg.model_fields_set:
+            raise ConfigError(f"learn: temperature softens logits; task = \"{data.task}\" heads output values, which lwf "
+                              "keeps by MSE: drop temperature")
         if cfg.task in tasks:
             have = tasks[cfg.task]["columns"][1] - tasks[cfg.task]["columns"][0]
             if have != data.num_classes:
@@ -337,17 +340,17 @@ class LearnStage(Stage):
         if cfg.method == "ewc":
             self._store_fisher(model, data, ctx, cols, backbone, extensions)
 
+        info = model_info(cl.TaskView(model, cols), data)
+        figure = info.get("metric", "accuracy")  # regression: "r2" (R^2 may be negative: not an accuracy)
         row = evaluate_tasks(model, state, extensions, ctx.datasets, {cfg.task: data})
-        state["history"].append({"stage": self.id, "task": cfg.task, "accuracy": row})
+        state["history"].append({"stage": self.id, "task": cfg.task, figure: row})
         extensions[TASKS_EXT] = state
         out = ckpt.with_model(model, ctx.trust)
         out.extensions = extensions
         out.save(out_dir / CHECKPOINT_FILE)
-        info = model_info(cl.TaskView(model, cols), data)
-        info.update({"task": cfg.task, "method": cfg.method, "task_accuracy": row, "tasks": list(state["order"]),
+        info.update({"task": cfg.task, "method": cfg.method, f"task_{figure}": row, "tasks": list(state["order"]),
                      "columns": {t: state["tasks"][t]["columns"] for t in state["order"]}, **extra})
         if cfg.method == "packnet":
-            figure = info.get("metric", "accuracy")
             info[figure] = row.get(cfg.task, info[figure])  # task k's own (masked) model
         info.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch)
         return info
