@@ -13,8 +13,8 @@ What the ``learn`` stage is made of; no pipeline code here.
   each finished task, ``F_i = E_x E_{y ~ p(y|x)} (d log p(y|x) / d theta_i)^2`` (the expectation over
   y taken exactly, over the task's classes), and the penalty ``lambda / 2 * sum_i F_i (theta_i -
   theta*_i)^2``. For regression heads the likelihood is Gaussian with unit variance (on standardized
-  targets): ``F_i = E_x sum_k (d f_k(x) / d theta_i)^2``. Online EWC (Schwarz et al., ICML 2018, "Progress & Compress"): one running Fisher
-  ``F <- decay * F + F_task`` anchored at the latest weights.
+  targets): ``F_i = E_x sum_k (d f_k(x) / d theta_i)^2``. Online EWC (Schwarz et al., ICML 2018,
+  "Progress & Compress"): one running Fisher ``F <- decay * F + F_task`` anchored at the latest weights.
 * PackNet (Mallya & Lazebnik, CVPR 2018): after a task trains its free weights, the smallest
   ``prune`` fraction of them (by magnitude, per layer) is freed again, the rest is retrained
   briefly and frozen; the next task trains only freed weights. An ``owner`` map per weight tensor

@@ -13,8 +13,9 @@ stage's data, old classes' columns) must match the source's within 1e-4, with id
 classifier, or the stage fails naming the step that broke it. ``wider`` and ``deeper`` keep the
 function of any model, so they serve every task (``pipeline/objectives.py``); ``classes`` is for
 classifiers only (refused at plan time for regression and reconstruction). The gate applies with
-``noise = 0``; with noise the difference is reported in the stage's info. The grown architecture is recorded in the checkpoint
-(``Checkpoint.with_model``), so every later stage, ``--weights`` and ``bench --reference`` rebuild it.
+``noise = 0``; with noise the difference is reported in the stage's info. The grown architecture is
+recorded in the checkpoint (``Checkpoint.with_model``), so every later stage, ``--weights`` and
+``bench --reference`` rebuild it.
 """
 
 from __future__ import annotations

@@ -208,8 +208,8 @@ class LearnStage(Stage):
         if why:
             raise ConfigError(why)
         if data.task != "classification" and "temperature" in cfg.model_fields_set:
-            raise ConfigError(f"learn: temperature softens logits; task = \"{data.task}\" heads output values, which lwf "
-                              "keeps by MSE: drop temperature")
+            raise ConfigError(f"learn: temperature softens logits; task = \"{data.task}\" heads output values, "
+                              "which lwf keeps by MSE: drop temperature")
         if cfg.task in tasks:
             have = tasks[cfg.task]["columns"][1] - tasks[cfg.task]["columns"][0]
             if have != data.num_classes:
