@@ -12,6 +12,7 @@ finished trials than the serial run does, so its path may differ.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from edgec.tomlfile import read_toml
 
 from . import space as sp
 from .records import FINISHED, TrialStore, reuse
-from .trial import SearchContext, TrialJob, named_factories, prefix_lock_name, resolve, run_trial
+from .trial import (SearchContext, TrialJob, named_factories, prefix_lock_name, require_classification, resolve,
+                    run_trial)
 
 PENALTY = 1e30  # what an unbuilt trial reports to a sampler for an objective it minimises
 
@@ -104,13 +106,13 @@ def run_search(setup: SearchSetup, *, use_ray: bool = False, ray_address: str | 
     console = console or Console(quiet=True)
     start = time.perf_counter()
     spec = setup.search
+    _preflight(setup)
     setup.out.mkdir(parents=True, exist_ok=True)
     ctx = SearchContext(base=setup.base, targets=tuple(setup.targets), out=setup.out, cache_dir=setup.cache_dir,
                         threads=spec.cpus_per_trial, latency=spec.latency.model_dump(), coordinate=use_ray,
                         factories=setup.factories)
     store = TrialStore(setup.out)
     finished = store.load(ctx, console)
-    _preflight(setup)
     backend = "ray" if use_ray else "embedded"
     console.print(f"search  {spec.strategy}, objectives {', '.join(spec.objectives)}, targets {', '.join(setup.targets)}, "
                   f"{backend}, {spec.cpus_per_trial} CPU(s) per trial")
@@ -190,10 +192,16 @@ def _ray_backend():
 
 
 def _preflight(setup: SearchSetup) -> None:
-    """What would fail every trial the same way fails the search now: data that is not there, a
-    chain that does not end with export."""
+    """What would fail every trial the same way fails the search now: a task it cannot rank, data
+    that is not there, a chain that does not end with export."""
     from edgec import api
+    from edgec.config import parse_config
 
+    try:
+        task = parse_config(copy.deepcopy(setup.base)).task
+    except ConfigError:
+        task = "classification"  # the base alone may be incomplete: each point is checked with its own keys
+    require_classification(task)
     spec = setup.search
     first = sp.grid_points(spec)[0] if spec.strategy == "grid" else sp.random_points(spec)[0]
     try:

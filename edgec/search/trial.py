@@ -79,6 +79,7 @@ def resolve(base: dict[str, Any], point: dict[str, Any], factories: frozenset[st
     from edgec.config import Overrides, parse_config
 
     config = parse_config(copy.deepcopy(base), Overrides(dict(point), {}))
+    require_classification(config.task)
     if "enforce" not in config.budget.model_fields_set:
         # a search maps the trade-off: a point over the accuracy budget is measured and marked, not refused
         config.budget.enforce = False
@@ -87,6 +88,15 @@ def resolve(base: dict[str, Any], point: dict[str, Any], factories: frozenset[st
         raise ConfigError(f"the point names the model factory {unnamed[0]!r}, which the search config does not: "
                           "edgec imports only the factories you name")
     return config
+
+
+def require_classification(task: str) -> None:
+    """A search ranks bundles by their top-1 accuracy (selection, the front, best.toml, the report): it
+    has no figure for other tasks yet, so it refuses them at plan time instead of training for nothing."""
+    if task != "classification":
+        raise ConfigError(f"edgec search ranks classifiers by top-1 accuracy; this config's task is {task!r}, which it "
+                          "cannot rank yet: compare points with edgec build --set KEY=VALUE (each records its "
+                          "r2 / auc / mse)")
 
 
 def portable_config(config) -> dict[str, Any]:
@@ -200,10 +210,6 @@ def _measure(ctx: SearchContext, config, result, datasets, target: str) -> dict[
     manifest = json.loads((result.bundle / "manifest.json").read_text())
     stages = [{"id": s.id, "kind": s.kind, "key": s.key, "cached": s.cached, "seconds": round(s.seconds, 3)}
               for s in result.stages]
-    task = manifest.get("task") or "classification"
-    if task != "classification":
-        return {"status": "failed", "feasible": False, "metrics": {}, "stages": stages, "bundle": None,
-                "reason": f"edgec search ranks classifiers by top-1 accuracy; this bundle's task is {task}"}
     export = config.stages[-1]
     data = datasets[export.config.data or MAIN_DATA]
     val_accuracy = bundle_accuracy(result.bundle, data.x_val, data.y_val, ctx.threads)

@@ -7,12 +7,14 @@ What the ``learn`` stage is made of; no pipeline code here.
 * Learning without Forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2018): while task B trains, the old
   heads are kept close to what the network answered on B's data before B's training started:
   ``lambda_old * T^2 * KL(softmax(old_before / T) || softmax(old_now / T))`` per old head, plus the
-  new task's cross-entropy. No old data needed.
+  new task's cross-entropy. No old data needed. For regression heads (outputs are values, not
+  logits) the term is ``lambda_old * MSE(old_now, old_before)`` per old head.
 * Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017): the diagonal Fisher information of
   each finished task, ``F_i = E_x E_{y ~ p(y|x)} (d log p(y|x) / d theta_i)^2`` (the expectation over
   y taken exactly, over the task's classes), and the penalty ``lambda / 2 * sum_i F_i (theta_i -
-  theta*_i)^2``. Online EWC (Schwarz et al., ICML 2018, "Progress & Compress"): one running Fisher
-  ``F <- decay * F + F_task`` anchored at the latest weights.
+  theta*_i)^2``. For regression heads the likelihood is Gaussian with unit variance (on standardized
+  targets): ``F_i = E_x sum_k (d f_k(x) / d theta_i)^2``. Online EWC (Schwarz et al., ICML 2018,
+  "Progress & Compress"): one running Fisher ``F <- decay * F + F_task`` anchored at the latest weights.
 * PackNet (Mallya & Lazebnik, CVPR 2018): after a task trains its free weights, the smallest
   ``prune`` fraction of them (by magnitude, per layer) is freed again, the rest is retrained
   briefly and frozen; the next task trains only freed weights. An ``owner`` map per weight tensor
@@ -183,11 +185,16 @@ class UpdateScale:
 
 
 def lwf_loss(current: torch.Tensor, recorded: torch.Tensor, columns: Mapping[str, tuple[int, int]],
-             temperature: float) -> torch.Tensor:
-    """``T^2 * sum over old heads of KL(softmax(recorded / T) || softmax(current / T))`` (batch mean).
+             temperature: float | None) -> torch.Tensor:
+    """``T^2 * sum over old heads of KL(softmax(recorded / T) || softmax(current / T))`` (batch mean);
+    with ``temperature`` None (regression heads) ``sum over old heads of MSE(current, recorded)``.
     ``current`` and ``recorded`` are full model outputs; ``columns`` the old heads' column ranges."""
-    t = temperature
     total = current.new_zeros(())
+    if temperature is None:
+        for a, b in columns.values():
+            total = total + F.mse_loss(current[:, a:b], recorded[:, a:b])
+        return total
+    t = temperature
     for a, b in columns.values():
         total = total + F.kl_div(F.log_softmax(current[:, a:b] / t, dim=1), F.log_softmax(recorded[:, a:b] / t, dim=1),
                                  reduction="batchmean", log_target=True)
@@ -198,10 +205,12 @@ def lwf_loss(current: torch.Tensor, recorded: torch.Tensor, columns: Mapping[str
 
 
 def diagonal_fisher(model: nn.Module, x: torch.Tensor, columns: tuple[int, int], names: list[str],
-                    chunk: int = 16) -> dict[str, torch.Tensor]:
+                    chunk: int = 16, likelihood: str = "categorical") -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of the named parameters for one task, averaged over the samples
     ``x`` (model inputs): ``E_x sum_y p(y|x) (d log p(y|x) / d theta)^2`` over the task's columns,
-    the expectation over y exact. Per-sample gradients with ``torch.func`` (vmap of grad), in eval mode."""
+    the expectation over y exact. ``likelihood = "gaussian"`` (regression, unit variance): ``E_x sum_k
+    (d f_k(x) / d theta)^2``, the same sum with the output columns in place of the classes and weight 1.
+    Per-sample gradients with ``torch.func`` (vmap of grad), in eval mode."""
     from torch.func import functional_call, grad, vmap
 
     was_training = model.training
@@ -212,9 +221,11 @@ def diagonal_fisher(model: nn.Module, x: torch.Tensor, columns: tuple[int, int],
     a, b = columns
     classes = b - a
 
-    def log_prob(p, xi, yi):
-        out = functional_call(model, ({**frozen, **p}, buffers), (xi.unsqueeze(0),))
-        return F.log_softmax(out[0, a:b], dim=0).gather(0, yi.reshape(1)).squeeze(0)
+    gaussian = likelihood == "gaussian"
+
+    def log_prob(p, xi, yi):  # gaussian: the output column yi (its gradient is the score's)
+        out = functional_call(model, ({**frozen, **p}, buffers), (xi.unsqueeze(0),))[0, a:b]
+        return (out if gaussian else F.log_softmax(out, dim=0)).gather(0, yi.reshape(1)).squeeze(0)
 
     per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -222,7 +233,8 @@ def diagonal_fisher(model: nn.Module, x: torch.Tensor, columns: tuple[int, int],
         for i in range(0, len(x), chunk):
             xb = x[i:i + chunk]
             with torch.no_grad():
-                probs = F.softmax(model(xb)[:, a:b], dim=1)  # (n, classes)
+                logits = model(xb)[:, a:b]
+                probs = torch.ones_like(logits) if gaussian else F.softmax(logits, dim=1)  # (n, classes)
             xs = xb.repeat_interleave(classes, dim=0)
             ys = torch.arange(classes).repeat(len(xb))
             w = probs.reshape(-1)

@@ -49,8 +49,8 @@ def task_datasets(state: dict, datasets, fallback=None) -> dict:
             raise ConfigError(f"export: task {name!r} was learned on data {data_name!r}, which this build does not load; "
                               f"declare it ([[tasks]] name = {name!r}, data = {data_name!r}) so every task is evaluated")
         if getattr(d, "task", "classification") != "classification":
-            raise ConfigError(f"export: task {name!r} reads {d.name}, which is not a classification data set; "
-                              "learn stages learn classification tasks")
+            raise ConfigError(f"export: task {name!r} reads {d.name}, which is not a classification data set; a "
+                              "multi-task bundle ships classification tasks only: export a model per task instead")
         out[name] = d
     first = out[state["order"][0]]
     for name, d in out.items():

@@ -8,11 +8,14 @@
     classes = 10                     # more outputs; the old classes' outputs are unchanged
     noise = 0.05                     # symmetry breaking, x each layer's weight std (zero-sum: the function is kept)
 
-Function preservation is a gate: the grown model's logits (eval mode, the whole test split of the
-stage's data, old classes' columns) must match the source's within 1e-4 with identical top-1, or
-the stage fails naming the step that broke it. The gate applies with ``noise = 0``; with noise the
-difference is reported in the stage's info. The grown architecture is recorded in the checkpoint
-(``Checkpoint.with_model``), so every later stage, ``--weights`` and ``bench --reference`` rebuild it.
+Function preservation is a gate: the grown model's outputs (eval mode, the whole test split of the
+stage's data, old classes' columns) must match the source's within 1e-4, with identical top-1 for a
+classifier, or the stage fails naming the step that broke it. ``wider`` and ``deeper`` keep the
+function of any model, so they serve every task (``pipeline/objectives.py``); ``classes`` is for
+classifiers only (refused at plan time for regression and reconstruction). The gate applies with
+``noise = 0``; with noise the difference is reported in the stage's info. The grown architecture is
+recorded in the checkpoint (``Checkpoint.with_model``), so every later stage, ``--weights`` and
+``bench --reference`` rebuild it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from edgec.errors import ConfigError, RunError
 from ..algorithms.net2net import grow
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..modelinfo import model_info
+from ..objectives import objective_for
 from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import predict
 
@@ -94,6 +98,10 @@ class GrowStage(Stage):
         cfg = self.config
         if not cfg.wider and not cfg.deeper and cfg.classes is None:
             raise ConfigError("grow needs at least one of wider = { layer = width }, deeper = [layer] or classes = N")
+        task = getattr(probe.data, "task", "classification")
+        if cfg.classes is not None and task != "classification":
+            raise ConfigError(f"grow: classes = N adds classes to a classifier; this build's task is {task!r}: use "
+                              "wider / deeper (they keep the function for any task)")
         example = probe.sample()
         steps = self._grow(probe.model, example, example, 0)
         grown = steps[-1][1] if steps else probe.model
@@ -110,16 +118,17 @@ class GrowStage(Stage):
         steps = self._grow(model, example, calibration, ctx.seed)
         grown = steps[-1][1] if steps else model
         reference = predict(model, data.x_test, data)
-        gate = compare(reference, predict(grown, data.x_test, data))
+        classifier = data.task == "classification"
+        gate = compare(reference, predict(grown, data.x_test, data), classifier)
         if self.config.noise == 0 and not gate["passed"]:
             raise RunError(self._culprit(steps, reference, data))
         if not gate["passed"]:
-            ctx.console.print(f"[yellow]grow[/]: with noise = {self.config.noise} the grown model's logits differ by "
+            ctx.console.print(f"[yellow]grow[/]: with noise = {self.config.noise} the grown model's outputs differ by "
                               f"{gate['max_abs_diff']:.2e} from the source's")
         ckpt.with_model(grown.eval(), ctx.trust).save(out_dir / CHECKPOINT_FILE)
         return {
             **model_info(grown, data),
-            "source_accuracy": float((reference.argmax(1).numpy() == data.y_test).mean()),  # on this stage's data
+            **source_figures(model, reference, data),  # on this stage's data
             "source_params": sum(p.numel() for p in model.parameters()),
             "steps": [{"op": s.op, "layer": s.layer, **s.detail} for s, _ in steps],
             "function_preserved": {**gate, "tolerance": TOLERANCE, "test_samples": len(data.y_test),
@@ -128,21 +137,36 @@ class GrowStage(Stage):
 
     def _culprit(self, steps, reference: torch.Tensor, data: Dataset) -> str:
         """The first step whose model no longer computes the source's function."""
+        classifier = data.task == "classification"
         for step, model in steps:
-            result = compare(reference, predict(model, data.x_test, data))
+            result = compare(reference, predict(model, data.x_test, data), classifier)
             if not result["passed"]:
                 break
-        return (f"grow: {step.op} {step.layer!r} changed the model's function: max |logit difference| "
-                f"{result['max_abs_diff']:.3g} (allowed {TOLERANCE:g}), top-1 agreement {result['top1_agreement']:.4f} "
-                f"on the {len(data.y_test)} test samples; this is a bug in grow for this model: please report it")
+        top1 = f", top-1 agreement {result['top1_agreement']:.4f}" if classifier else ""
+        what = "logit" if classifier else "output"
+        return (f"grow: {step.op} {step.layer!r} changed the model's function: max |{what} difference| "
+                f"{result['max_abs_diff']:.3g} (allowed {TOLERANCE:g}){top1} on the {len(data.y_test)} test samples; "
+                "this is a bug in grow for this model: please report it")
 
 
-def compare(reference: torch.Tensor, grown: torch.Tensor) -> dict[str, Any]:
-    """The gate: the old classes' logits within TOLERANCE and the same top-1 among them; also the
-    top-1 agreement over all outputs (new classes included)."""
+def compare(reference: torch.Tensor, grown: torch.Tensor, classifier: bool = True) -> dict[str, Any]:
+    """The gate: the old classes' outputs within TOLERANCE and, for a classifier, the same top-1 among
+    them; also the top-1 agreement over all outputs (new classes included). Regression and
+    reconstruction outputs are compared by value only (their argmax means nothing)."""
     old = grown[:, : reference.shape[1]]
     diff = float((old - reference).abs().max()) if len(reference) else 0.0
+    if not classifier:
+        return {"max_abs_diff": diff, "passed": diff <= TOLERANCE}
     top1 = float((old.argmax(1) == reference.argmax(1)).float().mean()) if len(reference) else 1.0
     top1_all = float((grown.argmax(1) == reference.argmax(1)).float().mean()) if len(reference) else 1.0
     return {"max_abs_diff": diff, "top1_agreement": top1, "top1_agreement_all_outputs": top1_all,
             "passed": diff <= TOLERANCE and top1 == 1.0}
+
+
+def source_figures(model: nn.Module, reference: torch.Tensor, data: Dataset) -> dict[str, Any]:
+    """The source model's headline figure on the test split: ``source_accuracy``, or the task's
+    (``source_r2``, ``source_auc``, ``source_mse``)."""
+    if data.task == "classification":
+        return {"source_accuracy": float((reference.argmax(1).numpy() == data.y_test).mean())}
+    metrics = objective_for(data).model_metrics(model)
+    return {f"source_{metrics['metric']}": metrics[metrics["metric"]]}

@@ -23,7 +23,12 @@ set, method; EWC Fishers and anchors; PackNet weight owners) lives in the checkp
 ``extensions`` (namespaces ``tasks``, ``ewc``, ``packnet``); the export stage reads it to evaluate
 and gate every task and to write the manifest's ``tasks`` section. Algorithms:
 ``algorithms/continual.py``. After training, every task learned so far is evaluated on its test
-split (one row of the forgetting matrix: ``info.task_accuracy``).
+split (one row of the forgetting matrix: ``info.task_accuracy``; regression: ``info.task_r2``).
+
+Tasks (``pipeline/objectives.py``): classification and regression (each head outputs its task's
+targets; the losses are the objective's: MSE on standardized targets, LwF keeps the old heads'
+outputs by MSE instead of a softened KL, the EWC Fisher is the Gaussian one). ``joint`` is for
+classification only, and reconstruction is refused: see :func:`refusal`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from edgec.errors import ConfigError
 from ..algorithms import continual as cl
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..modelinfo import model_info
+from ..objectives import objective_for
 from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import OptimConfig, accuracy, fit, resolve_device, seed_everything
 
@@ -62,6 +68,18 @@ METHOD_KEYS = {
 }
 TASKS_EXT, EWC_EXT, PACKNET_EXT = "tasks", "ewc", "packnet"
 EXT_VERSION = 1
+
+
+def refusal(method: str, task: str) -> str | None:
+    """Why ``method`` cannot learn a task of kind ``task`` (None when it can)."""
+    if task == "reconstruction":
+        return (f"learn: method = \"{method}\" cannot learn task = \"reconstruction\": an autoencoder's output is its "
+                "whole input, so tasks cannot own output columns (heads); train an autoencoder per task "
+                "(train, or grow wider / deeper first)")
+    if task == "regression" and method == "joint":
+        return ("learn: method = \"joint\" trains every task's samples through one label space, which task = "
+                "\"regression\" does not have; use finetune, features, lwf, ewc or packnet")
+    return None
 
 
 class LearnConfig(StageConfig, OptimConfig):
@@ -186,6 +204,12 @@ class LearnStage(Stage):
 
     def _check_plan(self, state, extensions, datasets, data: Dataset, data_name: str) -> None:
         cfg, tasks = self.config, state["tasks"]
+        why = refusal(cfg.method, data.task)
+        if why:
+            raise ConfigError(why)
+        if data.task != "classification" and "temperature" in cfg.model_fields_set:
+            raise ConfigError(f"learn: temperature softens logits; task = \"{data.task}\" heads output values, "
+                              "which lwf keeps by MSE: drop temperature")
         if cfg.task in tasks:
             have = tasks[cfg.task]["columns"][1] - tasks[cfg.task]["columns"][0]
             if have != data.num_classes:
@@ -298,10 +322,11 @@ class LearnStage(Stage):
             trainable = [p for n, p in backbone if not cl.under_any(n, cfg.freeze)]
             scale = cl.UpdateScale(trainable, cfg.backbone_lr)
             view = cl.TaskView(model, cols, cl.norm_modules(model, cfg.freeze) if cfg.freeze else ())
+            task_loss = objective_for(data).loss
 
             def loss_fn(logits, x, y):
                 scale.before()
-                return F.cross_entropy(logits, y)
+                return task_loss(logits, x, y)
 
             result = self._fit(view, data, ctx, trainable + new_head, loss_fn=loss_fn, after_step=scale.after)
         elif cfg.method == "lwf":
@@ -315,17 +340,18 @@ class LearnStage(Stage):
         if cfg.method == "ewc":
             self._store_fisher(model, data, ctx, cols, backbone, extensions)
 
+        info = model_info(cl.TaskView(model, cols), data)
+        figure = info.get("metric", "accuracy")  # regression: "r2" (R^2 may be negative: not an accuracy)
         row = evaluate_tasks(model, state, extensions, ctx.datasets, {cfg.task: data})
-        state["history"].append({"stage": self.id, "task": cfg.task, "accuracy": row})
+        state["history"].append({"stage": self.id, "task": cfg.task, figure: row})
         extensions[TASKS_EXT] = state
         out = ckpt.with_model(model, ctx.trust)
         out.extensions = extensions
         out.save(out_dir / CHECKPOINT_FILE)
-        info = model_info(cl.TaskView(model, cols), data)
-        info.update({"task": cfg.task, "method": cfg.method, "task_accuracy": row, "tasks": list(state["order"]),
+        info.update({"task": cfg.task, "method": cfg.method, f"task_{figure}": row, "tasks": list(state["order"]),
                      "columns": {t: state["tasks"][t]["columns"] for t in state["order"]}, **extra})
         if cfg.method == "packnet":
-            info["accuracy"] = row.get(cfg.task, info["accuracy"])  # task k's own (masked) model
+            info[figure] = row.get(cfg.task, info[figure])  # task k's own (masked) model
         info.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch)
         return info
 
@@ -348,13 +374,16 @@ class LearnStage(Stage):
         view = cl.TaskView(model, cols)
         heads = cl.get_module(model, heads_path)
         old_heads = [p for t in old_cols for p in heads[state["tasks"][t]["head"]].parameters()]
+        task_loss = objective_for(data).loss
+        # regression outputs are values, not logits: the old heads keep them by MSE (no temperature)
+        temperature = cfg.temperature if data.task == "classification" else None
 
         def loss_fn(logits, x, y):
-            loss = F.cross_entropy(logits, y)
+            loss = task_loss(logits, x, y)
             if old_cols and cfg.lambda_old > 0:
                 with torch.no_grad():
                     recorded = teacher(x)
-                loss = loss + cfg.lambda_old * cl.lwf_loss(view.last, recorded, old_cols, cfg.temperature)
+                loss = loss + cfg.lambda_old * cl.lwf_loss(view.last, recorded, old_cols, temperature)
             return loss
 
         teacher.to(resolve_device(cfg.device))
@@ -379,9 +408,10 @@ class LearnStage(Stage):
         device = resolve_device(cfg.device)
         pairs = [({n: f.to(device) for n, f in fi.items()}, {n: a.to(device) for n, a in an.items()}) for fi, an in pairs]
         named = dict(backbone)
+        task_loss = objective_for(data).loss
 
         def loss_fn(logits, x, y):
-            loss = F.cross_entropy(logits, y)
+            loss = task_loss(logits, x, y)
             if pairs and cfg.ewc_lambda > 0:
                 loss = loss + cl.ewc_penalty(named, pairs, cfg.ewc_lambda)
             return loss
@@ -393,7 +423,8 @@ class LearnStage(Stage):
         n = min(self.config.fisher_samples, len(data.y_train))
         idx = np.sort(gen.choice(len(data.y_train), n, replace=False))
         x = torch.from_numpy(data.to_input(data.x_train[idx]))
-        return cl.diagonal_fisher(model, x, cols, [name for name, _ in backbone])
+        likelihood = "categorical" if data.task == "classification" else "gaussian"
+        return cl.diagonal_fisher(model, x, cols, [name for name, _ in backbone], likelihood=likelihood)
 
     def _merge_fisher(self, ewc, name, fisher, anchor) -> None:
         if self.config.ewc_mode == "separate":
@@ -486,14 +517,19 @@ def task_model(model: nn.Module, extensions, task: str) -> nn.Module:
 
 
 def evaluate_tasks(model: nn.Module, state, extensions, datasets, known: dict[str, Dataset] | None = None) -> dict[str, float]:
-    """Test accuracy of every task whose data is at hand, on its own columns (one forgetting-matrix row)."""
+    """Test accuracy (regression: R^2) of every task whose data is at hand, on its own columns (one
+    forgetting-matrix row)."""
     row = {}
     for name in state["order"]:
         d = (known or {}).get(name) or (datasets or {}).get(state["tasks"][name]["data"])
         if d is None:
             continue
-        m = task_model(model, extensions, name)
-        row[name] = accuracy(cl.TaskView(m, tuple(state["tasks"][name]["columns"])), d.x_test, d.y_test, d)
+        view = cl.TaskView(task_model(model, extensions, name), tuple(state["tasks"][name]["columns"]))
+        if d.task == "classification":
+            row[name] = accuracy(view, d.x_test, d.y_test, d)
+        else:
+            figures = objective_for(d).model_metrics(view)
+            row[name] = figures[figures["metric"]]
     return row
 
 
