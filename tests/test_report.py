@@ -23,7 +23,7 @@ BUILD = [
     "--set", "prune.steps=1", "--set", "prune.retrain.epochs=1", "--set", "share.epochs=1",
     "--set", "export.precision=fp32", "--json",
 ]
-SECTIONS = ["Stages", "Budgets", "Accuracy budget", "Accuracy against size", "Sparsity per layer", "Weight sharing",
+SECTIONS = ["Stages", "Budgets", "Accuracy against size", "Accuracy budget", "Sparsity per layer", "Weight sharing",
             "Confusion matrix of the shipped bundle", "Latency"]
 
 
