@@ -24,7 +24,7 @@ from edgec.ondevice import metrics as M
 
 DEFAULT_MAX_DROP_PT = 1.0
 # How the chain spends the budget (fractions of it). A prune stage without an explicit sparsity
-# chooses per-layer sparsities whose validation drop (before retraining) stays within its share;
+# chooses the sparsities whose validation drop *after a short recovery* stays within its share;
 # weight sharing and int8 quantization keep their settings and the rest of the budget covers them.
 ALLOCATION = {"prune": 0.5, "share": 0.25, "quantization": 0.25}
 

@@ -133,3 +133,46 @@ def test_budgeted_prune_ships_within_the_budget_where_fixed_pruning_breaks(tmp_p
     assert sensitivity["share_pt"] == 0.5 and sensitivity["joint_drop_pt"] <= 0.5
     assert sensitivity["curves"]  # every prunable layer measured
     assert all(len(curve) == len(sensitivity["candidates"]) for curve in sensitivity["curves"].values())
+
+
+def test_budgeted_prune_is_judged_after_recovery(tmp_path):
+    """The budget is a promise about the model after retraining: with no retrain stage after it, the
+    budgeted prune still ships within the budget (the level is judged after the stage's rounds and a
+    masked recovery, and the recovered model is the stage's output) and spends it on most of the
+    weights. Judged before retraining (main before this change) the same chain pruned ~60% and was
+    refused at -1.4 pt."""
+    run_cli("build", *TINY, "--stages", "train,prune,export", cwd=tmp_path)
+    recorded, _ = _budget(tmp_path / "edgec-out" / "desktop-gpu")
+    assert recorded["met"] and recorded["drop_pt"] <= 1.0
+    build = json.loads((tmp_path / "edgec-out" / "desktop-gpu" / "build.json").read_text())
+    prune = next(s["info"] for s in build["stages"] if s["kind"] == "prune")
+    assert prune["sparsity"]["total"]["sparsity"] > 0.7
+    sensitivity = prune["sensitivity"]
+    accepted = [t for t in sensitivity["trials"] if t["accepted"]]
+    assert accepted and all(t["drop_pt"] <= sensitivity["share_pt"] for t in accepted)
+    assert sensitivity["chosen"] == sensitivity["levels"][max(t["level"] for t in accepted)]["sparsity"]
+    assert len(sensitivity["trials"]) <= 4  # a binary search over at most 9 levels
+
+
+def test_sparsity_levels_grow_and_the_search_keeps_the_largest_that_recovers():
+    from edgec.pipeline.algorithms.sensitivity import CANDIDATES, search_level, sparsity_levels
+
+    def curve(*drops):
+        return [{"sparsity": s, "drop_pt": d} for s, d in zip(CANDIDATES, drops)]
+
+    # a robust layer, a sensitive one, and one whose noisy curve dips after a big drop
+    curves = {"a": curve(0, 0, 1, 3, 10, 40), "b": curve(2, 9, 30, 60, 80, 90), "c": curve(0, 5, 0, 0, 0, 0)}
+    levels = sparsity_levels(curves)
+    pruned = [sum(level["sparsity"].values()) for level in levels]
+    assert pruned == sorted(pruned) and len(set(pruned)) == len(pruned)  # each level prunes more
+    assert levels[0]["sparsity"] == {"a": 0.5, "c": 0.3}  # at 0.5 pt: c stops at its first step over it
+    assert levels[-1]["sparsity"] == {"a": 0.95, "b": 0.95, "c": 0.95}
+    tried = []
+
+    def trial(sparsity):  # recovers within the allowance up to level 3, not beyond
+        tried.append(levels.index(next(lv for lv in levels if lv["sparsity"] == sparsity)))
+        return (0.0 if tried[-1] <= 3 else 2.0), tried[-1]
+
+    index, best, record = search_level(levels, trial, 0.5)
+    assert index == 3 and best == 3 and len(record) <= 4
+    assert search_level(levels, lambda s: (5.0, None), 0.5)[:2] == (None, None)  # nothing recovers: prune nothing

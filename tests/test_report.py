@@ -23,7 +23,7 @@ BUILD = [
     "--set", "prune.steps=1", "--set", "prune.retrain.epochs=1", "--set", "share.epochs=1",
     "--set", "export.precision=fp32", "--json",
 ]
-SECTIONS = ["Stages", "Budgets", "Accuracy against size", "Sparsity per layer", "Weight sharing",
+SECTIONS = ["Stages", "Budgets", "Accuracy against size", "Accuracy budget", "Sparsity per layer", "Weight sharing",
             "Confusion matrix of the shipped bundle", "Latency"]
 
 
@@ -156,13 +156,59 @@ def test_cleared_cache_and_missing_bench_are_notes_not_failures(built, tmp_path)
     assert "weight_sharing" not in out and "latency" not in out
     assert not (build_dir / ASSETS_DIR / "weight_sharing.png").exists(), "stale plot left behind"
     assert not (build_dir / ASSETS_DIR / "latency.png").exists()
-    for name in ("accuracy_vs_bytes", "sparsity", "confusion"):
+    for name in ("accuracy_vs_bytes", "sparsity", "confusion", "accuracy_budget", "sensitivity"):
         _check_png(out[name].read_bytes())
     page = out["html"].read_text()
     assert "no longer in the stage cache" in page and "no bench result" in page
-    assert len(_html_images(page)) == 3
+    assert len(_html_images(page)) == 5  # accuracy_vs_bytes, sparsity, confusion, accuracy_budget, sensitivity
     md = out["markdown"].read_text()
     assert "| max_p95_ms |" in md and "unknown (no bench result)" in md
+
+
+def test_accuracy_budget_section_matches_the_build(report):
+    """Accuracy after every stage against the budget line, and the budgeted prune's levels and curves."""
+    build_dir = report["html"].parent
+    summary = json.loads((build_dir / "build.json").read_text())
+    record = summary["accuracy_budget"]
+    section = report["markdown"].read_text().split("## Accuracy budget")[1].split("\n## ")[0]
+    assert f"drop {record['drop_pt']:+.2f} pt against a budget of {record['budget_pt']:g} pt" in section
+    for s in record["stages"]:
+        assert f"| {s['stage']} | {s['val']:.4f} | {s['drop_pt']:+.2f} |" in section
+    sensitivity = next(s["info"]["sensitivity"] for s in summary["stages"] if s["kind"] == "prune")
+    for t in sensitivity["trials"]:
+        assert f"| {t['drop_pt']:+.2f} | {'accepted' if t['accepted'] else 'rejected'} |" in section
+    assert "report/accuracy_budget.png" in section and "report/sensitivity.png" in section
+
+
+@pytest.mark.parametrize("path, value, field", [
+    (("accuracy_budget", "drop_pt"), "0.5", "accuracy_budget.drop_pt"),
+    (("accuracy_budget", "budget_pt"), float("nan"), "accuracy_budget.budget_pt"),
+    (("accuracy_budget", "stages"), [{"stage": "x", "val": 0.9, "drop_pt": 0.1}] * 5000, "accuracy_budget.stages"),
+    (("prune", "curves"), {"fc": [{"sparsity": 1.5, "drop_pt": 0.0}]}, "sensitivity.curves.fc[0].sparsity"),
+    (("prune", "trials"), [{"level": -1, "drop_pt": 0.0, "accepted": True}], "sensitivity.trials[0].level"),
+    (("prune", "chosen"), {"fc": "0.5"}, "sensitivity.chosen.fc"),
+])
+def test_hostile_budget_fields_are_refused_in_one_line(built, tmp_path, path, value, field):
+    build_dir = _copy(built, tmp_path)
+    summary = json.loads((build_dir / "build.json").read_text())
+    owner = summary["accuracy_budget"] if path[0] == "accuracy_budget" else \
+        next(s["info"]["sensitivity"] for s in summary["stages"] if s["kind"] == "prune")
+    owner[path[1]] = value
+    (build_dir / "build.json").write_text(json.dumps(summary))
+    with pytest.raises(InputError, match="rebuild with `edgec build`") as refused:
+        write_report(build_dir)
+    assert field in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_level_index_beyond_the_levels_is_shown_not_followed(built, tmp_path):
+    """A trial naming a level the record does not have (edited file) is drawn as unknown, not an IndexError."""
+    build_dir = _copy(built, tmp_path)
+    summary = json.loads((build_dir / "build.json").read_text())
+    sensitivity = next(s["info"]["sensitivity"] for s in summary["stages"] if s["kind"] == "prune")
+    sensitivity["trials"] = [{"level": 60, "drop_pt": 0.0, "accepted": True}]
+    (build_dir / "build.json").write_text(json.dumps(summary))
+    out = write_report(build_dir)
+    assert "| 60 | ? | +0.00 | accepted |" in out["markdown"].read_text()
 
 
 def test_model_only_build_skips_bundle_sections(built, tmp_path):

@@ -8,7 +8,8 @@ Writes into the build directory (``<out>/<target>/``):
 
 Content: the stage table (accuracy, parameters, non-zeros, sparsity, distinct values, fp32 / packed /
 model / transport bytes, time, cached or ran), the target's budgets and whether each holds, and the
-plots: accuracy against bytes for every stage (log x; which byte count each point is labelled), per-
+plots: the validation figure after every stage against the accuracy budget and the budgeted prune's
+per-layer sensitivity curves, accuracy against bytes for every stage (log x; which byte count each point is labelled), per-
 layer sparsity, one layer's weight histogram before and after sharing with the centroids marked (read
 from the stage cache; skipped with a note when the cache no longer has those checkpoints), the
 confusion matrix of the shipped bundle on its eval set, and the latency distribution from a bench
@@ -16,7 +17,8 @@ result (``BUILD_DIR/bench.json`` or ``bench=``) when there is one. Whatever cann
 skipped with a note saying why; only an unreadable build directory (or a bad ``bench=`` file) raises.
 
 Modules: ``build_file`` (build.json, checked), ``document`` (the blocks, HTML / Markdown rendering,
-writing), ``plots`` (matplotlib), ``sections`` (the build-level sections), ``tasks`` (regression /
+writing), ``plots`` (matplotlib), ``sections`` (the build-level sections), ``accuracy_budget`` (the
+accuracy budget and pruning sensitivity), ``tasks`` (regression /
 reconstruction bundles instead of the confusion matrix), ``continual`` (the forgetting matrix of
 multi-task builds), ``pretrain`` (the layer reconstructions and gradient norms of a pretrain stage).
 """
@@ -29,18 +31,23 @@ from typing import Any
 
 from edgec.errors import InputError
 
+from .accuracy_budget import IMAGES as BUDGET_IMAGES
+from .accuracy_budget import accuracy_budget_section
 from .build_file import read_build
 from .continual import IMAGES as MULTITASK_IMAGES
 from .continual import forgetting_section
 from .document import ASSETS_DIR, REPORT_HTML, REPORT_MD, Doc, write_document
 from .pretrain import IMAGES as PRETRAIN_IMAGES
 from .pretrain import pretrain_section
-from .sections import (BENCH_FILE, BUNDLE_DIR, IMAGES, budget_section, confusion_section, header, latency_section,
+from .sections import IMAGES as SECTION_IMAGES
+from .sections import (BENCH_FILE, BUNDLE_DIR, budget_section, confusion_section, header, latency_section,
                        pareto_section, sharing_section, sparsity_section, stage_section)
 from .tasks import IMAGES as TASK_IMAGES
 from .tasks import task_section
 
 __all__ = ["ASSETS_DIR", "IMAGES", "REPORT_HTML", "REPORT_MD", "write_report"]
+
+IMAGES = SECTION_IMAGES + BUDGET_IMAGES  # the images a single-task build with a budgeted prune draws
 
 
 
@@ -64,6 +71,7 @@ def write_report(build_dir: Path, bench: Path | None = None) -> dict[str, Path]:
     stage_section(doc, summary)
     budget_section(doc, manifest, bench_data)
     pareto_section(doc, summary)
+    accuracy_budget_section(doc, summary)
     sparsity_section(doc, summary)
     sharing_section(doc, summary)
     pretrain_section(doc, summary)

@@ -44,6 +44,55 @@ class _Sparsity(_Checked):
     total: _Total = _Total()
 
 
+Points = Annotated[StrictFloat, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]  # a metric or its drop, in points
+Figure = Annotated[StrictFloat, Field(ge=-1e9, le=1e9, allow_inf_nan=False)]  # a metric value (R^2 may be << 0)
+Name = Annotated[StrictStr, Field(max_length=256)]
+MAX_LAYERS, MAX_POINTS = 4096, 64  # bounds on what the report draws (a real model has far fewer)
+
+
+class _CurvePoint(_Checked):
+    sparsity: Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)]
+    drop_pt: Points
+
+
+class _Trial(_Checked):
+    level: Annotated[StrictInt, Field(ge=0, le=MAX_POINTS)]
+    drop_pt: Points
+    accepted: StrictBool
+
+
+class _Level(_Checked):
+    tolerance_pt: Points
+    sparsity: Annotated[dict[Name, Fraction], Field(max_length=MAX_LAYERS)]
+
+
+class _Sensitivity(_Checked):
+    """The budgeted prune's record (pipeline/stages/prune.py)."""
+    share_pt: Optional[Points] = None
+    curves: Annotated[dict[Name, Annotated[list[_CurvePoint], Field(max_length=MAX_POINTS)]],
+                      Field(max_length=MAX_LAYERS)] = {}
+    chosen: Annotated[dict[Name, Fraction], Field(max_length=MAX_LAYERS)] = {}
+    levels: Annotated[list[_Level], Field(max_length=MAX_POINTS)] = []
+    trials: Annotated[list[_Trial], Field(max_length=MAX_POINTS)] = []
+
+
+class _BudgetStage(_Checked):
+    stage: Name
+    val: Figure
+    drop_pt: Points
+
+
+class _AccuracyBudget(_Checked):
+    """build.json's ``accuracy_budget`` (pipeline/accuracy_budget.py)."""
+    metric: Name
+    reference: Figure
+    bundle_val: Figure
+    drop_pt: Points
+    budget_pt: Annotated[StrictFloat, Field(ge=0, le=1e6, allow_inf_nan=False)]
+    met: StrictBool
+    stages: Annotated[list[_BudgetStage], Field(max_length=MAX_LAYERS)] = []
+
+
 class _Info(_Checked):
     accuracy: Fraction = None
     reference_accuracy: Fraction = None
@@ -61,6 +110,7 @@ class _Info(_Checked):
     tasks: list[StrictStr] | dict[StrictStr, Any] = []  # learn: the order; a multi-task export: per task
     task: Optional[StrictStr] = None
     method: Optional[StrictStr] = None
+    sensitivity: Optional[_Sensitivity] = None
 
 
 class _Stage(_Checked):
@@ -90,6 +140,7 @@ class BuildFile(_Checked):
     source: _Info = _Info()
     config: _Config = _Config()
     stages: list[_Stage]
+    accuracy_budget: Optional[_AccuracyBudget] = None
 
 
 def read_build(build_dir: Path) -> dict[str, Any]:

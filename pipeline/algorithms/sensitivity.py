@@ -1,10 +1,15 @@
-"""Per-layer pruning sensitivity (Han et al. 2015, fig. 6): how much validation metric each layer
-loses when it alone is pruned to a given sparsity, without retraining; and the sparsities that
-spend a share of the accuracy budget.
+"""Budgeted pruning: per-layer sensitivity ranks the layers, a search with recovery picks how far to go.
 
-Each layer gets the highest candidate sparsity whose drop stays within ``SAFETY`` of the share
-(the layers' drops add up when they are pruned together); then all layers are pruned together and,
-while the joint drop exceeds the share, every layer backs off one candidate.
+1. Sensitivity (Han et al. 2015, fig. 6): each layer alone is pruned to each of ``CANDIDATES``
+   without retraining, and the validation drop recorded (the layer's *curve*).
+2. Levels: for a tolerance t (points of one-shot drop, ``TOLERANCES``) every layer takes the highest
+   candidate, counting up, whose drop stays within t (the first candidate over t ends the run: a lucky
+   dip further up a noisy curve is not a safe point). Raising t prunes the robust layers harder first
+   and the sensitive ones last; identical allocations are merged, so the levels grow strictly.
+3. Search: the accuracy budget is a promise about the model *after retraining*, so a level is judged
+   after it is pruned and fine-tuned (``trial``). Binary search over the levels finds the largest one
+   whose recovered drop stays within the allowance (it assumes a larger level never recovers better;
+   where noise breaks that, it keeps a smaller level, never a larger one that failed).
 """
 
 from __future__ import annotations
@@ -17,39 +22,60 @@ from torch import nn
 from .pruning import LayerSparsity, compute_masks, prunable_layers, weight_name
 
 CANDIDATES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
-SAFETY = 0.5  # one layer may spend this fraction of the stage's share
+TOLERANCES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0)
+
+Curves = dict[str, list[dict[str, float]]]
 
 
-def budgeted_sparsities(model: nn.Module, masks: Mapping[str, torch.Tensor], share_pt: float,
-                        drop_of: Callable[[nn.Module], float]) -> tuple[dict[str, float], dict[str, Any]]:
-    """({module name: sparsity} for the layers worth pruning, the record of how it was chosen).
-    ``drop_of(model)`` is the validation drop in points against the unpruned model."""
-    curves = {}
-    for name in prunable_layers(model):
-        curves[name] = [{"sparsity": s, "drop_pt": round(_pruned_drop(model, masks, {name: s}, drop_of), 4)}
-                        for s in CANDIDATES]
-    levels = {name: _safe_level(curve, SAFETY * share_pt) for name, curve in curves.items()}
-    joint = None
-    while True:
-        chosen = {name: CANDIDATES[k - 1] for name, k in levels.items() if k > 0}
-        joint = _pruned_drop(model, masks, chosen, drop_of) if chosen else 0.0
-        if joint <= share_pt + 1e-9 or not chosen:
-            break
-        levels = {name: max(k - 1, 0) for name, k in levels.items()}  # back off every layer one candidate
-    record = {"share_pt": share_pt, "safety": SAFETY, "candidates": list(CANDIDATES), "curves": curves,
-              "chosen": chosen, "joint_drop_pt": round(joint, 4)}
-    return chosen, record
+def sensitivity_curves(model: nn.Module, masks: Mapping[str, torch.Tensor],
+                       drop_of: Callable[[nn.Module], float]) -> Curves:
+    """{module name: [{sparsity, drop_pt}] for each candidate}; ``drop_of(model)`` is the validation
+    drop in points against the unpruned model. The model's weights are restored."""
+    return {name: [{"sparsity": s, "drop_pt": round(_pruned_drop(model, masks, {name: s}, drop_of), 4)}
+                   for s in CANDIDATES]
+            for name in prunable_layers(model)}
 
 
-def _safe_level(curve: list[dict[str, Any]], allowance: float) -> int:
-    """How many candidates, from the lowest, stay within ``allowance``: the first one over it ends the
-    run (a lucky dip further up a noisy curve is not a safe point)."""
-    level = 0
+def sparsity_levels(curves: Curves) -> list[dict[str, Any]]:
+    """[{tolerance_pt, sparsity: {module name: sparsity}}], from the gentlest to the hardest, each
+    pruning more than the one before (allocations that prune nothing are left out)."""
+    levels: list[dict[str, Any]] = []
+    for tolerance in TOLERANCES:
+        chosen = {}
+        for name, curve in curves.items():
+            within = _safe_count(curve, tolerance)
+            if within:
+                chosen[name] = curve[within - 1]["sparsity"]
+        if chosen and (not levels or chosen != levels[-1]["sparsity"]):
+            levels.append({"tolerance_pt": tolerance, "sparsity": chosen})
+    return levels
+
+
+def search_level(levels: list[dict[str, Any]], trial: Callable[[dict[str, float]], tuple[float, Any]],
+                 allowance_pt: float) -> tuple[int | None, Any, list[dict[str, Any]]]:
+    """(index of the largest accepted level or None, that trial's result, every trial tried).
+    ``trial(sparsity)`` prunes and recovers a copy and returns (its validation drop, its result)."""
+    lo, hi, best, tried = -1, len(levels), None, []
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        drop, result = trial(levels[mid]["sparsity"])
+        accepted = drop <= allowance_pt + 1e-9
+        tried.append({"level": mid, "drop_pt": round(drop, 4), "accepted": accepted})
+        if accepted:
+            lo, best = mid, result
+        else:
+            hi = mid
+    return (lo if lo >= 0 else None), best, tried
+
+
+def _safe_count(curve: list[dict[str, float]], tolerance: float) -> int:
+    """How many candidates, from the lowest, stay within ``tolerance``."""
+    count = 0
     for point in curve:
-        if point["drop_pt"] > allowance + 1e-9:
+        if point["drop_pt"] > tolerance + 1e-9:
             break
-        level += 1
-    return level
+        count += 1
+    return count
 
 
 @torch.no_grad()

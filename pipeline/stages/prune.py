@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from ..algorithms.pruning import (
     GlobalSparsity, LayerSparsity, MaskEnforcer, ThresholdPruning, apply_masks, compute_masks, per_layer,
     prunable_layers, sparsity_schedule,
 )
-from ..algorithms.sensitivity import budgeted_sparsities
+from ..algorithms.sensitivity import CANDIDATES, search_level, sensitivity_curves, sparsity_levels
 from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import OptimConfig, fit, resolve_device
 
@@ -50,7 +50,8 @@ class PruneConfig(StageConfig):
     quality: float | dict[str, float] = Field(1.0, description="threshold mode: quality for all layers or per layer name/type")
     sparsity: float | dict[str, float] | None = Field(
         None, description="layer/global modes: target fraction of zeros (all layers, or per name/type); default (layer "
-        "mode): chosen per layer by validation sensitivity within the stage's share of the accuracy budget")
+        "mode): ranked per layer by validation sensitivity, the level searched so that the model after the rounds and a "
+        "recovery stays within the stage's share of the accuracy budget")
     steps: int = Field(3, ge=1, description="pruning rounds; between rounds the model is retrained with masks fixed")
     schedule: Literal["cubic", "linear"] = "cubic"
     retrain: OptimConfig = Field(OptimConfig(epochs=3, patience=3), description="training between rounds")
@@ -96,7 +97,7 @@ class PruneConfig(StageConfig):
         return value
 
 
-SENSITIVITY_VERSION = 1  # bump when the sensitivity analysis chooses differently for the same inputs
+SENSITIVITY_VERSION = 2  # bump when the sensitivity analysis chooses differently for the same inputs
 
 
 class PruneStage(Stage):
@@ -154,31 +155,61 @@ class PruneStage(Stage):
         ckpt = source.checkpoint()
         model = ckpt.build(ctx.trust)
         masks = dict(ckpt.masks)
-        cfg = self.config
-        chosen, sensitivity = self._budgeted_sparsities(model, masks, ctx) if self.budgeted else (None, None)
-        for step in range(cfg.steps if chosen != {} else 0):
-            masks = compute_masks(model, self._spec((step + 1) / cfg.steps, chosen), existing_masks=masks)
-            with MaskEnforcer(model, masks) as enforcer:
-                if step < cfg.steps - 1:
-                    fit(model, ctx.data, cfg.retrain, ctx.seed + step, ctx.console,
-                        label=f"{self.id} {step + 1}/{cfg.steps}", after_step=enforcer.reapply)
+        sensitivity = None
+        if self.budgeted:
+            model, masks, sensitivity = self._budgeted_prune(model, masks, ctx)
+        else:
+            masks = self._prune_rounds(model, masks, ctx, self._spec, recover=False)
         ckpt.state_dict, ckpt.masks = model.state_dict(), masks
         ckpt.save(out_dir / CHECKPOINT_FILE)
         info = compressed_model_info(model, ckpt, ctx.data)
         return info if sensitivity is None else {**info, "sensitivity": sensitivity}
 
-    def _budgeted_sparsities(self, model: nn.Module, masks, ctx: StageContext):
-        """Per-layer sparsities spending this stage's share of the accuracy budget (algorithms/sensitivity.py)."""
+    def _prune_rounds(self, model: nn.Module, masks: dict[str, torch.Tensor], ctx: StageContext,
+                      spec_at: Callable[[float], Any], *, recover: bool, label: str = "") -> dict[str, torch.Tensor]:
+        """Prune ``model`` in place over ``steps`` rounds (``spec_at(fraction of the schedule)``),
+        retrained between rounds with the masks fixed and, with ``recover``, after the last one too."""
+        cfg = self.config
+        for step in range(cfg.steps):
+            masks = compute_masks(model, spec_at((step + 1) / cfg.steps), existing_masks=masks)
+            with MaskEnforcer(model, masks) as enforcer:
+                if step < cfg.steps - 1 or recover:
+                    fit(model, ctx.data, cfg.retrain, ctx.seed + step, ctx.console,
+                        label=f"{self.id}{label} {step + 1}/{cfg.steps}", after_step=enforcer.reapply)
+        return masks
+
+    def _budgeted_prune(self, model: nn.Module, masks: dict[str, torch.Tensor], ctx: StageContext):
+        """(model, masks, record): the largest sparsity level, ranked by per-layer sensitivity, whose
+        validation drop after the stage's rounds and a recovery stays within this stage's share of the
+        accuracy budget (algorithms/sensitivity.py); the unpruned model when none does."""
         from ..accuracy_budget import drop_points, model_headline
 
         model.eval()
         _, base, higher = model_headline(model, ctx.data, "val")
         share = ALLOCATION["prune"] * ctx.budget_pt
-        chosen, record = budgeted_sparsities(
-            model, masks, share, lambda m: drop_points(base, model_headline(m, ctx.data, "val")[1], higher))
-        shown = ", ".join(f"{k or 'model'} {v:.0%}" for k, v in chosen.items()) or "none (every layer too sensitive)"
-        ctx.console.print(f"{self.id}: sparsities within {share:.2g} pt of the budget: {shown}")
-        return chosen, record
+
+        def drop_of(candidate: nn.Module) -> float:
+            return drop_points(base, model_headline(candidate, ctx.data, "val")[1], higher)
+
+        curves = sensitivity_curves(model, masks, drop_of)
+        levels = sparsity_levels(curves)
+
+        def trial(sparsity: dict[str, float]):
+            candidate = copy.deepcopy(model)
+            got = self._prune_rounds(candidate, dict(masks), ctx, lambda f: self._spec(f, sparsity), recover=True,
+                                     label=f" trial {_shown(sparsity)}")
+            return drop_of(candidate), (candidate, got)
+
+        index, best, tried = search_level(levels, trial, share)
+        chosen = {} if index is None else levels[index]["sparsity"]
+        if best is not None:
+            model, masks = best
+        record = {"share_pt": share, "candidates": list(CANDIDATES), "curves": curves, "levels": levels, "trials": tried,
+                  "recovery": {"rounds": self.config.steps, "epochs_per_round": self.config.retrain.epochs},
+                  "chosen": chosen, "joint_drop_pt": next((t["drop_pt"] for t in tried if t["level"] == index), 0.0)}
+        ctx.console.print(f"{self.id}: sparsities within {share:.2g} pt after recovery: "
+                          f"{_shown(chosen) or 'none (no level recovered within the budget)'}")
+        return model, masks, record
 
     # --- channels mode -----------------------------------------------------------------------
 
@@ -250,6 +281,10 @@ class PruneStage(Stage):
         y = torch.from_numpy(objective.train_targets(data)[idx])
         size = self.config.retrain.batch_size
         accumulate_gradients(model, [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)], objective.loss)
+
+
+def _shown(sparsity: dict[str, float]) -> str:
+    return ", ".join(f"{name or 'model'} {value:.0%}" for name, value in sparsity.items())
 
 
 def _at(final: float, fraction: float, cfg: PruneConfig) -> float:
