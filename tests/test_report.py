@@ -285,11 +285,12 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     assert found.group(1).split() == ["ok"] * len(IMAGES)
 
     shot = tmp_path / "page.png"
-    proc = _run_chromium(exe, tmp_path / "p3", f"--screenshot={shot}", "--window-size=1280,2000", url)
+    # tall enough for the first plots below the summary tables (the stages, budgets and accuracy budget)
+    proc = _run_chromium(exe, tmp_path / "p3", f"--screenshot={shot}", "--window-size=1280,5000", url)
     assert shot.is_file(), proc.stderr[-2000:]
     pixels = _check_png(shot.read_bytes())
-    assert pixels.shape[:2] == (2000, 1280)
+    assert pixels.shape[:2] == (5000, 1280)
     rgb = pixels[..., :3]
     assert (rgb.std(axis=(0, 1)) > 0.02).any(), "screenshot is blank"
     coloured = (np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max(axis=2) > 0.1).mean()
-    assert coloured > 0.005, "no coloured plot pixels in the first screen"
+    assert coloured > 0.005, "no coloured plot pixels in the first 5000 pixels of the page"
