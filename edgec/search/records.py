@@ -54,6 +54,7 @@ class Metrics(_Strict):
     p95_ms: Positive
     val_samples: Count
     test_samples: Count | None
+    within_accuracy_budget: bool | None = None  # the build's accuracy_budget.met (None: not measured)
 
 
 class Latency(_Strict):
