@@ -59,7 +59,7 @@ MAX_RATIO = {"packnet": 1.2, "piggyback": 1.05 + 0.04 * (TASKS - 1)}
 # 0.01) rightly refuses to ship them. To measure those baselines on a bundle all the same, the builds
 # use the rpi profile with this gate; each method's row says whether every task also passes the
 # default gate ("default_gate").
-GATE = {"min_agreement": 0.9, "max_accuracy_drop": 0.05}
+GATE = {"min_agreement": 0.9, "max_export_drop": 0.05}
 
 # Permuted-MNIST needs the width: every task needs its own first-layer weights for its own pixel
 # order (PackNet: 5 tasks share one 784-256 layer; at 784-100-100 its last task reached 0.93).
