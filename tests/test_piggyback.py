@@ -234,16 +234,15 @@ def test_bitmask_payload_round_trips_and_refuses_hostile_entries():
     payload = pb.encode_masked_models(base.tobytes(), "model.tflite", files)
     assert decode_task_models(payload, base.tobytes()) == files
     assert len(payload) < 4000  # three 4,000-byte files
-    import json as _json
     import lzma
     import struct
 
     from edgec.ondevice import tasks as fmt
 
     _, zlen, hlen = struct.unpack_from("<8sII", payload)
-    header = _json.loads(lzma.decompress(payload[16:16 + zlen], format=lzma.FORMAT_RAW, filters=fmt.header_filters()))
+    header = json.loads(lzma.decompress(payload[16:16 + zlen], format=lzma.FORMAT_RAW, filters=fmt.header_filters()))
     header["files"][0]["index"] = 7  # out of range
-    head = _json.dumps(header).encode()
+    head = json.dumps(header).encode()
     zhead = lzma.compress(head, format=lzma.FORMAT_RAW, filters=fmt.header_filters())
     hostile = struct.pack("<8sII", fmt.TASKS_MAGIC, len(zhead), len(head)) + zhead + payload[16 + zlen:]
     with pytest.raises(TransportError, match="bitmask file entry is malformed"):
