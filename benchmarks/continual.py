@@ -11,8 +11,10 @@ with ``[[tasks]]`` and ``[[stages]] kind = "learn"`` tables does:
 * Split-MNIST, task-incremental (Zenke et al. 2017; van de Ven & Tolias 2019): task k is the digits
   2k and 2k+1, a two-class head per task; the task is known at inference (``predict --task``).
 
-Methods: finetune (the lower bound: plain training on each new task), ewc, lwf, packnet and joint
-(every task's data at once: the upper bound, cumulative). Reported per method:
+Methods: finetune (the lower bound: plain training on each new task), ewc, lwf, packnet, piggyback
+(a ``train`` stage on task 1's data makes the backbone, frozen from then on; every task, task 1
+included, learns a binary mask over it and a head) and joint (every task's data at once: the upper
+bound, cumulative). Reported per method:
 
 * ``avg_accuracy``: mean over the tasks of the test accuracy after the last task, measured on the
   exported rpi int8 bundle in its runtime (the manifest's per-task accuracy: the whole 10,000-image
@@ -20,13 +22,15 @@ Methods: finetune (the lower bound: plain training on each new task), ewc, lwf, 
 * ``forgetting``: mean over the first four tasks of (best accuracy over the rows of the forgetting
   matrix, the torch model after each task and the bundle) minus the bundle's final accuracy;
 * ``transport_bytes``: what a device downloads for every task (PackNet: the last task's model
-  payload plus ``model.tasks.edgt``); ``single_task_bytes`` is a bundle of the same network with one
+  payload plus ``model.tasks.edgt``; Piggyback: the backbone's payload plus ``model.tasks.edgt``); ``single_task_bytes`` is a bundle of the same network with one
   ten-class head trained on task 1 (train + export), so PackNet's ratio compares like with like;
 * ``matrix``: accuracy of every task after every task (rows: after task k).
 
 Targets: Permuted-MNIST EWC >= 0.90 (Avalanche's reproduction 0.83, the paper 0.94), PackNet >= 0.97
-with transport <= 1.2x a single-task bundle; Split-MNIST LwF >= 0.97. Torch uses one thread
-(--threads); the whole run is sized for 40 minutes on 2 busy cores.
+with transport <= 1.2x a single-task bundle, Piggyback >= 0.97 with transport <= (1.05 + 0.04 per
+added task)x a single-task bundle; Split-MNIST LwF >= 0.97. Torch uses one thread (--threads); the
+whole run is sized for 40 minutes on 2 busy cores (``--scenarios permuted_mnist --methods packnet
+piggyback``: about 10).
 """
 
 from __future__ import annotations
@@ -45,16 +49,17 @@ from edgec.ondevice.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = 5
-METHODS = ["finetune", "ewc", "lwf", "packnet", "joint"]
-TARGETS = {"permuted_mnist": {"ewc": 0.90, "packnet": 0.97}, "split_mnist": {"lwf": 0.97}}
-PACKNET_MAX_RATIO = 1.2
+METHODS = ["finetune", "ewc", "lwf", "packnet", "piggyback", "joint"]
+TARGETS = {"permuted_mnist": {"ewc": 0.90, "packnet": 0.97, "piggyback": 0.97}, "split_mnist": {"lwf": 0.97}}
+# transport of all tasks / a single-task bundle's
+MAX_RATIO = {"packnet": 1.2, "piggyback": 1.05 + 0.04 * (TASKS - 1)}
 # The export gate for these builds. Methods that forget leave old heads whose logits are near ties
 # (finetune, and LwF on Permuted-MNIST, whose new inputs tell the old heads nothing): int8 flips
 # more than 1% of their top-1 answers and the rpi target's default gate (agreement >= 0.99, drop <=
 # 0.01) rightly refuses to ship them. To measure those baselines on a bundle all the same, the builds
 # use the rpi profile with this gate; each method's row says whether every task also passes the
 # default gate ("default_gate").
-GATE = {"min_agreement": 0.9, "max_accuracy_drop": 0.05}
+GATE = {"min_agreement": 0.9, "max_export_drop": 0.05}
 
 # Permuted-MNIST needs the width: every task needs its own first-layer weights for its own pixel
 # order (PackNet: 5 tasks share one 784-256 layer; at 784-100-100 its last task reached 0.93).
@@ -66,6 +71,9 @@ TRAIN = {"epochs": 4, "batch_size": 64, "lr": 2e-3, "patience": 4}
 # work around the frozen weights of every earlier task); the rest, 30%, stays free (zeros), room for
 # later tasks. Task k prunes 1 - share_k / (free share before it) of the weights it trained.
 PACKNET_SHARES = [0.10, 0.12, 0.14, 0.16, 0.18]
+# Piggyback: Adam learning rate of the mask scores (the head trains at TRAIN's lr); chosen on the
+# accuracy of task 2 in a two-task probe, 1e-3 against the paper's 1e-4 (see BENCHMARKS.md)
+PIGGYBACK_MASK_LR = 1e-3
 
 
 def packnet_keys(k: int, n: int) -> dict:
@@ -78,8 +86,15 @@ METHOD_KEYS = {
     "ewc": {"ewc_lambda": 300.0, "fisher_samples": 1024},
     "lwf": {"lambda_old": 1.0, "temperature": 2.0},
     "packnet": packnet_keys,
+    "piggyback": {"mask_lr": PIGGYBACK_MASK_LR},
     "joint": {"old_samples": 10000},  # each old task's data capped at 10,000 training samples (time)
 }
+
+
+def backbone_stage(first_task: str, quick: bool) -> dict:
+    """Piggyback's backbone: plain training on task 1's data before the learn stages freeze it."""
+    train = dict(TRAIN, epochs=1, patience=1) if quick else dict(TRAIN)
+    return {"kind": "train", "id": "backbone", "data": first_task, **train}
 
 
 def scenario_data(name: str, mnist: str) -> dict[str, dict]:
@@ -90,7 +105,7 @@ def scenario_data(name: str, mnist: str) -> dict[str, dict]:
 
 def build_config(scenario: str, method: str, mnist: str, quick: bool) -> dict:
     named = scenario_data(scenario, mnist)
-    stages = []
+    stages = [backbone_stage(next(iter(named)), quick)] if method == "piggyback" else []
     for k, task in enumerate(named):
         keys = METHOD_KEYS[method]
         keys = {**TRAIN, **(keys(k, TASKS) if callable(keys) else keys)}
@@ -216,7 +231,7 @@ def main() -> None:
         if "permuted_mnist" in args.scenarios:
             jobs.append(("permuted_mnist", "single", single_task_config(mnist, args.quick)))
         for scenario in args.scenarios:
-            for method in sorted(args.methods, key=lambda m: ["joint", "packnet", "lwf", "ewc", "finetune"].index(m)):
+            for method in sorted(args.methods, key=lambda m: ["joint", "piggyback", "packnet", "lwf", "ewc", "finetune"].index(m)):
                 jobs.append((scenario, method, build_config(scenario, method, mnist, args.quick)))
         done = {}
         ctx = multiprocessing.get_context("spawn")
@@ -249,9 +264,10 @@ def main() -> None:
                 entry.update(single_task_bytes=single["transport_bytes"], single_task_accuracy=single["accuracy"],
                              single_task_model_bytes=single["model_bytes"])
             entry["methods"] = {m: done[(scenario, m)] for m in METHODS if (scenario, m) in done}
-            pk = entry["methods"].get("packnet")
-            if pk and "single_task_bytes" in entry:
-                pk["transport_ratio"] = pk["transport_bytes"] / entry["single_task_bytes"]
+            for method in MAX_RATIO:
+                row = entry["methods"].get(method)
+                if row and "single_task_bytes" in entry:
+                    row["transport_ratio"] = row["transport_bytes"] / entry["single_task_bytes"]
             results[scenario] = entry
     seconds = time.perf_counter() - start
 
@@ -262,10 +278,11 @@ def main() -> None:
             if row is not None:
                 checks.append((f"{scenario} {method} avg_accuracy >= {want}", row["avg_accuracy"] >= want,
                                f"{row['avg_accuracy']:.4f}"))
-    pk = results.get("permuted_mnist", {}).get("methods", {}).get("packnet")
-    if pk and "transport_ratio" in pk:
-        checks.append((f"permuted_mnist packnet transport <= {PACKNET_MAX_RATIO}x single-task bundle",
-                       pk["transport_ratio"] <= PACKNET_MAX_RATIO, f"{pk['transport_ratio']:.3f}x"))
+    for method, most in MAX_RATIO.items():
+        row = results.get("permuted_mnist", {}).get("methods", {}).get(method)
+        if row and "transport_ratio" in row:
+            checks.append((f"permuted_mnist {method} transport <= {most:.2f}x single-task bundle",
+                           row["transport_ratio"] <= most, f"{row['transport_ratio']:.3f}x"))
     for scenario, entry in results.items():
         print()
         title = {"permuted_mnist": "Permuted-MNIST", "split_mnist": "Split-MNIST (task-incremental)"}[scenario]

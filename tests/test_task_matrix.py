@@ -21,11 +21,12 @@ FIGURE = {"regression": "r2", "reconstruction": "auc"}
 HIDDEN = {"regression": "hidden.0", "reconstruction": "encoder.0"}  # a hidden Linear of each model
 TRAIN = {"kind": "train", "epochs": 1, "lr": 3e-3}
 
-LEARN_METHODS = ("finetune", "features", "joint", "lwf", "ewc", "packnet")
+LEARN_METHODS = ("finetune", "features", "joint", "lwf", "ewc", "packnet", "piggyback")
 # (stage, method, task) -> what must happen: "builds", or the words the one-line refusal must hold
 MATRIX = {
-    **{("learn", m, "regression"): "builds" for m in LEARN_METHODS if m != "joint"},
+    **{("learn", m, "regression"): "builds" for m in LEARN_METHODS if m not in ("joint", "piggyback")},
     ("learn", "joint", "regression"): 'method = "joint"',
+    ("learn", "piggyback", "regression"): 'method = "piggyback"',
     **{("learn", m, "reconstruction"): f'method = "{m}" cannot learn task = "reconstruction"' for m in LEARN_METHODS},
     **{("grow", op, task): "builds" for op in ("wider", "deeper") for task in BASES},
     **{("grow", "classes", task): f"classes = N adds classes to a classifier; this build's task is '{task}'"

@@ -24,6 +24,12 @@ byte, listed in order of decreasing ``|int8 value|`` of the base byte (stable), 
 hands out weights. A ``masked`` file of level L is ``(base where level <= L, else 0) + residual``
 byte-wise modulo 256, its residual the L-th base-sized slice of ``residuals``; a ``full`` file is its
 ``data`` section.
+
+Piggyback ships the unmasked backbone as ``model_file`` (its test vectors are the backbone's) and
+every task's file as ``{..., "mode": "bitmask", "index": i}``: the header's ``bits`` section holds,
+per file, ``ceil(P / 8)`` bytes (``np.packbits``, P = bytes inside ``regions``) saying which bytes
+of the base the file keeps (the others are 0), and ``bit_residuals`` one base-sized residual per
+file added byte-wise modulo 256.
 """
 
 import hashlib
@@ -330,7 +336,7 @@ def decode_task_models(payload, base, sizes=None):
     if b.get("bytes") != len(base) or b.get("sha256") != hashlib.sha256(base).hexdigest():
         raise TransportError("the tasks payload was made for another %s" % b.get("file"))
     base_arr = np.frombuffer(base, dtype=np.uint8)
-    levels = residuals = None
+    levels = residuals = bitmasks = None
     out = {}
     for f in header["files"]:
         if f.get("mode") == "full":
@@ -352,12 +358,41 @@ def decode_task_models(payload, base, sizes=None):
                 raise TransportError("the residuals are too short")
             masked = np.where(levels <= level, base_arr, 0).astype(np.uint8)
             body = (masked + residuals[(level - 1) * len(base):level * len(base)]).astype(np.uint8).tobytes()
+        elif f.get("mode") == "bitmask":
+            if bitmasks is None:
+                bitmasks = _BitmaskSections(header, payload, start, base_arr)
+            body = bitmasks.file(f)
         else:
             raise TransportError("a file entry has an unknown mode")
         if len(body) != f["bytes"] or hashlib.sha256(body).hexdigest() != f.get("sha256"):
             raise TransportError("%s does not decode to its recorded sha256" % f["file"])
         out[f["file"]] = body
     return out
+
+
+class _BitmaskSections(object):
+    """The ``bits`` and ``bit_residuals`` sections of a payload (Piggyback: one bit per byte of the
+    base inside ``regions``, per file), decoded once for every ``bitmask`` file."""
+
+    def __init__(self, header, payload, start, base_arr):
+        n = sum(1 for e in header["files"] if isinstance(e, dict) and e.get("mode") == "bitmask")
+        self.positions = region_positions(header.get("regions"), len(base_arr))
+        self.stride = (len(self.positions) + 7) // 8
+        self.bits = _section(payload, start, header.get("bits"), n * self.stride)
+        self.residuals = _section(payload, start, header.get("bit_residuals"), n * len(base_arr))
+        self.count, self.base = n, base_arr
+        if len(self.bits) != n * self.stride or len(self.residuals) != n * len(base_arr):
+            raise TransportError("the bit masks or their residuals have the wrong length")
+
+    def file(self, entry):
+        i, size = entry.get("index"), len(self.base)
+        if entry["bytes"] != size or not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.count:
+            raise TransportError("a bitmask file entry is malformed")
+        packed = np.frombuffer(self.bits[i * self.stride:(i + 1) * self.stride], dtype=np.uint8)
+        keep = np.ones(size, dtype=bool)
+        keep[self.positions] = np.unpackbits(packed, count=len(self.positions)).astype(bool)
+        residual = np.frombuffer(self.residuals[i * size:(i + 1) * size], dtype=np.uint8)
+        return (np.where(keep, self.base, 0).astype(np.uint8) + residual).astype(np.uint8).tobytes()
 
 
 def check_tasks_transport(bundle):

@@ -9,6 +9,11 @@
   in order of the weight's magnitude) plus a residual for the bytes masking does not explain
   (biases, activation scales). A device downloads both, ``edgec_ondevice.tasks`` rebuilds every
   file byte for byte, and N tasks ship in about one model's bytes.
+* Piggyback: a model file per task (the frozen backbone masked by the task's mask), and
+  ``model.<ext>`` is the unmasked backbone (with every head), which no task runs: it is the base
+  that ``model.tasks.edgt`` rebuilds every task's file from, with one bit per weight byte per task
+  (kept or zero; every task keeps each channel's largest weight, so the int8 scales are the
+  backbone's) plus the residual for biases and activation scales.
 
 Every task is evaluated on its own test split in the real runtime beside the torch reference (its
 own columns, its own model) and the refuse-to-ship gate applies to each task. Calibration samples
@@ -29,10 +34,11 @@ from edgec.errors import ConfigError, RunError
 from edgec.targets.onnx_export import export_onnx
 
 from ..algorithms.continual import encode_task_models
+from ..algorithms.piggyback import encode_masked_models
 from ..algorithms.transport_codec import encode_transport
 from ..manifest import create_manifest, write_manifest
 from ..parity import parity_problems
-from .learn import PACKNET_EXT, TASKS_EXT, task_model
+from .learn import PACKNET_EXT, PIGGYBACK_EXT, TASKS_EXT, task_model
 
 TASKS_TRANSPORT = "model.tasks.edgt"
 
@@ -67,6 +73,12 @@ def is_packnet(extensions) -> bool:
     return bool(pk.get("tasks")) and list(pk["tasks"]) == list(state["order"])
 
 
+def is_piggyback(extensions) -> bool:
+    state = extensions[TASKS_EXT]
+    pg = extensions.get(PIGGYBACK_EXT) or {}
+    return bool(pg.get("tasks")) and list(pg["tasks"]) == list(state["order"])
+
+
 def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice: Path, runner_template: Path,
               runtime_of_format: dict) -> dict[str, Any]:
     cfg, target = stage.config, ctx.target
@@ -74,7 +86,8 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
     order = state["order"]
     datas = task_datasets(state, ctx.datasets, ctx.data)
     first = datas[order[0]]
-    packnet = is_packnet(ckpt.extensions)
+    piggyback = is_piggyback(ckpt.extensions)
+    own_files = is_packnet(ckpt.extensions) or piggyback  # a model file per task
     model = ckpt.build(ctx.trust)
     fmt = target.format
     runtime_name = runtime_of_format[fmt]
@@ -88,17 +101,20 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
     calibration = np.concatenate([calib[t] for t in order])
     example = torch.from_numpy(calibration[:1])
 
-    models = {t: (task_model(model, ckpt.extensions, t) if packnet else model) for t in order}
-    files = {t: (top_file if (not packnet or t == order[-1]) else f"model.{t}.{fmt}") for t in order}
+    models = {t: (task_model(model, ckpt.extensions, t) if own_files else model) for t in order}
+    files = {t: (top_file if (not own_files or (t == order[-1] and not piggyback)) else f"model.{t}.{fmt}")
+             for t in order}
     exported = {}
+    if piggyback:  # the base of the payload: the backbone every mask selects from, calibrated on every task
+        exported[top_file] = stage._convert(model, example, out_dir / top_file, precision, calibration, fmt)
     for t in order:
         if files[t] in exported:
             continue
         exported[files[t]] = stage._convert(models[t], example, out_dir / files[t], precision,
-                                            calib[t] if packnet else calibration, fmt)
+                                            calib[t] if own_files else calibration, fmt)
     extra_files = []
     if target.fp32_fallback and precision != "fp32":
-        export_onnx(models[order[-1]], example, out_dir / "model.fp32.onnx", precision="fp32")
+        export_onnx(model if piggyback else models[order[-1]], example, out_dir / "model.fp32.onnx", precision="fp32")
         extra_files.append("model.fp32.onnx")
 
     from edgec.ondevice.runtimes import open_model
@@ -136,7 +152,7 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
         entry = {"name": t, "labels": list(state["tasks"][t]["labels"]), "columns": [int(a), int(b)],
                  "data": state["tasks"][t]["data"], "method": state["tasks"][t]["method"], "model_file": files[t],
                  "eval_file": eval_file, "metrics": m}
-        if packnet:
+        if own_files:
             # task t's own model: its own test vectors (the top-level ones are the last task's model)
             vec_file = f"test_vectors.{t}.npz"
             np.savez_compressed(out_dir / vec_file, inputs=x_test[vec_idx], expected=outputs_of[t][vec_idx],
@@ -144,11 +160,11 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
             ex = exported[files[t]]
             entry.update(test_vectors_file=vec_file, outputs=ex.outputs, atol=_atol(ex.outputs[0]))
         tasks_meta.append(entry)
-        if not packnet or t == order[-1]:
+        if not own_files or t == order[-1]:
             vec_inputs.append(x_test[vec_idx])
             vec_expected.append(outputs_of[t][vec_idx])
             vec_ref.append(refs_of[t][vec_idx])
-    if packnet:  # the top-level model (the last task's) on inputs of every task
+    if own_files:  # the top-level model (the last task's; Piggyback's backbone) on inputs of every task
         top = exported[top_file]
         runner = open_model(str(out_dir / top_file), runtime_name, io_meta={"input": top.inputs[0], "output": top.outputs[0]})
         vec_inputs, vec_expected, vec_ref = [], [], []
@@ -159,7 +175,7 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
             vec_inputs.append(x)
             vec_expected.append(runner.run_model_input(x))
             with torch.no_grad():
-                vec_ref.append(models[order[-1]](torch.from_numpy(x)).numpy())
+                vec_ref.append((model if piggyback else models[order[-1]])(torch.from_numpy(x)).numpy())
         runner.close()
     np.savez_compressed(out_dir / "test_vectors.npz", inputs=np.concatenate(vec_inputs),
                         expected=np.concatenate(vec_expected), reference=np.concatenate(vec_ref))
@@ -180,9 +196,10 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
         "transport_file": transport.name,
     }
     tasks_transport = None
-    if packnet and len(order) > 1:
-        others = {files[t]: (out_dir / files[t]).read_bytes() for t in order[:-1]}
-        payload = encode_task_models(top_bytes, top_file, others)
+    if piggyback or (own_files and len(order) > 1):
+        others = {files[t]: (out_dir / files[t]).read_bytes() for t in (order if piggyback else order[:-1])}
+        encode = encode_masked_models if piggyback else encode_task_models
+        payload = encode(top_bytes, top_file, others)
         (out_dir / TASKS_TRANSPORT).write_bytes(payload)
         tasks_transport = {"file": TASKS_TRANSPORT, "bytes": len(payload), "base_file": top_file,
                            "model_files": list(others),
@@ -204,7 +221,7 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
     manifest = create_manifest(
         target=target, runtime_name=runtime_name, precision=precision, model_file=top_file, extra_files=extra_files,
         exported=exported[top_file], data=first, metrics=aggregate, size=size,
-        tasks={"tasks": tasks_meta, "shared_model": not packnet, "transport": tasks_transport})
+        tasks={"tasks": tasks_meta, "shared_model": not own_files, "transport": tasks_transport})
     manifest["labels"] = column_labels
     write_manifest(out_dir, manifest)
     info = {

@@ -14,21 +14,22 @@
     [[stages]]
     kind = "learn"
     task = "high"
-    method = "lwf"          # finetune | features | joint | lwf | ewc | packnet
+    method = "lwf"          # finetune | features | joint | lwf | ewc | packnet | piggyback
 
 Each task gets its own output head: the first learn stage replaces the model's output layer by
 ``ConcatHeads({task: head})`` (``edgec.modules``), later ones append a head, so one invoke computes
 every task and each task owns a range of output columns. The per-task state (columns, labels, data
-set, method; EWC Fishers and anchors; PackNet weight owners) lives in the checkpoint's
-``extensions`` (namespaces ``tasks``, ``ewc``, ``packnet``); the export stage reads it to evaluate
+set, method; EWC Fishers and anchors; PackNet weight owners; Piggyback masks) lives in the checkpoint's
+``extensions`` (namespaces ``tasks``, ``ewc``, ``packnet``, ``piggyback``); the export stage reads it to evaluate
 and gate every task and to write the manifest's ``tasks`` section. Algorithms:
-``algorithms/continual.py``. After training, every task learned so far is evaluated on its test
-split (one row of the forgetting matrix: ``info.task_accuracy``; regression: ``info.task_r2``).
+``algorithms/continual.py``, ``algorithms/piggyback.py``. After training, every task learned so far is
+evaluated on its test split (one row of the forgetting matrix: ``info.task_accuracy``; regression:
+``info.task_r2``).
 
 Tasks (``pipeline/objectives.py``): classification and regression (each head outputs its task's
 targets; the losses are the objective's: MSE on standardized targets, LwF keeps the old heads'
-outputs by MSE instead of a softened KL, the EWC Fisher is the Gaussian one). ``joint`` is for
-classification only, and reconstruction is refused: see :func:`refusal`.
+outputs by MSE instead of a softened KL, the EWC Fisher is the Gaussian one). ``joint`` and
+``piggyback`` are for classification only, and reconstruction is refused: see :func:`refusal`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from edgec.data import Dataset
 from edgec.errors import ConfigError
 
 from ..algorithms import continual as cl
+from ..algorithms import piggyback as pb
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..modelinfo import model_info
 from ..objectives import objective_for
@@ -56,7 +58,7 @@ from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import OptimConfig, accuracy, fit, resolve_device, seed_everything
 
 MAIN = "main"
-METHODS = ("finetune", "features", "joint", "lwf", "ewc", "packnet")
+METHODS = ("finetune", "features", "joint", "lwf", "ewc", "packnet", "piggyback")
 NEEDS_OLD_DATA = ("joint",)
 # keys that only one method reads: setting one with another method is an error, not a silent no-op
 METHOD_KEYS = {
@@ -65,8 +67,11 @@ METHOD_KEYS = {
     "ewc_lambda": "ewc", "ewc_mode": "ewc", "ewc_decay": "ewc", "fisher_samples": "ewc",
     "prune": "packnet", "retrain_epochs": "packnet",
     "old_samples": "joint",
+    "mask_init": "piggyback", "mask_threshold": "piggyback", "mask_lr": "piggyback",
 }
-TASKS_EXT, EWC_EXT, PACKNET_EXT = "tasks", "ewc", "packnet"
+TASKS_EXT, EWC_EXT, PACKNET_EXT, PIGGYBACK_EXT = "tasks", "ewc", "packnet", "piggyback"
+# methods that keep every earlier task exactly: each later task must use the same method
+EXCLUSIVE = {"packnet": PACKNET_EXT, "piggyback": PIGGYBACK_EXT}
 EXT_VERSION = 1
 
 
@@ -79,13 +84,16 @@ def refusal(method: str, task: str) -> str | None:
     if task == "regression" and method == "joint":
         return ("learn: method = \"joint\" trains every task's samples through one label space, which task = "
                 "\"regression\" does not have; use finetune, features, lwf, ewc or packnet")
+    if task == "regression" and method == "piggyback":
+        return ("learn: method = \"piggyback\" is implemented for classification tasks only; for task = "
+                "\"regression\" use packnet (also no forgetting) or finetune, features, lwf, ewc")
     return None
 
 
 class LearnConfig(StageConfig, OptimConfig):
     task: str | None = Field(None, description="the task this stage learns (a [[tasks]] name); required")
-    method: Literal["finetune", "features", "joint", "lwf", "ewc", "packnet"] = Field(
-        "finetune", description="finetune | features | joint | lwf | ewc | packnet (see the README)")
+    method: Literal["finetune", "features", "joint", "lwf", "ewc", "packnet", "piggyback"] = Field(
+        "finetune", description="finetune | features | joint | lwf | ewc | packnet | piggyback (see the README)")
     epochs: int = Field(10, ge=0, description="0 with head = \"keep\": adopt the output layer as this task's head untrained")
     patience: int = Field(10, ge=1)
     head: Literal["new", "keep"] = Field(
@@ -106,6 +114,10 @@ class LearnConfig(StageConfig, OptimConfig):
     # packnet
     prune: float = Field(0.5, ge=0, lt=1, description="packnet: fraction of this task's weights freed for later tasks")
     retrain_epochs: int = Field(2, ge=0, description="packnet: epochs retraining the kept weights after pruning")
+    # piggyback
+    mask_init: float = Field(1e-2, description="piggyback: initial mask score of every weight (Mallya et al.: 1e-2)")
+    mask_threshold: float = Field(5e-3, description="piggyback: a weight is kept while its score is above this (5e-3)")
+    mask_lr: float = Field(1e-4, gt=0, description="piggyback: Adam learning rate of the mask scores (the head uses lr)")
     # joint
     old_samples: int | None = Field(None, ge=1, description="joint: at most this many training samples per old task")
 
@@ -193,10 +205,11 @@ class LearnStage(Stage):
         state = self._place_head(model, state, data, data_name, probe.sample(), seed=0)
         extensions = dict(probe.extensions)
         extensions[TASKS_EXT] = state
-        if cfg.method == "packnet":
-            marker = dict(extensions.get(PACKNET_EXT) or {"tasks": []})
+        if cfg.method in EXCLUSIVE:
+            ext = EXCLUSIVE[cfg.method]
+            marker = dict(extensions.get(ext) or {"tasks": []})
             marker["tasks"] = list(marker.get("tasks", [])) + [cfg.task]
-            extensions[PACKNET_EXT] = marker
+            extensions[ext] = marker
         if cfg.method == "ewc":
             extensions[EWC_EXT] = {"mode": cfg.ewc_mode, "planned": True}
         arch = Checkpoint(probe.arch, model.state_dict()).with_model(model, probe.trust).arch
@@ -219,18 +232,7 @@ class LearnStage(Stage):
                 raise ConfigError(f"head = \"keep\" adopts the output layer for a new task; task {cfg.task!r} already has a head")
         elif cfg.head == "keep" and tasks:
             raise ConfigError("head = \"keep\" applies to the first learn stage only (the model already has task heads)")
-        packnet_tasks = list((extensions.get(PACKNET_EXT) or {}).get("tasks", []))
-        if cfg.method == "packnet":
-            others = [t for t in state["order"] if t not in packnet_tasks]
-            if others:
-                raise ConfigError(f"packnet divides the weights between the tasks it learns; task {others[0]!r} was "
-                                  f"learned with {tasks[others[0]]['method']}, so its weights are not protected. Learn "
-                                  "every task with packnet")
-            if cfg.task in packnet_tasks:
-                raise ConfigError(f"task {cfg.task!r} already owns packnet weights; packnet learns each task once")
-        elif packnet_tasks:
-            raise ConfigError(f"tasks {', '.join(packnet_tasks)} were learned with packnet; method {cfg.method!r} would "
-                              "overwrite their frozen weights. Use method = \"packnet\" for later tasks too")
+        self._check_exclusive(state, extensions)
         ewc = extensions.get(EWC_EXT)
         if cfg.method == "ewc" and ewc and ewc.get("mode") != cfg.ewc_mode:
             raise ConfigError(f"earlier ewc stages used ewc_mode = {ewc.get('mode')!r}; keep one mode per model")
@@ -249,6 +251,25 @@ class LearnStage(Stage):
             if old.input_shape != data.input_shape:
                 raise ConfigError(f"task {name!r} has inputs {list(old.input_shape)}, task {cfg.task!r} "
                                   f"{list(data.input_shape)}; one model needs one input shape")
+
+    def _check_exclusive(self, state, extensions) -> None:
+        """PackNet and Piggyback keep every earlier task exactly, but only tasks learned their way."""
+        cfg, tasks = self.config, state["tasks"]
+        for method, ext in EXCLUSIVE.items():
+            owned = list((extensions.get(ext) or {}).get("tasks", []))
+            if cfg.method == method:
+                others = [t for t in state["order"] if t not in owned]
+                if others:
+                    why = ("divides the weights between the tasks it learns" if method == "packnet" else
+                           "freezes the backbone that every task's mask selects from")
+                    raise ConfigError(f"{method} {why}; task {others[0]!r} was learned with "
+                                      f"{tasks[others[0]]['method']}, so it is not protected. Learn every task with "
+                                      f"{method}")
+                if cfg.task in owned:
+                    raise ConfigError(f"task {cfg.task!r} was already learned with {method}, which learns each task once")
+            elif owned:
+                raise ConfigError(f"tasks {', '.join(owned)} were learned with {method}; method {cfg.method!r} would "
+                                  f"overwrite their frozen weights. Use method = \"{method}\" for later tasks too")
 
     def _place_head(self, model: nn.Module, state: dict, data: Dataset, data_name: str, example: torch.Tensor,
                     seed: int) -> dict:
@@ -335,6 +356,8 @@ class LearnStage(Stage):
             result = self._ewc(model, data, ctx, cols, backbone, new_head, state, extensions)
         elif cfg.method == "joint":
             result = self._joint(model, data, ctx, state, extensions, backbone, heads_path)
+        elif cfg.method == "piggyback":
+            result, extra = self._piggyback(model, data, ctx, cols, heads_path, new_head, extensions)
         else:
             result, extra = self._packnet(model, data, ctx, cols, backbone, new_head, heads_path, state, extensions)
         if cfg.method == "ewc":
@@ -350,7 +373,7 @@ class LearnStage(Stage):
         out.save(out_dir / CHECKPOINT_FILE)
         info.update({"task": cfg.task, "method": cfg.method, f"task_{figure}": row, "tasks": list(state["order"]),
                      "columns": {t: state["tasks"][t]["columns"] for t in state["order"]}, **extra})
-        if cfg.method == "packnet":
+        if cfg.method in EXCLUSIVE:
             info[figure] = row.get(cfg.task, info[figure])  # task k's own (masked) model
         info.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch)
         return info
@@ -504,12 +527,37 @@ class LearnStage(Stage):
         return result, {"packnet": {"task_id": task_id, "owned": dict(zip(pk["tasks"], shares[:-1])), "free": shares[-1]}}
 
 
+    def _piggyback(self, model, data, ctx, cols, heads_path, new_head, extensions):
+        """Mask scores over the frozen backbone (Adam at mask_lr) and the new head (at lr)."""
+        cfg = self.config
+        names = cl.prunable_weights(model, heads_path)
+        view = pb.MaskedTaskView(model, cols, names, cfg.mask_init, cfg.mask_threshold, cl.norm_modules(model))
+        scores = list(view.scores)
+        scale = cl.UpdateScale(scores, cfg.mask_lr / cfg.lr)
+
+        def loss_fn(logits, x, y):
+            scale.before()
+            return F.cross_entropy(logits, y)
+
+        result = self._fit(view, data, ctx, scores + new_head, loss_fn=loss_fn, after_step=scale.after)
+        masks = view.masks()
+        pg = extensions.get(PIGGYBACK_EXT) or {}
+        packed = {n: pb.pack_mask(m) for n, m in masks.items()}
+        pg = {"tasks": list(pg.get("tasks", [])) + [cfg.task], "masks": {**dict(pg.get("masks") or {}), cfg.task: packed}}
+        extensions[PIGGYBACK_EXT] = pg
+        kept = sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
+        return result, {"piggyback": {"kept": kept, "masked_weights": int(sum(m.numel() for m in masks.values()))}}
+
+
 # --- evaluation -----------------------------------------------------------------------------------------
 
 
 def task_model(model: nn.Module, extensions, task: str) -> nn.Module:
     """The model task ``task`` runs: the model itself, or for PackNet a copy with the weights of
-    later tasks removed."""
+    later tasks removed, for Piggyback a copy with the backbone masked by the task's mask."""
+    pg = extensions.get(PIGGYBACK_EXT)
+    if pg and task in (pg.get("masks") or {}):
+        return pb.apply_masks(copy.deepcopy(model), pg["masks"][task])
     pk = extensions.get(PACKNET_EXT)
     if not pk or task not in pk.get("tasks", []) or "owner" not in pk:
         return model

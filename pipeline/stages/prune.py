@@ -39,7 +39,7 @@ from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import OptimConfig, fit, resolve_device
 
 # Checkpoint state kept per weight by the learn stage: channel pruning would leave it the old shapes.
-_PER_WEIGHT_EXTENSIONS = ("ewc", "packnet")
+_PER_WEIGHT_EXTENSIONS = ("ewc", "packnet", "piggyback")
 
 
 class PruneConfig(StageConfig):

@@ -1,0 +1,164 @@
+"""Piggyback (Mallya, Davis & Lazebnik, ECCV 2018): new tasks on a frozen backbone by learning masks.
+
+Each task learns a real-valued score per backbone weight (Linear and Conv weights outside the task
+heads), initialised to ``init`` (paper: 1e-2); the forward pass uses ``W * (score > threshold)``
+(paper: 5e-3) and the backward pass treats the threshold as the identity (straight-through
+estimator), so ``dL/dscore = dL/d(W * m) * W``. The backbone (weights, biases, BatchNorm) never
+changes, so no earlier task can be forgotten; each task also trains its own head. What a task keeps
+is one bit per weight (``np.packbits``).
+
+Difference from the paper: the weight of largest |w| in each output channel is always kept, so every
+task's int8 model has the backbone's per-channel (and per-tensor) weight scales and its weight bytes
+are the backbone's bytes or zero; that is what lets the bundle ship the backbone once plus one bit
+per weight per task (``encode_masked_models``; decoder: ``edgec.ondevice.tasks``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+def scale_keepers(weight: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the weight of largest |w| in each output channel (row 0 of ``weight``)."""
+    flat = weight.detach().abs().reshape(weight.shape[0], -1)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.arange(flat.shape[0]), flat.argmax(dim=1)] = True
+    return keep.view_as(weight)
+
+
+def binary_mask(scores: torch.Tensor, threshold: float, keep: torch.Tensor) -> torch.Tensor:
+    """``(scores > threshold) | keep`` as 0/1 in the forward pass, the identity in the backward pass."""
+    hard = ((scores > threshold) | keep).to(scores.dtype)
+    return hard + scores - scores.detach()
+
+
+class MaskedTaskView(nn.Module):
+    """The model with the named backbone weights masked by this task's learned scores, seen through
+    the task's output columns. The scores are this module's parameters (so the training loop's
+    best-epoch snapshot keeps them); the model's own weights are never written. Modules in
+    ``frozen_norms`` stay in eval mode (the frozen backbone's BatchNorm statistics must not move)."""
+
+    def __init__(self, model: nn.Module, columns: tuple[int, int], names: list[str], init: float, threshold: float,
+                 frozen_norms=()):
+        super().__init__()
+        params = dict(model.named_parameters())
+        self.model = model
+        self.columns = columns
+        self.names = list(names)
+        self.threshold = threshold
+        self.scores = nn.ParameterList([nn.Parameter(torch.full_like(params[n].detach(), init)) for n in self.names])
+        self._weights = [params[n] for n in self.names]
+        self._keep = [scale_keepers(params[n]) for n in self.names]
+        self._frozen = list(frozen_norms)
+
+    def forward(self, x):
+        for m in self._frozen:
+            m.eval()
+        masked = {n: w.detach() * binary_mask(s, self.threshold, k)
+                  for n, w, s, k in zip(self.names, self._weights, self.scores, self._keep)}
+        out = functional_call(self.model, masked, (x,), strict=False)
+        return out[:, self.columns[0]:self.columns[1]]
+
+    @torch.no_grad()
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The learned binary masks (bool tensors)."""
+        return {n: (s > self.threshold) | k for n, s, k in zip(self.names, self.scores, self._keep)}
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """One bit per weight (uint8, ``np.packbits`` order of the flattened mask)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().astype(bool).reshape(-1)))
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    n = int(np.prod(shape))
+    bits = np.unpackbits(packed.numpy().astype(np.uint8), count=n)
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, packed: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``model`` (in place) with each named weight multiplied by its packed binary mask."""
+    params = dict(model.named_parameters())
+    for n, bits in packed.items():
+        params[n].mul_(unpack_mask(bits, params[n].shape).to(params[n].dtype))
+    return model
+
+
+def mask_density(packed: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size]) -> float:
+    """Share of the masked weights a task keeps."""
+    kept = sum(int(unpack_mask(b, shapes[n]).sum()) for n, b in packed.items())
+    return kept / max(1, sum(int(np.prod(shapes[n])) for n in packed))
+
+
+# --- transport: the task models as the backbone file + one bit per weight byte ------------------------
+
+
+def encode_masked_models(base: bytes, base_name: str, files: Mapping[str, bytes]) -> bytes:
+    """The tasks transport payload (format and decoder: ``edgec.ondevice.tasks``) of ``files``, each
+    rebuilt from ``base`` (the unmasked backbone's model file) as ``mode = "bitmask"``: inside the
+    byte ranges where some file zeroes a byte of the base (the masked weight buffers), one bit per
+    byte says whether the file keeps the base's byte; the rest (biases, activation scales that
+    differ between the files) is a byte-wise residual per file, nearly all zeros. The payload is
+    decoded again before it is kept."""
+    import hashlib
+    import json
+    import lzma
+    import struct
+
+    from edgec.errors import ExportError
+    from edgec.ondevice import tasks as fmt
+
+    from .continual import level_regions
+    from .transport_codec import compress_section
+
+    base_arr = np.frombuffer(base, dtype=np.uint8)
+    same = {name: data for name, data in files.items() if len(data) == len(base)}
+    zeroed = np.ones(len(base), dtype=np.uint8)
+    for data in same.values():
+        zeroed[(np.frombuffer(data, dtype=np.uint8) == 0) & (base_arr != 0)] = 2
+    regions = level_regions(zeroed)
+    positions = fmt.region_positions(regions, len(base))
+    sections: list[bytes] = []
+    offset = 0
+
+    def add(raw: bytes) -> list[int]:
+        nonlocal offset
+        z, spec = compress_section(raw)
+        sections.append(z)
+        entry = [offset, *spec]
+        offset += len(z)
+        return entry
+
+    header: dict = {"version": 2, "base": {"file": base_name, "bytes": len(base),
+                                           "sha256": hashlib.sha256(base).hexdigest()}, "files": []}
+    if same:
+        bits, residuals = [], []
+        for data in same.values():
+            arr = np.frombuffer(data, dtype=np.uint8)
+            keep = np.ones(len(base), dtype=bool)
+            keep[positions] = arr[positions] == base_arr[positions]
+            bits.append(np.packbits(keep[positions]).tobytes())
+            residuals.append((arr - np.where(keep, base_arr, 0)).astype(np.uint8).tobytes())
+        header["regions"] = regions
+        header["bits"] = add(b"".join(bits))
+        header["bit_residuals"] = add(b"".join(residuals))
+    index = {name: i for i, name in enumerate(same)}
+    for name, data in files.items():
+        entry = {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if name in index:
+            entry.update(mode="bitmask", index=index[name])
+        else:
+            entry.update(mode="full", data=add(data))
+        header["files"].append(entry)
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    zhead = lzma.compress(head, format=lzma.FORMAT_RAW, filters=fmt.header_filters())
+    payload = struct.pack("<8sII", fmt.TASKS_MAGIC, len(zhead), len(head)) + zhead + b"".join(sections)
+    if fmt.decode_task_models(payload, base) != dict(files):
+        raise ExportError("the tasks transport payload does not decode to the task model files; no bundle written")
+    return payload

@@ -1,0 +1,249 @@
+"""Piggyback (learn.method = "piggyback"): a frozen backbone, a learned binary mask per task.
+
+Tiny data (scikit-learn digits: a backbone trained on all ten digits, then the tasks "a" = digits
+0-4 and "b" = digits 5-9, each a mask plus a head), tiny MLPs, one torch thread, fixed seeds."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from edgec.architecture import ModelTrust
+from edgec.data import load_dataset
+from edgec.data_views import select_classes
+from edgec.errors import ConfigError
+from edgec.ondevice.tasks import decode_task_models
+from edgec.ondevice.transport import TransportError
+from edgec.pipeline.algorithms import continual as cl
+from edgec.pipeline.algorithms import piggyback as pb
+from edgec.pipeline.cache import StageCache
+from edgec.pipeline.runner import check_chain, run_chain
+from edgec.pipeline.source import make_source
+from edgec.pipeline.stage import StageContext
+from edgec.pipeline.stages.learn import LearnConfig, LearnStage, task_model
+from edgec.pipeline.stages.train import TrainConfig, TrainStage
+from support import run_cli
+
+KEYS = {"epochs": 15, "patience": 15, "lr": 3e-3, "mask_lr": 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    digits = load_dataset("digits")
+    return {"main": digits, "a": select_classes(digits, [0, 1, 2, 3, 4], "a"),
+            "b": select_classes(digits, [5, 6, 7, 8, 9], "b")}
+
+
+def context(data):
+    return StageContext(data=data["main"], seed=0, target=None, console=Console(quiet=True), datasets=data,
+                        tasks={"a": "a", "b": "b"})
+
+
+def learn(task, method="piggyback", **keys):
+    return LearnStage(LearnConfig(task=task, method=method, **{**KEYS, **keys}), f"learn-{task}")
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory, data):
+    """backbone (train on all digits) -> piggyback "a" -> piggyback "b"."""
+    torch.set_num_threads(1)
+    cache = StageCache(tmp_path_factory.mktemp("piggyback") / "cache")
+    source = make_source("mlp", {"widths": [32]}, None, data["main"], 0, cache, ModelTrust())
+    stages = [TrainStage(TrainConfig(epochs=15, patience=15, lr=3e-3), "train"), learn("a"), learn("b")]
+    check_chain(stages, source, context(data), data)
+    return run_chain(stages, source, context(data), cache, datasets=data)
+
+
+def test_the_backbone_is_bit_identical_after_every_task(steps):
+    trained = steps[0].artifact.checkpoint().state_dict
+    for step in steps[1:]:
+        ckpt = step.artifact.checkpoint()
+        heads = ckpt.extensions["tasks"]["heads"]
+        backbone = {n: t for n, t in ckpt.state_dict.items() if not cl.under_any(n.rsplit(".", 1)[0], [heads])}
+        assert backbone and set(backbone) <= set(trained)
+        for name, tensor in backbone.items():
+            assert torch.equal(tensor, trained[name]), name
+
+
+def test_masks_are_binary_learned_and_packed_one_bit_per_weight(steps):
+    ckpt = steps[-1].artifact.checkpoint()
+    pg = ckpt.extensions["piggyback"]
+    assert pg["tasks"] == ["a", "b"]
+    state = ckpt.state_dict
+    for task in ("a", "b"):
+        masks = pg["masks"][task]
+        assert set(masks) == set(cl.prunable_weights(ckpt.build(ModelTrust()), ckpt.extensions["tasks"]["heads"]))
+        for name, packed in masks.items():
+            assert packed.dtype == torch.uint8 and packed.numel() == -(-state[name].numel() // 8)
+        kept = (steps[-1] if task == "b" else steps[1]).artifact.info
+        # the scores moved: some weights are masked out, most are kept
+        assert 0.5 < kept["piggyback"]["kept"] < 1.0
+    assert not all(torch.equal(pg["masks"]["a"][n], pg["masks"]["b"][n]) for n in pg["masks"]["a"])
+
+
+def test_earlier_tasks_are_exactly_unchanged_by_a_new_task(steps, data):
+    after_a, after_b = steps[1], steps[2]
+    assert after_b.artifact.info["task_accuracy"]["a"] == after_a.artifact.info["task_accuracy"]["a"]
+    assert after_a.artifact.info["task_accuracy"]["a"] > 0.9 and after_b.artifact.info["task_accuracy"]["b"] > 0.9
+    x = torch.from_numpy(data["a"].to_input(data["a"].x_test))
+    outs = []
+    for step in (after_a, after_b):
+        ckpt = step.artifact.checkpoint()
+        model = task_model(ckpt.build(ModelTrust()), ckpt.extensions, "a").eval()
+        a, b = ckpt.extensions["tasks"]["tasks"]["a"]["columns"]
+        with torch.no_grad():
+            outs.append(model(x)[:, a:b])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_the_threshold_is_a_straight_through_estimator():
+    scores = torch.tensor([0.0, 0.004, 0.006, 0.02], requires_grad=True)
+    keep = torch.tensor([True, False, False, False])
+    mask = pb.binary_mask(scores, 5e-3, keep)
+    assert mask.tolist() == [1.0, 0.0, 1.0, 1.0]
+    (mask * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert scores.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
+    w = torch.tensor([[0.1, -0.9, 0.2], [0.3, 0.0, -0.4]])
+    assert pb.scale_keepers(w).tolist() == [[False, True, False], [False, False, True]]
+    m = torch.rand(5, 7) > 0.5
+    assert torch.equal(pb.unpack_mask(pb.pack_mask(m), m.shape), m)
+
+
+def test_plan_refuses_foreign_keys_and_mixed_methods(tmp_path, data, steps):
+    with pytest.raises(ValueError, match="mask_lr applies to method = \"piggyback\""):
+        LearnConfig(task="a", method="packnet", mask_lr=1e-3)
+    with pytest.raises(ValueError, match="prune applies to method = \"packnet\""):
+        LearnConfig(task="a", method="piggyback", prune=0.5)
+    after_a = steps[1].artifact
+    with pytest.raises(ConfigError, match="learned with piggyback"):
+        check_chain([LearnStage(LearnConfig(task="b", epochs=1), "finetune-b")], after_a, context(data), data)
+    cache = StageCache(tmp_path / "cache")
+    source = make_source("mlp", {"widths": [8]}, None, data["a"], 0, cache, ModelTrust())
+    with pytest.raises(ConfigError, match="piggyback freezes the backbone"):
+        check_chain([LearnStage(LearnConfig(task="a", epochs=1), "la"), learn("b")], source, context(data), data)
+    with pytest.raises(ConfigError, match="already learned with piggyback"):
+        check_chain([learn("a")], after_a, context(data), data)
+
+
+def test_cli_refuses_a_foreign_key_before_training(tmp_path):
+    config = tmp_path / "pg.toml"
+    config.write_text(CONFIG.replace('mask_lr = 0.001', 'mask_lr = 0.001\nprune = 0.5', 1))
+    proc = run_cli("build", "--config", config, "--target", "rpi", "--out", tmp_path / "out", cwd=tmp_path, check=2)
+    assert "prune applies to method = \"packnet\"" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "rpi" / "bundle").exists()
+
+
+CONFIG = """seed = 0
+[data]
+source = "digits"
+[data.a]
+classes = [0, 1, 2, 3, 4]
+[data.b]
+classes = [5, 6, 7, 8, 9]
+[model]
+name = "mlp"
+args = { widths = [32] }
+[[tasks]]
+name = "a"
+data = "a"
+[[tasks]]
+name = "b"
+data = "b"
+[[stages]]
+kind = "train"
+epochs = 15
+lr = 0.003
+[[stages]]
+kind = "learn"
+task = "a"
+method = "piggyback"
+epochs = 15
+lr = 0.003
+mask_lr = 0.001
+[[stages]]
+kind = "learn"
+task = "b"
+method = "piggyback"
+epochs = 15
+lr = 0.003
+mask_lr = 0.001
+[[stages]]
+kind = "export"
+"""
+
+
+def test_cli_bundle_rebuilds_every_task_model_byte_for_byte(tmp_path):
+    config = tmp_path / "pg.toml"
+    config.write_text(CONFIG)
+    run_cli("build", "--config", config, "--target", "rpi", "--out", tmp_path / "out", cwd=tmp_path)
+    bundle = tmp_path / "out" / "rpi" / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    tasks = {t["name"]: t for t in manifest["tasks"]}
+    assert tasks["a"]["model_file"] == "model.a.tflite" and tasks["b"]["model_file"] == "model.b.tflite"
+    assert manifest["model_file"] == "model.tflite"  # the unmasked backbone, the payload's base
+    tt = manifest["tasks_transport"]
+    assert tt["model_files"] == ["model.a.tflite", "model.b.tflite"]
+    payload = (bundle / tt["file"]).read_bytes()
+    base = (bundle / "model.tflite").read_bytes()
+    rebuilt = decode_task_models(payload, base)
+    for name in tt["model_files"]:
+        assert rebuilt[name] == (bundle / name).read_bytes()
+    # two more task models cost a fraction of one model file: one bit per weight byte, compressed
+    assert tt["bytes"] < len(base) / 3
+    proc = run_cli("verify", bundle, "--json", "-", cwd=tmp_path)
+    report = json.loads(proc.stdout)
+    assert report["ok"], report["errors"]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["tasks transport"]["ok"] and checks["task a: test_vectors"]["ok"] and checks["task b: test_vectors"]["ok"]
+    for t in ("a", "b"):
+        assert tasks[t]["metrics"]["accuracy"] > 0.9
+    # a damaged payload is caught by verify
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    damaged = bytearray(payload)
+    damaged[-3] ^= 0xFF
+    (broken / tt["file"]).write_bytes(bytes(damaged))
+    from edgec.pipeline.manifest import write_manifest
+
+    write_manifest(broken, json.loads((broken / "manifest.json").read_text()))
+    report = json.loads(run_cli("verify", broken, "--json", "-", cwd=tmp_path, check=1).stdout)
+    assert not report["ok"] and any("tasks transport" in e for e in report["errors"])
+
+
+def test_bitmask_payload_round_trips_and_refuses_hostile_entries():
+    rng = np.random.default_rng(0)
+    base = rng.integers(1, 256, 4000, dtype=np.uint8)
+    files = {}
+    for i in range(3):
+        f = base.copy()
+        f[1000:3000][rng.random(2000) < 0.1] = 0  # masked weights
+        f[10 + i] ^= 0x55  # a byte masking does not explain (an activation scale)
+        files[f"model.t{i}.tflite"] = f.tobytes()
+    files["other.bin"] = b"full file"
+    payload = pb.encode_masked_models(base.tobytes(), "model.tflite", files)
+    assert decode_task_models(payload, base.tobytes()) == files
+    assert len(payload) < 4000  # three 4,000-byte files
+    import lzma
+    import struct
+
+    from edgec.ondevice import tasks as fmt
+
+    _, zlen, hlen = struct.unpack_from("<8sII", payload)
+    header = json.loads(lzma.decompress(payload[16:16 + zlen], format=lzma.FORMAT_RAW, filters=fmt.header_filters()))
+    header["files"][0]["index"] = 7  # out of range
+    head = json.dumps(header).encode()
+    zhead = lzma.compress(head, format=lzma.FORMAT_RAW, filters=fmt.header_filters())
+    hostile = struct.pack("<8sII", fmt.TASKS_MAGIC, len(zhead), len(head)) + zhead + payload[16 + zlen:]
+    with pytest.raises(TransportError, match="bitmask file entry is malformed"):
+        decode_task_models(hostile, base.tobytes())
