@@ -5,19 +5,22 @@ import pytest
 from support import MNIST_DIR
 
 
-@pytest.fixture(scope="session")
-def _session_config_home(tmp_path_factory) -> Path:
-    """One cache key for the session: module-scoped fixtures build into caches that later tests reuse,
-    which a key per test would (rightly) refuse. Tests of the key itself set their own folder."""
-    return tmp_path_factory.mktemp("config")
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_key(tmp_path_factory):
+    """One cache key for the whole session, set before any fixture runs: module-scoped fixtures build
+    into caches that later tests reuse, which another key would (rightly) refuse. Tests of the key
+    itself set their own folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+        mp.setenv("EDGEC_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))  # module fixtures' default
+        mp.delenv("EDGEC_CACHE_KEY_FILE", raising=False)
+        yield
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch, _session_config_home):
+def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own stage cache; nothing touches ~/.cache or ~/.config."""
     monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(_session_config_home))
-    monkeypatch.delenv("EDGEC_CACHE_KEY_FILE", raising=False)
 
 
 @pytest.fixture
