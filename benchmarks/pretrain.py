@@ -179,6 +179,7 @@ def main() -> None:
     from rich.console import Console
 
     from edgec.data import load_dataset
+    from edgec.ondevice.machine import machine_info
     from edgec.pipeline.stages.pretrain import PretrainConfig
     from edgec.pipeline.stages.train import TrainConfig
 
@@ -209,7 +210,7 @@ def main() -> None:
                 + (" (class-balanced random subset, seed 0)" if args.train_samples else "")
                 + f", {len(data.y_val):,} validation, the whole {len(data.y_test):,}-image test split",
         "rows": rows, "seconds": seconds, "pretrain_seconds": pre_seconds, "quick": args.quick,
-        "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "machine": {**machine_info(), "arch": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "load_average_start": load_start,
                     "load_average_end": os.getloadavg()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
