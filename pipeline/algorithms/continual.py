@@ -371,15 +371,9 @@ def encode_task_models(base: bytes, base_name: str, files: Mapping[str, bytes]) 
     the base, whose level does not matter, end up in one run). What masking does not explain (biases
     and activation scales that differ between the files) is a byte-wise residual per file, nearly
     all zeros, the residuals in one section. The payload is decoded again before it is kept."""
-    import hashlib
-    import json
-    import lzma
-    import struct
-
-    from edgec.errors import ExportError
     from edgec.ondevice import tasks as fmt
 
-    from .transport_codec import compress_section
+    from .tasks_payload import TasksPayloadWriter
 
     base_arr = np.frombuffer(base, dtype=np.uint8)
     levels = np.ones(len(base), dtype=np.uint8)
@@ -388,40 +382,16 @@ def encode_task_models(base: bytes, base_name: str, files: Mapping[str, bytes]) 
         arr = np.frombuffer(data, dtype=np.uint8)
         levels[(arr == 0) & (base_arr != 0)] = level + 1
     regions = level_regions(levels)
-    sections: list[bytes] = []
-    offset = 0
-
-    def add(raw: bytes) -> list[int]:
-        nonlocal offset
-        z, spec = compress_section(raw)
-        sections.append(z)
-        entry = [offset, *spec]
-        offset += len(z)
-        return entry
-
-    header: dict = {"version": 2, "base": {"file": base_name, "bytes": len(base),
-                                           "sha256": hashlib.sha256(base).hexdigest()}, "files": []}
+    writer = TasksPayloadWriter(base, base_name)
     if masked_files:
         positions = fmt.region_positions(regions, len(base))
-        header["regions"] = regions
-        header["levels"] = add(levels[positions][fmt.magnitude_order(base_arr[positions].tobytes())].tobytes())
+        writer.header["regions"] = regions
+        writer.header["levels"] = writer.add(
+            levels[positions][fmt.magnitude_order(base_arr[positions].tobytes())].tobytes())
         residuals = []
         for level, (_, data) in enumerate(masked_files, start=1):
             masked = np.where(levels <= level, base_arr, 0).astype(np.uint8)
             residuals.append((np.frombuffer(data, dtype=np.uint8) - masked).astype(np.uint8).tobytes())
-        header["residuals"] = add(b"".join(residuals))
-    levels_of = {name: i for i, (name, _) in enumerate(masked_files, start=1)}
-    for name, data in files.items():
-        entry = {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        if name in levels_of:
-            entry.update(mode="masked", level=levels_of[name])
-        else:
-            entry.update(mode="full", data=add(data))
-        header["files"].append(entry)
-    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    zhead = lzma.compress(head, format=lzma.FORMAT_RAW, filters=fmt.header_filters())
-    payload = struct.pack("<8sII", fmt.TASKS_MAGIC, len(zhead), len(head)) + zhead + b"".join(sections)
-    decoded = fmt.decode_task_models(payload, base)
-    if decoded != dict(files):
-        raise ExportError("the tasks transport payload does not decode to the task model files; no bundle written")
-    return payload
+        writer.header["residuals"] = writer.add(b"".join(residuals))
+    rebuilt = {name: {"mode": "masked", "level": level} for level, (name, _) in enumerate(masked_files, start=1)}
+    return writer.finish(files, rebuilt)

@@ -106,16 +106,10 @@ def encode_masked_models(base: bytes, base_name: str, files: Mapping[str, bytes]
     byte says whether the file keeps the base's byte; the rest (biases, activation scales that
     differ between the files) is a byte-wise residual per file, nearly all zeros. The payload is
     decoded again before it is kept."""
-    import hashlib
-    import json
-    import lzma
-    import struct
-
-    from edgec.errors import ExportError
     from edgec.ondevice import tasks as fmt
 
     from .continual import level_regions
-    from .transport_codec import compress_section
+    from .tasks_payload import TasksPayloadWriter
 
     base_arr = np.frombuffer(base, dtype=np.uint8)
     same = {name: data for name, data in files.items() if len(data) == len(base)}
@@ -124,19 +118,7 @@ def encode_masked_models(base: bytes, base_name: str, files: Mapping[str, bytes]
         zeroed[(np.frombuffer(data, dtype=np.uint8) == 0) & (base_arr != 0)] = 2
     regions = level_regions(zeroed)
     positions = fmt.region_positions(regions, len(base))
-    sections: list[bytes] = []
-    offset = 0
-
-    def add(raw: bytes) -> list[int]:
-        nonlocal offset
-        z, spec = compress_section(raw)
-        sections.append(z)
-        entry = [offset, *spec]
-        offset += len(z)
-        return entry
-
-    header: dict = {"version": 2, "base": {"file": base_name, "bytes": len(base),
-                                           "sha256": hashlib.sha256(base).hexdigest()}, "files": []}
+    writer = TasksPayloadWriter(base, base_name)
     if same:
         bits, residuals = [], []
         for data in same.values():
@@ -145,20 +127,7 @@ def encode_masked_models(base: bytes, base_name: str, files: Mapping[str, bytes]
             keep[positions] = arr[positions] == base_arr[positions]
             bits.append(np.packbits(keep[positions]).tobytes())
             residuals.append((arr - np.where(keep, base_arr, 0)).astype(np.uint8).tobytes())
-        header["regions"] = regions
-        header["bits"] = add(b"".join(bits))
-        header["bit_residuals"] = add(b"".join(residuals))
-    index = {name: i for i, name in enumerate(same)}
-    for name, data in files.items():
-        entry = {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        if name in index:
-            entry.update(mode="bitmask", index=index[name])
-        else:
-            entry.update(mode="full", data=add(data))
-        header["files"].append(entry)
-    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    zhead = lzma.compress(head, format=lzma.FORMAT_RAW, filters=fmt.header_filters())
-    payload = struct.pack("<8sII", fmt.TASKS_MAGIC, len(zhead), len(head)) + zhead + b"".join(sections)
-    if fmt.decode_task_models(payload, base) != dict(files):
-        raise ExportError("the tasks transport payload does not decode to the task model files; no bundle written")
-    return payload
+        writer.header["regions"] = regions
+        writer.header["bits"] = writer.add(b"".join(bits))
+        writer.header["bit_residuals"] = writer.add(b"".join(residuals))
+    return writer.finish(files, {name: {"mode": "bitmask", "index": i} for i, name in enumerate(same)})
