@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from support import MNIST_DIR
 
@@ -28,3 +29,13 @@ def mnist_dir() -> Path:
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"MNIST not found at {MNIST_DIR}")
     return MNIST_DIR
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Training tests whose figures are compared with thresholds run on one thread: the result then
+    does not depend on how many cores the machine lends."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

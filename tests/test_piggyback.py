@@ -30,12 +30,7 @@ from support import run_cli
 KEYS = {"epochs": 15, "patience": 15, "lr": 3e-3, "mask_lr": 1e-3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
