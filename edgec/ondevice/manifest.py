@@ -493,9 +493,6 @@ class Bundle:
             raise ManifestError("%s cannot be read (%s)" % (LABELS_NAME, e), "run verify to check the bundle") from None
         return [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
 
-    def file_path(self, name):
-        return safe_join(self.path, name)
-
     # --- checks and data -----------------------------------------------------------------------
     def check_integrity(self):
         """``integrity.check_files`` report for this bundle (does not raise on bad files)."""

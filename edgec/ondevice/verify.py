@@ -3,7 +3,7 @@
 import os
 import time
 
-from .errors import IntegrityError, ManifestError, ModelLoadError
+from .errors import ManifestError, ModelLoadError
 from .evaluate import accuracy as eval_accuracy
 from .evaluate import check_vectors
 from .integrity import summarize_problems
@@ -306,7 +306,3 @@ def _verify_quality(bundle, model, ev, res, errors, checks):
             checks.append(_check("quality", False, detail))
             return
     checks.append(_check("quality", True, detail))
-
-
-def verify_exit_code(result):
-    return 0 if result.get("ok") else IntegrityError.exit_code

@@ -17,7 +17,7 @@ import tempfile
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -331,10 +331,3 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def context_dict(ctx: SearchContext) -> dict[str, Any]:
-    out = asdict(ctx)
-    out["out"], out["cache_dir"] = str(ctx.out), str(ctx.cache_dir)
-    out["targets"] = list(ctx.targets)
-    return out
