@@ -21,6 +21,7 @@ from .metrics import TASKS
 from .recommend import machine_recommendation
 from .runtime_base import MAX_THREADS
 from .runtimes import RUNTIMES, import_runtime, normalize_settings, open_model, version_tuple
+from .tasks import bundle_tasks
 
 SUPPORTED_SCHEMA_VERSION = 1
 TEST_VECTORS_NAME = "test_vectors.npz"
@@ -249,7 +250,6 @@ def validate_manifest(m):
     _opt(m, "tolerance.accuracy", lambda v: _is_num(v) and 0 <= v <= 1, "a fraction between 0 and 1")
     _validate_task(m)
     if "tasks" in m:  # a multi-task bundle (learn stages): tasks.py checks its tasks section
-        from .tasks import bundle_tasks
         bundle_tasks(m)
     return m
 
@@ -405,6 +405,14 @@ class Bundle:
 
     def __repr__(self):
         return "Bundle(%r, runtime=%r, model=%r)" % (self.path, self.runtime_name, self.model_file)
+
+    def with_model_file(self, model_file, outputs=None):
+        """This bundle seen through another of its model files (a multi-task bundle's per-task model,
+        ``tasks.py``), with that model's ``outputs`` when they differ."""
+        manifest = dict(self.manifest, model_file=model_file)
+        if outputs:
+            manifest["outputs"] = outputs
+        return Bundle(self.path, manifest, self.manifest_bytes)
 
     # --- manifest views ------------------------------------------------------------------------
     @property
