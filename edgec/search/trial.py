@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from edgec.errors import ConfigError, EdgecError, InputError
 
 RECORD_SCHEMA = "edgec-search-trial"
+BUILDS_DIR = "builds"  # OUT/builds/<trial id>/<target>/: each trial's build directories
 LOCK_DIR = ".search-locks"  # inside the stage cache: every node that shares the cache shares the locks
 
 
@@ -149,7 +150,7 @@ def _run(ctx: SearchContext, job: TrialJob, record: dict[str, Any], console) -> 
         record["targets"] = {t: _rejected(str(e)) for t in ctx.targets}
         return
     record["config"] = portable_config(config)
-    build_root = ctx.out / "builds" / job.id
+    build_root = ctx.out / BUILDS_DIR / job.id
     config = config.model_copy(update={"cache_dir": ctx.cache_dir, "out": build_root})
     if not config.stages or config.stages[-1].kind != "export":
         raise ConfigError("a search needs a chain that ends with the export stage (it compares bundles)")
