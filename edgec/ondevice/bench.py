@@ -45,7 +45,6 @@ from .manifest import load_bundle
 from .recommend import machine_identity, machine_key, store_recommendation
 from .runtime_base import as_threads
 from .runtimes import import_runtime, normalize_settings, settings_id, sweep_grid
-from .tasks import bundle_tasks, select_task, task_accuracies
 from .timing import harness_overhead_ms, summarize, timed_loop, timer_resolution_ns
 
 BENCH_SCHEMA = "edgec-bench"
@@ -354,6 +353,7 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
     if best is not None:
         _adopt_best(res, best, ok, tail_excluded)
         if task is not None:
+            from .tasks import select_task
             select_task(bundle, task)  # an unknown task (or a single-task bundle) is a usage error
         if accuracy:
             _measure_accuracy(res, bundle, rt, best, task)
@@ -470,6 +470,7 @@ def _measure_accuracy(res, bundle, rt, best, task):
     """Accuracy (or quality) with the best setting: a multi-task bundle's per task on each task's eval file
     with its own model (latency is the top-level model's: every task's model has the same graph), else on
     eval.npz."""
+    from .tasks import bundle_tasks, task_accuracies  # lazily: tasks.py requires lzma, a single-task bundle does not
     if task is not None or bundle_tasks(bundle.manifest):
         per_task = task_accuracies(bundle, res["recommended"], rt.package, only=task)
         res["tasks"] = per_task

@@ -21,7 +21,6 @@ from .metrics import TASKS
 from .recommend import machine_recommendation
 from .runtime_base import MAX_THREADS
 from .runtimes import RUNTIMES, import_runtime, normalize_settings, open_model, version_tuple
-from .tasks import bundle_tasks
 
 SUPPORTED_SCHEMA_VERSION = 1
 TEST_VECTORS_NAME = "test_vectors.npz"
@@ -179,6 +178,7 @@ def validate_manifest(m):
     _validate_metrics(m)
     _validate_task(m)
     if "tasks" in m:  # a multi-task bundle (learn stages): tasks.py checks its tasks section
+        from .tasks import bundle_tasks  # only then: tasks.py requires lzma, a single-task bundle does not
         bundle_tasks(m)
     return m
 

@@ -10,7 +10,6 @@ from .integrity import summarize_problems
 from .machine import machine_info
 from .manifest import EVAL_NAME, TEST_VECTORS_NAME, bundle_root, load_bundle, read_manifest_bytes
 from .runtimes import import_runtime, settings_id
-from .tasks import bundle_tasks, select_task, verify_tasks
 
 VERIFY_SCHEMA = "edgec-verify"
 VERIFY_SCHEMA_VERSION = 1
@@ -143,6 +142,7 @@ def _run_checks(res, path, exact, runtime, settings, check_accuracy, public_key,
     model = _load(res, bundle, settings, rt)
     if model is None:
         return
+    from .tasks import bundle_tasks  # lazily: tasks.py requires lzma, a single-task bundle does not
     try:
         _check_test_vectors(res, bundle, model, exact)
         if task is not None or bundle_tasks(bundle.manifest):
@@ -244,6 +244,7 @@ def _check_test_vectors(res, bundle, model, exact):
 def _check_tasks(res, bundle, settings, rt, exact, check_accuracy, task):
     """A multi-task bundle (learn stages): each task's model, test vectors, accuracy (``tasks.py``);
     ``task``: that task only."""
+    from .tasks import select_task, verify_tasks
     if task is not None:
         select_task(bundle, task)
     t_checks, t_errors, per_task = verify_tasks(bundle, settings, rt.package, exact, check_accuracy, task)
