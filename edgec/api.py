@@ -31,17 +31,14 @@ from edgec.pipeline.stage import Stage, StageContext
 from edgec.targets.profile import TargetProfile, load_target
 from edgec.zoo import ZOO, default_model
 
+from .build_layout import BUILD_FILE, BUNDLE_DIR, MODEL_FILE, REFERENCE_FILE, UNCOMPRESSED_FILE
 from .config import MAIN_DATA, BuildConfig, DataSpec, parse_config
 from .data import Dataset, load_dataset
 from .data_views import permute_features, select_classes
 from .errors import ConfigError, InputError
 from .output_dir import check_output_locations
 
-BUILD_FILE = "build.json"
-REFERENCE_FILE = "reference.pt"
-UNCOMPRESSED_FILE = "uncompressed.pt"  # the model before the first compression stage: `edgec bench --baseline`
 COMPRESSION_KINDS = ("distill", "prune", "share")
-BUNDLE_DIR = "bundle"
 
 
 @dataclass(frozen=True)
@@ -282,7 +279,7 @@ def _publish(final_dir: Path, artifacts: list, summary: dict[str, Any], config: 
             first = next((i for i, s in enumerate(summary["stages"]) if s["kind"] in COMPRESSION_KINDS), len(artifacts) - 2)
             copy_verified(artifacts[first], CHECKPOINT_FILE, tmp / UNCOMPRESSED_FILE)
         else:
-            copy_verified(artifacts[-1], CHECKPOINT_FILE, tmp / CHECKPOINT_FILE)
+            copy_verified(artifacts[-1], CHECKPOINT_FILE, tmp / MODEL_FILE)
         (tmp / BUILD_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
     try:

@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from edgec.build_layout import REFERENCE_FILE, UNCOMPRESSED_FILE
 from edgec.errors import InputError
 
 BENCH_SCHEMA = "edgec-bench"
-REFERENCE_FILE = "reference.pt"
-UNCOMPRESSED_FILE = "uncompressed.pt"
 BASELINE_CALIBRATION_SAMPLES = 512
 PAIRED_ROUNDS = 9  # interleaved rounds of --baseline timing (edgec.ondevice.paired)
 # Figures compared by --compare: (path in the result, lower is better, regression threshold)

@@ -14,11 +14,10 @@ import os
 import stat
 from pathlib import Path
 
+from .build_layout import BUILD_FILE, BUNDLE_DIR, MODEL_FILE
 from .errors import InputError
 
-BUILD_FILE = "build.json"
-BUNDLE_MANIFEST = ("bundle", "manifest.json")
-MODEL_FILE = "model.pt"
+BUNDLE_MANIFEST = (BUNDLE_DIR, "manifest.json")
 
 
 def check_output_locations(out: Path, target: str, cache_dir: Path) -> None:

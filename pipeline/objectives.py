@@ -266,9 +266,6 @@ class Regression(Objective):
     task = "regression"
     val_name = "mse"
 
-    def _targets(self) -> int:
-        return len(self.data.labels)
-
     def check_output(self, out, data):
         k = len(data.labels)
         if out.dim() != 2 or out.shape[1] != k:

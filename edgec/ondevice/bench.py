@@ -326,10 +326,48 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
     if check_integrity:
         bundle.require_intact()
     rt = import_runtime(bundle.runtime_name, runtime)
-    notes, errors = [], []
+    notes = []
     note = bundle.runtime_min_version_note(rt)
     if note:
         notes.append(note)
+    grid, fixed_keys, cap, cap_rule = _settings_grid(bundle, rt, settings, sweep, max_threads, notes)
+    batch_sizes = sorted({int(b) for b in batch_sizes if int(b) >= 1} | {1})
+    params = {"warmup": int(warmup), "warmup_seconds": float(warmup_seconds), "runs": int(runs),
+              "min_seconds": float(min_seconds), "max_seconds": float(max_seconds) if max_seconds else None,
+              "batch_sizes": batch_sizes}
+    if isolate and not sys.executable:
+        isolate = False
+        notes.append("no Python executable to start workers: measured in this process")
+    per_worker_timeout = 120 + (float(max_seconds or 60) + float(warmup_seconds)) * (2 + len(batch_sizes))
+    results, isolate = _measure_grid(path, grid, rt, params, isolate, per_worker_timeout, notes, progress)
+    errors = ["%s: %s" % (r["id"], r.get("error")) for r in results if not r.get("ok")]
+    ok = [r for r in results if r.get("ok")]
+    best, tail_excluded = _pick_best(ok)
+    sysinfo = machine_info()
+    identity = machine_identity(rt, sysinfo)
+    res = _result(bundle, rt, sysinfo, identity, results, best, notes, errors)
+    res["config"] = dict(params, sweep=bool(sweep), isolate=bool(isolate), max_threads=cap, thread_cap_rule=cap_rule,
+                         settings_measured=len(grid))
+    res["memory"]["scope"] = ("fresh subprocess per setting" if isolate else
+                              "this process (process-wide: includes everything the caller imported)")
+    if best is not None:
+        _adopt_best(res, best, ok, tail_excluded)
+        if task is not None:
+            from .tasks import select_task
+            select_task(bundle, task)  # an unknown task (or a single-task bundle) is a usage error
+        if accuracy:
+            _measure_accuracy(res, bundle, rt, best, task)
+    if save_recommendation:
+        res["recommendation"] = _save(bundle, rt, identity, res, sweep, fixed_keys, len(grid))
+        if res["recommendation"]["note"]:
+            notes.append(res["recommendation"]["note"])
+    res["seconds"] = time.perf_counter() - t_start
+    return res
+
+
+def _settings_grid(bundle, rt, settings, sweep, max_threads, notes):
+    """``(grid, fixed_keys, thread cap, its rule)``: the settings dicts to measure (the sweep, or the one
+    setting this machine opens the model with), and the keys of ``settings`` held fixed in them."""
     fixed = normalize_settings(bundle.runtime_name, settings, strict=True) if settings else {}
     fixed_keys = [k for k in (settings or {}) if k in ("threads", "num_threads", "xnnpack", "provider",
                                                       "graph_optimization_level")]
@@ -340,28 +378,25 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
         if fixed_keys:
             grid = [g for g in grid if all(g.get(k) == fixed[k] for k in fixed_keys)] or \
                 [dict(grid[0], **{k: fixed[k] for k in fixed_keys})]
-    else:
-        base, base_notes = bundle.settings_for(rt)
-        base = base or normalize_settings(bundle.runtime_name, {})
-        notes.extend(base_notes)
-        base.update({k: fixed[k] for k in fixed_keys})
-        grid = [_clean(base)]
-    batch_sizes = sorted({int(b) for b in batch_sizes if int(b) >= 1} | {1})
-    params = {"warmup": int(warmup), "warmup_seconds": float(warmup_seconds), "runs": int(runs),
-              "min_seconds": float(min_seconds), "max_seconds": float(max_seconds) if max_seconds else None,
-              "batch_sizes": batch_sizes}
-    if isolate and not sys.executable:
-        isolate = False
-        notes.append("no Python executable to start workers: measured in this process")
-    per_worker_timeout = 120 + (float(max_seconds or 60) + float(warmup_seconds)) * (2 + len(batch_sizes))
+        return grid, fixed_keys, cap, cap_rule
+    base, base_notes = bundle.settings_for(rt)
+    base = base or normalize_settings(bundle.runtime_name, {})
+    notes.extend(base_notes)
+    base.update({k: fixed[k] for k in fixed_keys})
+    return [_clean(base)], fixed_keys, cap, cap_rule
+
+
+def _measure_grid(path, grid, rt, params, isolate, timeout, notes, progress):
+    """``(results, isolate)``: one per-setting dict per grid entry, each in a worker process while workers
+    start (``isolate`` turns False, with a note, when one cannot)."""
     results = []
     for i, s in enumerate(grid):
         if isolate:
             try:
-                r = _measure_isolated(path, s, rt.package, params, per_worker_timeout)
+                r = _measure_isolated(path, s, rt.package, params, timeout)
             except subprocess.TimeoutExpired:
                 r = {"ok": False, "id": settings_id(s), "settings": s,
-                     "error": "benchmark worker timed out after %.0f s" % per_worker_timeout}
+                     "error": "benchmark worker timed out after %.0f s" % timeout}
             except (OSError, subprocess.SubprocessError) as e:
                 isolate = False
                 notes.append("could not start a worker process (%s): measured in this process" % e)
@@ -375,27 +410,28 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
                      "error": "%s: %s" % (type(e).__name__, " ".join(str(e).split())[:200])}
         results.append(r)
         if progress:
-            if r.get("ok"):
-                p50 = r["latency_ms"]["p50"]
-                shown = ("%.2f us" % (p50 * 1e3)) if p50 < 1.0 else ("%.3f ms" % p50)
-                progress("[%d/%d] %s: p50 %s, load %.1f ms" % (i + 1, len(grid), r["id"], shown, r["load_ms"]))
-            else:
-                progress("[%d/%d] %s: FAILED %s" % (i + 1, len(grid), r["id"], r.get("error")))
-    for r in results:
-        if not r.get("ok"):
-            errors.append("%s: %s" % (r["id"], r.get("error")))
-    ok = [r for r in results if r.get("ok")]
-    best, tail_excluded = _pick_best(ok)
-    sysinfo = machine_info()
-    identity = machine_identity(rt, sysinfo)
+            progress(_progress_line(i, len(grid), r))
+    return results, isolate
+
+
+def _progress_line(i, n, r):
+    if not r.get("ok"):
+        return "[%d/%d] %s: FAILED %s" % (i + 1, n, r["id"], r.get("error"))
+    p50 = r["latency_ms"]["p50"]
+    shown = ("%.2f us" % (p50 * 1e3)) if p50 < 1.0 else ("%.3f ms" % p50)
+    return "[%d/%d] %s: p50 %s, load %.1f ms" % (i + 1, n, r["id"], shown, r["load_ms"])
+
+
+def _result(bundle, rt, sysinfo, identity, results, best, notes, errors):
+    """The ``edgec-bench`` dict before the best setting's figures are filled in (``config`` and
+    ``memory.scope`` are set by the caller)."""
     man_size = bundle.manifest.get("size") or {}
-    res = {
+    return {
         "schema": BENCH_SCHEMA, "schema_version": BENCH_SCHEMA_VERSION, "ok": best is not None,
         "bundle": bundle.path, "target": bundle.target_name, "model_file": bundle.model_file,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "system": sysinfo, "machine": sysinfo["machine"], "runtime": rt.as_dict(),
-        "config": dict(params, sweep=bool(sweep), isolate=bool(isolate), max_threads=cap,
-                       thread_cap_rule=cap_rule, settings_measured=len(grid)),
+        "config": None,
         "size": {"model_bytes": man_size.get("model_bytes"), "transport_bytes": man_size.get("transport_bytes"),
                  "reference_fp32_bytes": man_size.get("reference_fp32_bytes"),
                  "model_file_bytes": os.path.getsize(bundle.model_path) if os.path.isfile(bundle.model_path)
@@ -404,61 +440,60 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
                     "overhead_ms_per_iteration": None, "timed_region": TIMED_REGION,
                     "percentiles": "numpy linear interpolation", "std": "population (ddof=0)",
                     "gc": "disabled during timed loops"},
-        "memory": {"scope": "fresh subprocess per setting" if isolate else
-                   "this process (process-wide: includes everything the caller imported)",
+        "memory": {"scope": None,
                    "measure": "resource.getrusage(RUSAGE_SELF).ru_maxrss (process peak) after the batch-1 runs"},
         "settings": results, "best": None, "recommended": None, "machine_key": machine_key(identity),
         "recommendation": None, "latency_ms": None, "throughput": None,
         "load_ms": None, "first_inference_ms": None, "peak_rss_bytes": None, "vectors": None,
         "accuracy": None, "notes": notes, "errors": errors, "seconds": None,
     }
-    if best is not None:
-        overheads = [r["harness_overhead_ms"] for r in ok if r.get("harness_overhead_ms") is not None]
-        res["harness"]["overhead_ms_per_iteration"] = float(np.median(overheads)) if overheads else None
-        res["best"] = {"id": best["id"], "settings": _clean(best["settings"]), "p50_ms": best["latency_ms"]["p50"],
-                       "criterion": BEST_CRITERION,
-                       "excluded_for_tail": [{"id": r["id"], "p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"]}
-                                             for r in tail_excluded]}
-        res["recommended"] = _clean(best["settings"])
-        for k in ("latency_ms", "throughput", "load_ms", "first_inference_ms", "peak_rss_bytes", "vectors"):
-            res[k] = best.get(k)
-        for n in (best.get("notes") or []) + [t["note"] for t in best.get("throughput") or [] if t.get("note")]:
-            if n not in notes:
-                notes.append(n)
-        from .tasks import bundle_tasks, select_task, task_accuracies
-        if task is not None:
-            select_task(bundle, task)  # an unknown task (or a single-task bundle) is a usage error
-        if accuracy and (task is not None or bundle_tasks(bundle.manifest)):
-            # a multi-task bundle: each task's accuracy on its own eval file with its own model
-            # (latency above is the top-level model's: every task's model has the same graph)
-            per_task = task_accuracies(bundle, res["recommended"], rt.package, only=task)
-            res["tasks"] = per_task
-            if per_task:
-                n = sum(a["eval_samples"] for a in per_task.values())
-                res["accuracy"] = {"accuracy": sum(a["accuracy"] for a in per_task.values()) / len(per_task),
-                                   "correct": sum(a["correct"] for a in per_task.values()), "eval_samples": n,
-                                   "manifest_accuracy": (bundle.manifest.get("metrics") or {}).get("accuracy"),
-                                   "settings_id": best["id"], "tasks": sorted(per_task)}
-        elif accuracy:
-            ev = bundle.eval_set()
-            if ev is None:
-                notes.append("eval.npz not in the bundle: accuracy not measured")
-            else:
-                model = bundle.open_model(res["recommended"], runtime=rt.package)
-                if bundle.task != "classification":  # regression / reconstruction: the task's figures
-                    res["quality"] = _task_quality(bundle, model, ev, best["id"])
-                else:
-                    acc = eval_accuracy(model, ev[0], ev[1])
-                    acc["manifest_accuracy"] = (bundle.manifest.get("metrics") or {}).get("accuracy")
-                    acc["settings_id"] = best["id"]
-                    res["accuracy"] = acc
-                model.close()
-    if save_recommendation:
-        res["recommendation"] = _save(bundle, rt, identity, res, sweep, fixed_keys, len(grid))
-        if res["recommendation"]["note"]:
-            notes.append(res["recommendation"]["note"])
-    res["seconds"] = time.perf_counter() - t_start
-    return res
+
+
+def _adopt_best(res, best, ok, tail_excluded):
+    """The best setting's figures as the result's own; its notes join the result's."""
+    overheads = [r["harness_overhead_ms"] for r in ok if r.get("harness_overhead_ms") is not None]
+    res["harness"]["overhead_ms_per_iteration"] = float(np.median(overheads)) if overheads else None
+    res["best"] = {"id": best["id"], "settings": _clean(best["settings"]), "p50_ms": best["latency_ms"]["p50"],
+                   "criterion": BEST_CRITERION,
+                   "excluded_for_tail": [{"id": r["id"], "p50_ms": r["latency_ms"]["p50"],
+                                          "p99_ms": r["latency_ms"]["p99"]} for r in tail_excluded]}
+    res["recommended"] = _clean(best["settings"])
+    for k in ("latency_ms", "throughput", "load_ms", "first_inference_ms", "peak_rss_bytes", "vectors"):
+        res[k] = best.get(k)
+    notes = res["notes"]
+    for n in (best.get("notes") or []) + [t["note"] for t in best.get("throughput") or [] if t.get("note")]:
+        if n not in notes:
+            notes.append(n)
+
+
+def _measure_accuracy(res, bundle, rt, best, task):
+    """Accuracy (or quality) with the best setting: a multi-task bundle's per task on each task's eval file
+    with its own model (latency is the top-level model's: every task's model has the same graph), else on
+    eval.npz."""
+    from .tasks import bundle_tasks, task_accuracies  # lazily: tasks.py requires lzma, a single-task bundle does not
+    if task is not None or bundle_tasks(bundle.manifest):
+        per_task = task_accuracies(bundle, res["recommended"], rt.package, only=task)
+        res["tasks"] = per_task
+        if per_task:
+            n = sum(a["eval_samples"] for a in per_task.values())
+            res["accuracy"] = {"accuracy": sum(a["accuracy"] for a in per_task.values()) / len(per_task),
+                               "correct": sum(a["correct"] for a in per_task.values()), "eval_samples": n,
+                               "manifest_accuracy": (bundle.manifest.get("metrics") or {}).get("accuracy"),
+                               "settings_id": best["id"], "tasks": sorted(per_task)}
+        return
+    ev = bundle.eval_set()
+    if ev is None:
+        res["notes"].append("eval.npz not in the bundle: accuracy not measured")
+        return
+    model = bundle.open_model(res["recommended"], runtime=rt.package)
+    if bundle.task != "classification":  # regression / reconstruction: the task's figures
+        res["quality"] = _task_quality(bundle, model, ev, best["id"])
+    else:
+        acc = eval_accuracy(model, ev[0], ev[1])
+        acc["manifest_accuracy"] = (bundle.manifest.get("metrics") or {}).get("accuracy")
+        acc["settings_id"] = best["id"]
+        res["accuracy"] = acc
+    model.close()
 
 
 def _save(bundle, rt, identity, res, sweep, fixed_keys, measured):

@@ -209,11 +209,6 @@ def scan_bundle(root):
     return {"files": sorted(files), "symlinks": sorted(links), "special": sorted(special)}
 
 
-def list_bundle_files(root):
-    """All regular files under ``root`` as '/'-separated relative names (``__pycache__/*.pyc`` skipped)."""
-    return [n for n in scan_bundle(root)["files"] if not (is_ignored_unlisted(n) and "/" in n)]
-
-
 def check_files(root, files, manifest_name=MANIFEST_NAME):
     """Check every ``files`` entry and the folder as a whole. Returns a dict:
 

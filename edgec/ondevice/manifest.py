@@ -172,7 +172,18 @@ def validate_manifest(m):
             % (sv, SUPPORTED_SCHEMA_VERSION),
             "upgrade edgec (pip install -U edgec), or use the run.py shipped inside the bundle")
     check_seal(m)  # before any other field is read: a changed byte anywhere is caught here
-    # runtime
+    _validate_runtime(m)
+    _validate_files(m)
+    _validate_tensors(m)
+    _validate_metrics(m)
+    _validate_task(m)
+    if "tasks" in m:  # a multi-task bundle (learn stages): tasks.py checks its tasks section
+        from .tasks import bundle_tasks  # only then: tasks.py requires lzma, a single-task bundle does not
+        bundle_tasks(m)
+    return m
+
+
+def _validate_runtime(m):
     _require(m, "runtime", dict, "an object")
     name = _require(m, "runtime.name", str, "a string")
     if name not in RUNTIMES:
@@ -189,7 +200,11 @@ def validate_manifest(m):
             normalize_settings(name, rec, strict=True)
         except SettingsError as e:
             raise ManifestError("manifest.json: runtime.recommended: %s" % e.message, _REEXPORT) from None
-    # files
+
+
+def _validate_files(m):
+    """The file table (names inside the bundle, each once, sizes and digests in range) and the files named
+    elsewhere that it must list."""
     files = _require(m, "files", list, "a list")
     if len(files) > MAX_FILES:
         raise ManifestError("manifest.json: files lists %d entries (at most %d)" % (len(files), MAX_FILES), _REEXPORT)
@@ -219,7 +234,10 @@ def validate_manifest(m):
     _opt(m, "size", lambda v: isinstance(v, dict), "an object")
     for key in ("model_bytes", "transport_bytes", "reference_fp32_bytes"):
         _opt(m, "size." + key, lambda v: _is_int(v) and v >= 0, "a byte count")
-    # tensors and preprocessing
+
+
+def _validate_tensors(m):
+    """``inputs``, ``outputs`` and ``preprocessing``."""
     _check_tensors(m, "inputs")
     _check_tensors(m, "outputs")
     _require(m, "preprocessing", dict, "an object")
@@ -231,7 +249,10 @@ def validate_manifest(m):
     _opt(m, "preprocessing.offset", _is_param, "a number (or a list of them)")
     _opt(m, "preprocessing.layout", lambda v: isinstance(v, str) and v.isalpha() and len(v) <= MAX_RANK,
          "a layout such as NCHW")
-    # the rest the runner reads
+
+
+def _validate_metrics(m):
+    """The rest the runner reads: labels, target, metrics, tolerance."""
     _opt(m, "labels", lambda v: isinstance(v, list) and len(v) <= MAX_LABELS
          and all(isinstance(x, str) or _is_num(x) for x in v), "a list of class names")
     _opt(m, "target", lambda v: isinstance(v, dict), "an object")
@@ -247,11 +268,6 @@ def validate_manifest(m):
     if not _is_num(atol) or atol < 0:
         raise ManifestError("manifest.json: tolerance.atol must be >= 0", _REEXPORT)
     _opt(m, "tolerance.accuracy", lambda v: _is_num(v) and 0 <= v <= 1, "a fraction between 0 and 1")
-    _validate_task(m)
-    if "tasks" in m:  # a multi-task bundle (learn stages): tasks.py checks its tasks section
-        from .tasks import bundle_tasks
-        bundle_tasks(m)
-    return m
 
 
 def _validate_task(m):
@@ -406,6 +422,14 @@ class Bundle:
     def __repr__(self):
         return "Bundle(%r, runtime=%r, model=%r)" % (self.path, self.runtime_name, self.model_file)
 
+    def with_model_file(self, model_file, outputs=None):
+        """This bundle seen through another of its model files (a multi-task bundle's per-task model,
+        ``tasks.py``), with that model's ``outputs`` when they differ."""
+        manifest = dict(self.manifest, model_file=model_file)
+        if outputs:
+            manifest["outputs"] = outputs
+        return Bundle(self.path, manifest, self.manifest_bytes)
+
     # --- manifest views ------------------------------------------------------------------------
     @property
     def files(self):
@@ -492,9 +516,6 @@ class Bundle:
         except (FileRefused, OSError) as e:
             raise ManifestError("%s cannot be read (%s)" % (LABELS_NAME, e), "run verify to check the bundle") from None
         return [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
-
-    def file_path(self, name):
-        return safe_join(self.path, name)
 
     # --- checks and data -----------------------------------------------------------------------
     def check_integrity(self):

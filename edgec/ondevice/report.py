@@ -74,13 +74,45 @@ def _runtime_str(rt):
 def render_bench(result, markdown=False):
     """An ``edgec-bench`` dict as a plain-text report (``markdown=True``: Markdown)."""
     r = result
-    sysi = r.get("system") or {}
-    size = r.get("size") or {}
-    h = r.get("harness") or {}
     cfg = r.get("config") or {}
     out = []
     title = "edgec bench: %s" % (r.get("target") or r.get("bundle"))
     out.append(("## " + title) if markdown else title)
+    for k, val in _bench_facts(r):
+        out.append(("- **%s**: %s" % (k, val)) if markdown else ("%-13s %s" % (k, val)))
+    out.append("")
+    p50s = [s["latency_ms"]["p50"] for s in r.get("settings") or [] if s.get("ok") and s.get("latency_ms")]
+    unit = "us" if p50s and min(p50s) < 1.0 else "ms"
+    bsizes = cfg.get("batch_sizes") or [1]
+    lat_rows, thr_rows = _settings_rows(r, unit, bsizes, markdown)
+    title = "latency at batch 1 (load, first: ms; p50..max: %s)" % unit
+    out.append(("### " + title) if markdown else title)
+    out.append(_table(["setting", "load", "first", "p50", "p90", "p95", "p99", "mean", "std", "min", "max", "runs"],
+                      lat_rows, markdown))
+    out.append("")
+    out.append(("### throughput (samples/s), memory, test vectors" if markdown
+                else "throughput (samples/s), memory, test vectors"))
+    out.append(_table(["setting"] + ["batch %d" % b for b in bsizes] + ["peak RSS", "vec max|diff|", "vec top-1"],
+                      thr_rows, markdown))
+    out.append("")
+    out.extend(_best_lines(r.get("best"), unit, markdown))
+    if r.get("ops_profile"):
+        from .op_profile import render_ops
+        out.append("")
+        out.extend(render_ops(r["ops_profile"]))
+    for n in r.get("notes") or []:
+        out.append(("- note: %s" if markdown else "note: %s") % n)
+    for e in r.get("errors") or []:
+        out.append(("- error: %s" if markdown else "error: %s") % e)
+    return "\n".join(out) + "\n"
+
+
+def _bench_facts(r):
+    """``[(label, text)]``: what was measured, where and how, and the best setting's accuracy and vectors."""
+    sysi = r.get("system") or {}
+    size = r.get("size") or {}
+    h = r.get("harness") or {}
+    cfg = r.get("config") or {}
     facts = [
         ("bundle", r.get("bundle")),
         ("model", "%s, %s (manifest model %s, transport %s)" % (
@@ -107,13 +139,12 @@ def render_bench(result, markdown=False):
         facts.append(("test vectors", "%s: %s vectors, max|diff| %s, top-1 agreement %s" % (
             "ok" if v.get("ok") else "FAILED", v.get("count"), _num(v.get("max_abs_diff"), "%.3g"),
             _num(v.get("top1_agreement")))))
-    for k, val in facts:
-        out.append(("- **%s**: %s" % (k, val)) if markdown else ("%-13s %s" % (k, val)))
-    out.append("")
+    return facts
+
+
+def _settings_rows(r, unit, bsizes, markdown):
+    """``(latency rows, throughput rows)``: one of each per measured setting, the best one marked."""
     best_id = (r.get("best") or {}).get("id")
-    p50s = [s["latency_ms"]["p50"] for s in r.get("settings") or [] if s.get("ok") and s.get("latency_ms")]
-    unit = "us" if p50s and min(p50s) < 1.0 else "ms"
-    bsizes = cfg.get("batch_sizes") or [1]
     lat_rows, thr_rows = [], []
     for s in r.get("settings") or []:
         mark = "* " if s.get("id") == best_id else "  "
@@ -135,35 +166,19 @@ def render_bench(result, markdown=False):
         vec = s.get("vectors") or {}
         thr_rows.append([name] + cells + [_bytes(s.get("peak_rss_bytes")),
                                           _num(vec.get("max_abs_diff"), "%.3g"), _num(vec.get("top1_agreement"))])
-    title = "latency at batch 1 (load, first: ms; p50..max: %s)" % unit
-    out.append(("### " + title) if markdown else title)
-    out.append(_table(["setting", "load", "first", "p50", "p90", "p95", "p99", "mean", "std", "min", "max", "runs"],
-                      lat_rows, markdown))
-    out.append("")
-    out.append(("### throughput (samples/s), memory, test vectors" if markdown
-                else "throughput (samples/s), memory, test vectors"))
-    out.append(_table(["setting"] + ["batch %d" % b for b in bsizes] + ["peak RSS", "vec max|diff|", "vec top-1"],
-                      thr_rows, markdown))
-    out.append("")
-    if r.get("best"):
-        b = r["best"]
-        out.append(("**best**: `%s` (p50 %s %s): %s" if markdown else "best: %s (p50 %s %s): %s") % (
-            b["id"], _lat(b["p50_ms"], unit), unit, b["criterion"]))
-        for x in b.get("excluded_for_tail") or []:
-            out.append(("- not %s: lower p50 (%s %s) but p99 %s %s, over the tail limit" if markdown
-                        else "not %s: lower p50 (%s %s) but p99 %s %s, over the tail limit") % (
-                x["id"], _lat(x["p50_ms"], unit), unit, _lat(x["p99_ms"], unit), unit))
-    else:
-        out.append("best: none (every setting failed)")
-    if r.get("ops_profile"):
-        from .op_profile import render_ops
-        out.append("")
-        out.extend(render_ops(r["ops_profile"]))
-    for n in r.get("notes") or []:
-        out.append(("- note: %s" if markdown else "note: %s") % n)
-    for e in r.get("errors") or []:
-        out.append(("- error: %s" if markdown else "error: %s") % e)
-    return "\n".join(out) + "\n"
+    return lat_rows, thr_rows
+
+
+def _best_lines(b, unit, markdown):
+    if not b:
+        return ["best: none (every setting failed)"]
+    out = [("**best**: `%s` (p50 %s %s): %s" if markdown else "best: %s (p50 %s %s): %s") % (
+        b["id"], _lat(b["p50_ms"], unit), unit, b["criterion"])]
+    for x in b.get("excluded_for_tail") or []:
+        out.append(("- not %s: lower p50 (%s %s) but p99 %s %s, over the tail limit" if markdown
+                    else "not %s: lower p50 (%s %s) but p99 %s %s, over the tail limit") % (
+            x["id"], _lat(x["p50_ms"], unit), unit, _lat(x["p99_ms"], unit), unit))
+    return out
 
 
 def render_bench_text(result):

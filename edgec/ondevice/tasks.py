@@ -143,12 +143,7 @@ def open_full_task_model(bundle, task, settings=None, runtime=None):
     model_file = task.get("model_file") or bundle.model_file
     if model_file == bundle.model_file:
         return bundle.open_model(settings, runtime=runtime)
-    from .manifest import Bundle
-    manifest = dict(bundle.manifest)
-    manifest["model_file"] = model_file
-    if task.get("outputs"):
-        manifest["outputs"] = task["outputs"]
-    return Bundle(bundle.path, manifest, bundle.manifest_bytes).open_model(settings, runtime=runtime)
+    return bundle.with_model_file(model_file, task.get("outputs")).open_model(settings, runtime=runtime)
 
 
 def open_task_model(bundle, task, settings=None, runtime=None):

@@ -3,7 +3,7 @@
 import os
 import time
 
-from .errors import IntegrityError, ManifestError, ModelLoadError
+from .errors import ManifestError, ModelLoadError
 from .evaluate import accuracy as eval_accuracy
 from .evaluate import check_vectors
 from .integrity import summarize_problems
@@ -108,152 +108,176 @@ def verify_bundle(path, exact=False, runtime=None, settings=None, check_accuracy
            "exact": bool(exact), "notes": [], "load_ms": None, "checks": [], "signature": None, "integrity": None,
            "test_vectors": None, "max_abs_diff": None, "vectors": None, "top1_agreement": None,
            "accuracy": None, "eval_samples": None, "manifest_accuracy": None, "errors": [], "seconds": None}
-    errors, checks = res["errors"], res["checks"]
+    _run_checks(res, path, exact, runtime, settings, check_accuracy, public_key, task)
+    res["ok"] = not res["errors"] and all(c["ok"] or c["skipped"] for c in res["checks"])
+    res["seconds"] = time.perf_counter() - t_start
+    return res
 
-    def finish():
-        res["ok"] = not errors and all(c["ok"] or c["skipped"] for c in checks)
-        res["seconds"] = time.perf_counter() - t_start
-        return res
 
-    # 0. signature (before the manifest is parsed: an unsigned or changed manifest is not trusted)
+def _run_checks(res, path, exact, runtime, settings, check_accuracy, public_key, task):
+    """The checks in order, each into ``res``; a check the later ones depend on stops them when it fails
+    (they are listed as skipped)."""
     raw = None
     if public_key is not None:
-        from .signature import check_signature
         raw = read_manifest_bytes(path)
-        sig = check_signature(raw, res["bundle"], public_key)
-        res["signature"] = sig
-        checks.append(_check("signature", sig["ok"], sig["detail"]))
-        if not sig["ok"]:
-            errors.append("signature: " + sig["detail"])
-            for name in ("integrity", "load", "test_vectors", "accuracy"):
-                checks.append(_check(name, False, "skipped: signature check failed", skipped=True))
-            return finish()
+        if not _signature_ok(res, raw, public_key):
+            return
     bundle = load_bundle(path, manifest_bytes=raw)
-    m = bundle.manifest
     res.update({"bundle": bundle.path, "target": bundle.target_name, "model_file": bundle.model_file,
-                "manifest_accuracy": (m.get("metrics") or {}).get("accuracy")})
+                "manifest_accuracy": (bundle.manifest.get("metrics") or {}).get("accuracy")})
     if public_key is None:
         note = _signed_note(bundle)
         if note:
             res["notes"].append(note)
-
-    # 1. integrity (a corrupt model file could crash the runtime, so stop here on failure)
-    integ = bundle.check_integrity()
-    res["integrity"] = integ
-    if integ["ok"]:
-        detail = "%d files, %d bytes, sha256 ok, no other files" % (integ["files_checked"], integ["bytes_checked"])
-        checks.append(_check("integrity", True, detail))
-    else:
-        lines = summarize_problems(integ)
-        errors.extend("integrity: " + line for line in lines)
-        checks.append(_check("integrity", False, "; ".join(lines)))
-        for name in ("load", "test_vectors", "accuracy"):
-            checks.append(_check(name, False, "skipped: integrity check failed", skipped=True))
-        return finish()
-
-    # 1b. the transport payload (what a device downloads) must decode to the model file evaluated
-    transport = _check_transport(bundle)
+    if not _integrity_ok(res, bundle):  # a corrupt model file could crash the runtime: stop here
+        return
+    transport = _check_transport(bundle)  # what a device downloads must decode to the model file evaluated
     if transport is not None:
-        checks.append(transport)
-        if not transport["ok"]:
-            errors.append("transport: " + transport["detail"])
-
-    # 2. load (RuntimeMissingError propagates: the environment, not the bundle, is at fault)
-    rt = import_runtime(bundle.runtime_name, runtime)
+        _record(res, transport)
+    rt = import_runtime(bundle.runtime_name, runtime)  # RuntimeMissingError: the environment is at fault
     res["runtime"] = rt.as_dict()
     note = bundle.runtime_min_version_note(rt)
     if note:
         res["notes"].append(note)
+    model = _load(res, bundle, settings, rt)
+    if model is None:
+        return
+    from .tasks import bundle_tasks  # lazily: tasks.py requires lzma, a single-task bundle does not
+    try:
+        _check_test_vectors(res, bundle, model, exact)
+        if task is not None or bundle_tasks(bundle.manifest):
+            _check_tasks(res, bundle, settings, rt, exact, check_accuracy, task)
+        elif not check_accuracy:
+            res["checks"].append(_check("accuracy", True, "not requested", skipped=True))
+        else:
+            _check_eval_set(res, bundle, model)
+    finally:
+        model.close()
+
+
+def _record(res, check):
+    """Add ``check`` to ``res``; a failed one is also an error line, ``<name>: <detail>``."""
+    res["checks"].append(check)
+    if not check["ok"] and not check["skipped"]:
+        res["errors"].append("%s: %s" % (check["name"], check["detail"]))
+
+
+def _skip(res, names, why):
+    for name in names:
+        res["checks"].append(_check(name, False, "skipped: " + why, skipped=True))
+
+
+def _signature_ok(res, raw, public_key):
+    """The signature, before the manifest is parsed: an unsigned or changed manifest is not trusted."""
+    from .signature import check_signature
+    sig = check_signature(raw, res["bundle"], public_key)
+    res["signature"] = sig
+    _record(res, _check("signature", sig["ok"], sig["detail"]))
+    if not sig["ok"]:
+        _skip(res, ("integrity", "load", "test_vectors", "accuracy"), "signature check failed")
+    return sig["ok"]
+
+
+def _integrity_ok(res, bundle):
+    integ = bundle.check_integrity()
+    res["integrity"] = integ
+    if integ["ok"]:
+        detail = "%d files, %d bytes, sha256 ok, no other files" % (integ["files_checked"], integ["bytes_checked"])
+        res["checks"].append(_check("integrity", True, detail))
+        return True
+    lines = summarize_problems(integ)
+    res["errors"].extend("integrity: " + line for line in lines)
+    res["checks"].append(_check("integrity", False, "; ".join(lines)))
+    _skip(res, ("load", "test_vectors", "accuracy"), "integrity check failed")
+    return False
+
+
+def _load(res, bundle, settings, rt):
+    """The opened model, or None (the load check failed)."""
     try:
         model = bundle.open_model(settings, runtime=rt.package)
     except ModelLoadError as e:
-        errors.append("load: %s" % e)
-        checks.append(_check("load", False, str(e)))
-        for name in ("test_vectors", "accuracy"):
-            checks.append(_check(name, False, "skipped: model did not load", skipped=True))
-        return finish()
+        _record(res, _check("load", False, str(e)))
+        _skip(res, ("test_vectors", "accuracy"), "model did not load")
+        return None
     res["settings"] = model.settings
     res["notes"].extend(model.notes)
     res["load_ms"] = model.load_seconds * 1e3
-    checks.append(_check("load", True, "%s %s (%s) in %.1f ms" % (
+    res["checks"].append(_check("load", True, "%s %s (%s) in %.1f ms" % (
         rt.package, rt.version, _ran_settings_id(model.settings), res["load_ms"])))
+    return model
 
-    # 3. test vectors
+
+def _check_test_vectors(res, bundle, model, exact):
     try:
         vectors = bundle.test_vectors()
     except ManifestError as e:
-        vectors = None
-        errors.append("test_vectors: %s" % e)
-        checks.append(_check("test_vectors", False, str(e)))
+        _record(res, _check("test_vectors", False, str(e)))
+        return
+    if vectors is None:
+        res["errors"].append("test_vectors: %s is missing from the bundle" % TEST_VECTORS_NAME)
+        res["checks"].append(_check("test_vectors", False, "%s missing" % TEST_VECTORS_NAME))
+        return
+    try:
+        tv = check_vectors(model, vectors, bundle.atol, exact=exact)
+    except Exception as e:  # wrong input shape, runtime failure at invoke, ...: one line, named
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        tv = {"ok": False, "error": "%s: %s" % (TEST_VECTORS_NAME, msg), "count": int(len(vectors["inputs"]))}
+    res["test_vectors"] = tv
+    res["vectors"] = tv.get("count")
+    res["max_abs_diff"] = tv.get("max_abs_diff")
+    res["top1_agreement"] = tv.get("top1_agreement")
+    if tv.get("error"):
+        _record(res, _check("test_vectors", False, tv["error"]))
+    elif tv["ok"]:
+        agreement = "; top-1 agreement %.4f" % tv["top1_agreement"] if bundle.task == "classification" else ""
+        res["checks"].append(_check("test_vectors", True, "%d vectors, max|diff| %.3g %s%s" % (
+            tv["count"], tv["max_abs_diff"], "bit-identical" if exact else "<= atol %g" % tv["atol"], agreement)))
     else:
-        if vectors is None:
-            errors.append("test_vectors: %s is missing from the bundle" % TEST_VECTORS_NAME)
-            checks.append(_check("test_vectors", False, "%s missing" % TEST_VECTORS_NAME))
-    if vectors is not None:
-        try:
-            tv = check_vectors(model, vectors, bundle.atol, exact=exact)
-        except Exception as e:  # wrong input shape, runtime failure at invoke, ...: one line, named
-            msg = " ".join(str(e).split())[:300] or type(e).__name__
-            tv = {"ok": False, "error": "%s: %s" % (TEST_VECTORS_NAME, msg), "count": int(len(vectors["inputs"]))}
-        res["test_vectors"] = tv
-        res["vectors"] = tv.get("count")
-        res["max_abs_diff"] = tv.get("max_abs_diff")
-        res["top1_agreement"] = tv.get("top1_agreement")
-        if tv.get("error"):
-            errors.append("test_vectors: %s" % tv["error"])
-            checks.append(_check("test_vectors", False, tv["error"]))
-        elif tv["ok"]:
-            agreement = "; top-1 agreement %.4f" % tv["top1_agreement"] if bundle.task == "classification" else ""
-            checks.append(_check("test_vectors", True, "%d vectors, max|diff| %.3g %s%s" % (
-                tv["count"], tv["max_abs_diff"], "bit-identical" if exact else "<= atol %g" % tv["atol"], agreement)))
-        else:
-            what = "not bit-identical" if exact else "|diff| > atol %g" % tv["atol"]
-            errors.append("test_vectors: %d of %d vectors %s, first at index %d (max|diff| %.3g at index %d)" % (
-                tv["n_failed"], tv["count"], what, tv["failed_indices"][0], tv["max_abs_diff"],
-                tv["worst_index"]))
-            checks.append(_check("test_vectors", False, "%d/%d vectors failed: indices %s" % (
-                tv["n_failed"], tv["count"], tv["failed_indices"])))
+        what = "not bit-identical" if exact else "|diff| > atol %g" % tv["atol"]
+        res["errors"].append("test_vectors: %d of %d vectors %s, first at index %d (max|diff| %.3g at index %d)" % (
+            tv["n_failed"], tv["count"], what, tv["failed_indices"][0], tv["max_abs_diff"], tv["worst_index"]))
+        res["checks"].append(_check("test_vectors", False, "%d/%d vectors failed: indices %s" % (
+            tv["n_failed"], tv["count"], tv["failed_indices"])))
 
-    # 3b. a multi-task bundle (learn stages): each task's model, test vectors, accuracy (``tasks.py``);
-    # ``task`` checks that task only
-    from .tasks import bundle_tasks, select_task, verify_tasks
-    if task is not None or bundle_tasks(m):
-        select_task(bundle, task) if task is not None else None
-        t_checks, t_errors, per_task = verify_tasks(bundle, settings, rt.package, exact, check_accuracy, task)
-        checks.extend(t_checks)
-        errors.extend(t_errors)
-        res["tasks"] = per_task
-        if per_task:
-            res["accuracy"] = sum(v["accuracy"] for v in per_task.values()) / len(per_task)
-            res["eval_samples"] = sum(v["eval_samples"] for v in per_task.values())
-        model.close()
-        return finish()
 
-    # 4. accuracy on eval.npz
-    if not check_accuracy:
-        checks.append(_check("accuracy", True, "not requested", skipped=True))
-        return finish()
+def _check_tasks(res, bundle, settings, rt, exact, check_accuracy, task):
+    """A multi-task bundle (learn stages): each task's model, test vectors, accuracy (``tasks.py``);
+    ``task``: that task only."""
+    from .tasks import select_task, verify_tasks
+    if task is not None:
+        select_task(bundle, task)
+    t_checks, t_errors, per_task = verify_tasks(bundle, settings, rt.package, exact, check_accuracy, task)
+    res["checks"].extend(t_checks)
+    res["errors"].extend(t_errors)
+    res["tasks"] = per_task
+    if per_task:
+        res["accuracy"] = sum(v["accuracy"] for v in per_task.values()) / len(per_task)
+        res["eval_samples"] = sum(v["eval_samples"] for v in per_task.values())
+
+
+def _check_eval_set(res, bundle, model):
+    """Accuracy (or a regression / reconstruction bundle's quality) on eval.npz."""
     try:
         ev = bundle.eval_set()
     except ManifestError as e:
-        errors.append("accuracy: %s" % e)
-        checks.append(_check("accuracy", False, str(e)))
-        return finish()
+        _record(res, _check("accuracy", False, str(e)))
+        return
     if ev is None:
         res["notes"].append("%s not in the bundle: accuracy not measured" % EVAL_NAME)
-        checks.append(_check("accuracy", True, "%s absent" % EVAL_NAME, skipped=True))
-        return finish()
+        res["checks"].append(_check("accuracy", True, "%s absent" % EVAL_NAME, skipped=True))
+        return
     if bundle.task != "classification":  # regression / reconstruction: the task's figures (metrics.py)
-        _verify_quality(bundle, model, ev, res, errors, checks)
-        model.close()
-        return finish()
+        _verify_quality(bundle, model, ev, res, res["errors"], res["checks"])
+        return
     try:
         acc = eval_accuracy(model, ev[0], ev[1])
     except Exception as e:  # bad raw shape, etc.: one line, named
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        errors.append("accuracy: %s: %s" % (EVAL_NAME, msg))
-        checks.append(_check("accuracy", False, msg))
-        return finish()
+        res["errors"].append("accuracy: %s: %s" % (EVAL_NAME, msg))
+        res["checks"].append(_check("accuracy", False, msg))
+        return
+    m = bundle.manifest
     res["accuracy"], res["eval_samples"] = acc["accuracy"], acc["eval_samples"]
     want = res["manifest_accuracy"]
     want_n = (m.get("metrics") or {}).get("eval_samples")
@@ -261,16 +285,14 @@ def verify_bundle(path, exact=False, runtime=None, settings=None, check_accuracy
     tol = float(DEFAULT_ACCURACY_TOLERANCE if tol is None else tol)
     comparable = isinstance(want, (int, float)) and (want_n is None or int(want_n) == acc["eval_samples"])
     detail = "%.4f on %d samples" % (acc["accuracy"], acc["eval_samples"])
+    ok = True
     if comparable:
         detail += " (manifest %.4f, tolerance %.3g)" % (want, tol)
         if acc["accuracy"] < float(want) - tol - 1e-12:
-            errors.append("accuracy: %.4f on %s is below the manifest's %.4f by more than %.3g" % (
+            res["errors"].append("accuracy: %.4f on %s is below the manifest's %.4f by more than %.3g" % (
                 acc["accuracy"], EVAL_NAME, want, tol))
-            checks.append(_check("accuracy", False, detail))
-            return finish()
-    checks.append(_check("accuracy", True, detail))
-    model.close()
-    return finish()
+            ok = False
+    res["checks"].append(_check("accuracy", ok, detail))
 
 
 def _verify_quality(bundle, model, ev, res, errors, checks):
@@ -306,7 +328,3 @@ def _verify_quality(bundle, model, ev, res, errors, checks):
             checks.append(_check("quality", False, detail))
             return
     checks.append(_check("quality", True, detail))
-
-
-def verify_exit_code(result):
-    return 0 if result.get("ok") else IntegrityError.exit_code

@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgec.build_layout import BENCH_FILE, BUNDLE_DIR
 from edgec.errors import InputError
 
 from .accuracy_budget import IMAGES as BUDGET_IMAGES
@@ -40,7 +41,7 @@ from .document import ASSETS_DIR, REPORT_HTML, REPORT_MD, Doc, write_document
 from .pretrain import IMAGES as PRETRAIN_IMAGES
 from .pretrain import pretrain_section
 from .sections import IMAGES as SECTION_IMAGES
-from .sections import (BENCH_FILE, BUNDLE_DIR, budget_section, confusion_section, header, latency_section,
+from .sections import (budget_section, confusion_section, header, latency_section,
                        pareto_section, sharing_section, sparsity_section, stage_section)
 from .tasks import IMAGES as TASK_IMAGES
 from .tasks import task_section

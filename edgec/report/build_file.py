@@ -15,9 +15,9 @@ from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from edgec.build_layout import BUILD_FILE
 from edgec.errors import InputError
 
-BUILD_FILE = "build.json"
 MAX_BUILD_FILE_BYTES = 64 << 20
 
 Count = Optional[Annotated[StrictInt, Field(ge=0)]]

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from edgec.build_layout import BENCH_FILE, BUNDLE_DIR
+
 from .document import Doc, Image, Table, fmt_bytes, fmt_int, fmt_metric, fmt_ms, fmt_pct
 from .plots import (plot_confusion, plot_latency_profile, plot_latency_samples, plot_ops, plot_pareto,
                     plot_sharing, plot_sparsity)
 
-BENCH_FILE = "bench.json"
-BUNDLE_DIR = "bundle"
 CHECKPOINT_FILE = "model.pt"
 # Image names these sections write into report/ (older copies not rewritten this time are removed).
 IMAGES = ("accuracy_vs_bytes", "sparsity", "weight_sharing", "confusion", "latency")

@@ -8,8 +8,9 @@ embedded (in this process) or on Ray Tune.
 Modules: ``space`` (the [search] table, grid / random / tpe points), ``trial`` (one point -> plan
 check -> build -> validation accuracy and latency), ``pareto`` (feasibility, fronts, the best-point
 rule), ``records`` (the trial store that makes a search resumable, and when a stored record may be
-reused), ``runner`` (the embedded backend, the dry run), ``ray_backend`` (a Ray session and Ray Tune), ``output`` (search.json, report, Pareto bundles,
-best.toml).
+reused), ``progress`` (what both backends do with a finished trial: store it, print it, tell a sampler its
+objective values), ``runner`` (the embedded backend, the dry run), ``ray_backend`` (a Ray session and Ray
+Tune), ``output`` (search.json, report, Pareto bundles, best.toml).
 """
 
 from __future__ import annotations

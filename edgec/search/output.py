@@ -26,17 +26,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from edgec.build_layout import BUILD_FILE, BUNDLE_DIR, REFERENCE_FILE
 from edgec.errors import EdgecError
 
 from .pareto import baseline_accuracy, limits, pareto_front, select_best, violations
 from .runner import SearchOutcome
 from .space import Range
-from .trial import resolve
+from .trial import BUILDS_DIR, resolve
 
 SEARCH_SCHEMA = "edgec-search"
 SEARCH_FILE = "search.json"
 PARETO_DIR = "pareto"
-BUILDS_DIR = "builds"
 
 
 def analyze(outcome: SearchOutcome) -> dict[str, dict[str, Any]]:
@@ -134,7 +134,7 @@ def _materialize_front(outcome: SearchOutcome, analysis: dict[str, dict[str, Any
             record = by_id[tid]
             dest = root / target / f"{record['number']:03d}-{tid}"
             build_dir = setup.out / BUILDS_DIR / tid / target
-            if not (build_dir / "bundle" / "manifest.json").is_file():
+            if not (build_dir / BUNDLE_DIR / "manifest.json").is_file():
                 try:
                     build_dir = _rebuild(outcome, record, target, console)
                 except EdgecError as e:  # e.g. edgec changed since the trial ran and its export now refuses
@@ -142,11 +142,11 @@ def _materialize_front(outcome: SearchOutcome, analysis: dict[str, dict[str, Any
                                   f"could not be rebuilt: {e}")
                     continue
             dest.mkdir(parents=True)
-            shutil.copytree(build_dir / "bundle", dest / "bundle")
-            for name in ("build.json", "reference.pt"):
+            shutil.copytree(build_dir / BUNDLE_DIR, dest / BUNDLE_DIR)
+            for name in (BUILD_FILE, REFERENCE_FILE):
                 if (build_dir / name).is_file():
                     shutil.copy2(build_dir / name, dest / name)
-            placed[(target, tid)] = str(dest.relative_to(setup.out) / "bundle")
+            placed[(target, tid)] = str(dest.relative_to(setup.out) / BUNDLE_DIR)
     return placed
 
 

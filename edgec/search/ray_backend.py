@@ -22,8 +22,8 @@ from rich.console import Console
 from edgec.errors import InputError
 
 from . import space as sp
+from .progress import Progress, objective_values
 from .records import reuse
-from .runner import _Progress, objective_values
 from .trial import SearchContext, TrialJob, run_trial
 
 RAY_OBJECT_STORE_BYTES = 200 * 1024**2
@@ -93,7 +93,7 @@ def trial_fn(config: dict[str, Any], ctx: SearchContext, spec: sp.SearchConfig, 
     tune.report({"record": json.dumps(record), **scalars})
 
 
-def _tune_run(ctx: SearchContext, spec: sp.SearchConfig, fn: Callable, report: _Progress, *,
+def _tune_run(ctx: SearchContext, spec: sp.SearchConfig, fn: Callable, report: Progress, *,
               param_space: dict[str, Any] | None = None, search_alg: Any = None, num_samples: int = 1) -> list[dict]:
     resources = {"cpu": spec.cpus_per_trial}
     if spec.gpus_per_trial:
@@ -125,13 +125,13 @@ def _tune_run(ctx: SearchContext, spec: sp.SearchConfig, fn: Callable, report: _
     return records
 
 
-def run_grid(ctx: SearchContext, spec: sp.SearchConfig, jobs: list[TrialJob], report: _Progress) -> None:
+def run_grid(ctx: SearchContext, spec: sp.SearchConfig, jobs: list[TrialJob], report: Progress) -> None:
     fn = tune.with_parameters(trial_fn, ctx=ctx, spec=spec, jobs={j.number: j for j in jobs}, offset=0, finished={})
     _tune_run(ctx, spec, fn, report, param_space={"number": tune.grid_search([j.number for j in jobs])})
 
 
 def run_tpe(ctx: SearchContext, spec: sp.SearchConfig, storage, sampler, dists: dict[str, Any], remaining: int,
-             offset: int, finished: dict[str, dict[str, Any]], report: _Progress) -> list[dict[str, Any]]:
+             offset: int, finished: dict[str, dict[str, Any]], report: Progress) -> list[dict[str, Any]]:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 

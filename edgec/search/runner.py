@@ -13,25 +13,21 @@ finished trials than the serial run does, so its path may differ.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 
 from edgec.errors import ConfigError, InputError
 from edgec.tomlfile import read_toml
 
 from . import space as sp
-from .records import FINISHED, TrialStore, reuse
+from .progress import Progress, objective_values
+from .records import TrialStore, reuse
 from .trial import (SearchContext, TrialJob, named_factories, prefix_lock_name, require_classification, resolve,
                     run_trial)
-
-PENALTY = 1e30  # what an unbuilt trial reports to a sampler for an objective it minimises
-
 
 @dataclass
 class SearchSetup:
@@ -116,7 +112,7 @@ def run_search(setup: SearchSetup, *, use_ray: bool = False, ray_address: str | 
     backend = "ray" if use_ray else "embedded"
     console.print(f"search  {spec.strategy}, objectives {', '.join(spec.objectives)}, targets {', '.join(setup.targets)}, "
                   f"{backend}, {spec.cpus_per_trial} CPU(s) per trial")
-    report = _Progress(console, store)
+    report = Progress(console, store)
     ray_info = None
     if spec.strategy in ("grid", "random"):
         points = sp.grid_points(spec) if spec.strategy == "grid" else sp.random_points(spec)
@@ -244,66 +240,9 @@ def _with_shared_prefixes(ctx: SearchContext, jobs: list[TrialJob]) -> list[Tria
             for j in jobs]
 
 
-class _Progress:
-    """Stores each record as it arrives and prints one line for it."""
-
-    def __init__(self, console: Console, store: TrialStore):
-        self.console, self.store = console, store
-        self.records: dict[str, dict[str, Any]] = {}
-        self.errors: list[dict[str, Any]] = []
-        self.total = 0
-        self.ray_info: dict[str, Any] | None = None
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        if record["status"] in FINISHED:
-            self.store.write(record)
-        else:
-            self.errors.append(record)
-        if record["id"] in self.records:
-            return
-        self.records[record["id"]] = record
-        point = ", ".join(f"{k}={_short(v)}" for k, v in record["point"].items())
-        parts = []
-        for target, res in record["targets"].items():
-            m = res.get("metrics") or {}
-            if res["status"] == "ok":
-                parts.append(f"{target}: val acc {m['accuracy']:.4f}, {m['transport_bytes']:,} B, p50 {m['p50_ms'] * 1e3:.1f} us")
-            else:
-                parts.append(f"{target}: {res['status']}" + (f" ({_reason(res['reason'])})" if res.get("reason") else ""))
-        if not record["targets"]:
-            parts.append(f"{record['status']}: {_reason(record['reason'])}")
-        self.console.print(f"[{len(self.records)}/{self.total or '?'}] {point} -> {'; '.join(parts)} "
-                           f"[dim]({record['stage_runs']} stage run(s), {record['seconds']:.0f} s)[/]")
-
-
-def _reason(text: Any, limit: int = 300) -> str:
-    """Why a trial was rejected or failed, as one line of console text (its markup characters escaped)."""
-    line = " ".join(str(text).split())
-    return escape(line if len(line) <= limit else line[:limit - 3] + "...")
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, separators=(",", ":")) if not isinstance(value, str) else value
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-# -- objectives as a sampler sees them -------------------------------------------------------------
-
-def objective_values(record: dict[str, Any], target: str, objectives: list[str]) -> list[float]:
-    res = record["targets"].get(target) or {}
-    metrics = res.get("metrics") or {}
-    out = []
-    for name in objectives:
-        value = metrics.get(name) if res.get("status") == "ok" else None
-        if value is None:
-            value = 0.0 if sp.OBJECTIVES[name] == "max" else PENALTY
-        out.append(float(value))
-    return out
-
-
 # -- tpe -------------------------------------------------------------------------------------------
 
-def _tpe(ctx: SearchContext, spec: sp.SearchConfig, finished: dict[str, dict[str, Any]], report: _Progress,
+def _tpe(ctx: SearchContext, spec: sp.SearchConfig, finished: dict[str, dict[str, Any]], report: Progress,
          use_ray: bool, ray_address: str | None, ray_cpus: int | None, console: Console) -> list[dict[str, Any]]:
     """Embedded: Optuna ask / tell, one trial at a time. A restarted search replays the same seeded
     sampler: each proposal it has already run is told its stored result instead of running again, so

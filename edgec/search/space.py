@@ -289,8 +289,3 @@ def params_from_point(spec: SearchConfig, point: dict[str, Any]) -> dict[str, An
                 return None
             params[name] = matches[0]
     return params if same_value(point_from_params(spec, params), point) else None
-
-
-def touched_stage(key: str) -> str:
-    """The stage id or kind a space key changes (its first part); top-level keys change every stage."""
-    return key.split(".", 1)[0]

@@ -17,13 +17,14 @@ import tempfile
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from edgec.errors import ConfigError, EdgecError, InputError
 
 RECORD_SCHEMA = "edgec-search-trial"
+BUILDS_DIR = "builds"  # OUT/builds/<trial id>/<target>/: each trial's build directories
 LOCK_DIR = ".search-locks"  # inside the stage cache: every node that shares the cache shares the locks
 
 
@@ -149,7 +150,7 @@ def _run(ctx: SearchContext, job: TrialJob, record: dict[str, Any], console) -> 
         record["targets"] = {t: _rejected(str(e)) for t in ctx.targets}
         return
     record["config"] = portable_config(config)
-    build_root = ctx.out / "builds" / job.id
+    build_root = ctx.out / BUILDS_DIR / job.id
     config = config.model_copy(update={"cache_dir": ctx.cache_dir, "out": build_root})
     if not config.stages or config.stages[-1].kind != "export":
         raise ConfigError("a search needs a chain that ends with the export stage (it compares bundles)")
@@ -331,10 +332,3 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def context_dict(ctx: SearchContext) -> dict[str, Any]:
-    out = asdict(ctx)
-    out["out"], out["cache_dir"] = str(ctx.out), str(ctx.cache_dir)
-    out["targets"] = list(ctx.targets)
-    return out

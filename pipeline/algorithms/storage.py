@@ -6,9 +6,11 @@
 - ``deep_compression_bytes``: Han's storage format computed exactly from the weights (relative
   sparse index with filler zeros, codebook indices, codebooks, Huffman coding of both streams). It
   is an estimate: nothing writes this format and a device would have to decode it before inference.
-- ``pack_weights``: the bytes a device really downloads (``weightcodec``'s format, lzma over
-  sparse runs and codebook indices), checked to decode bit-identically; ``compressed_file_bytes``:
-  any file (e.g. the exported int8 model) after lzma preset 9.
+- ``pack_weights``: the weights really packed (``weightcodec``'s format, lzma over sparse runs and
+  codebook indices) and checked to decode bit-identically: the size a stage's torch weights reach
+  (``packed_weights_bytes``). What a device downloads is the exported model's transport payload
+  (``transport_codec``), measured by the export stage; ``compressed_file_bytes``: any file (e.g. the
+  exported int8 model) after lzma preset 9.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def pack_weights(
     masks: Mapping[str, torch.Tensor],
     codebooks: Mapping[str, torch.Tensor],
 ) -> bytes:
-    """The transport payload of ``state_dict``: shared tensors as codebook indices, masked ones sparse.
+    """``state_dict`` packed (``weightcodec``): shared tensors as codebook indices, masked ones sparse.
 
     Masked-out weights must be zero (InputError otherwise). The payload is decoded again before it
     is returned and must give back every tensor bit for bit (ExportError otherwise); decode it with

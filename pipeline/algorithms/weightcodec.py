@@ -1,7 +1,11 @@
-"""Transport codec for pruned and weight-shared weights: numpy + stdlib only (no torch).
+"""Packed-weights codec: how small a stage's pruned and weight-shared weights pack, numpy + stdlib only.
 
-This is the format of the bytes a device downloads; it decodes bit-identically to the weights that
-were packed. Layout::
+This is size accounting, not what a device downloads: ``storage.pack_weights`` packs a stage's torch
+weights (fp32, before export) with it to report ``packed_weights_bytes`` next to Deep Compression's
+estimate (``storage.deep_compression_bytes``). A device downloads the transport payload of the exported
+model file, ``model.<ext>.edgt`` (``edgec.ondevice.transport``, encoded by ``transport_codec``), whose
+zero runs are coded the same way (``encode_runs`` / ``decode_runs`` there). The packed weights decode
+bit-identically (``unpack_weights``). Layout::
 
     b"EDGW" + lzma(xz, preset 9 extreme) of:
         uint32 little-endian header length, JSON header, then each tensor's sections in order
@@ -30,6 +34,8 @@ import struct
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+
+from edgec.ondevice.transport import decode_runs, encode_runs
 
 MAGIC = b"EDGW"
 VERSION = 1
@@ -60,21 +66,6 @@ def codebook_indices(values: np.ndarray, codebook: np.ndarray, name: str) -> np.
     return index
 
 
-def _encode_runs(positions: np.ndarray) -> bytes:
-    runs = np.diff(positions, prepend=-1) - 1
-    out = np.full(int(np.sum(runs // 255)) + len(runs), 255, dtype=np.uint8)
-    ends = np.cumsum(runs // 255 + 1) - 1
-    out[ends] = runs % 255
-    return out.tobytes()
-
-
-def _decode_runs(data: bytes) -> np.ndarray:
-    digits = np.frombuffer(data, dtype=np.uint8)
-    ends = np.flatnonzero(digits != 255)
-    runs = 255 * (np.diff(ends, prepend=-1) - 1) + digits[ends]
-    return np.cumsum(runs + 1) - 1
-
-
 def pack_arrays(arrays: Mapping[str, np.ndarray], codebooks: Mapping[str, np.ndarray], sparse: Iterable[str]) -> bytes:
     """Encode ``arrays``: ``shared`` where a codebook is given, ``sparse`` for names in ``sparse``, else raw."""
     sparse = set(sparse)
@@ -85,7 +76,7 @@ def pack_arrays(arrays: Mapping[str, np.ndarray], codebooks: Mapping[str, np.nda
         if name in codebooks or name in sparse:
             positions = stored_positions(array)
             values = array.ravel()[positions]
-            runs = _encode_runs(positions)
+            runs = encode_runs(positions)
             entry.update(encoding="sparse", stored=len(positions), runs_bytes=len(runs))
             sections.append(runs)
             if name in codebooks:
@@ -126,7 +117,7 @@ def unpack_weights(blob: bytes) -> dict[str, np.ndarray]:
         if entry["encoding"] == "raw":
             array = np.frombuffer(take(size * dtype.itemsize), dtype=dtype).copy()
         else:
-            positions = _decode_runs(take(entry["runs_bytes"]))
+            positions = decode_runs(take(entry["runs_bytes"]))
             array = np.zeros(size, dtype=dtype)
             if entry["encoding"] == "sparse":
                 array[positions] = np.frombuffer(take(entry["stored"] * dtype.itemsize), dtype=dtype)

@@ -1,0 +1,136 @@
+"""The import graph of the installed ``edgec`` package has no cycles: imports only go one way, so a module
+can be read, tested and moved knowing only what it imports.
+
+The graph is read from the source (every ``import`` statement, those inside functions too: a lazy import
+hides a cycle, it does not remove it), with the folders mapped to package names as pyproject.toml's
+``[tool.setuptools.package-dir]`` maps them (``pipeline/`` is ``edgec.pipeline`` ...).
+"""
+
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Cycles outside edgec.ondevice and edgec.search, being broken in the architecture redesign (issue 23);
+# a cycle passes only while all of its modules lie inside one of these sets. The lead empties this when
+# merging.
+KNOWN_CYCLES = [
+    {"edgec.targets.qat", "edgec.targets.tflite_export"},
+    {"edgec.pipeline.artifact", "edgec.pipeline.cache"},
+    # objectives <-> training, and edgec.data_fetch -> edgec.config -> edgec.pipeline.stages -> ... -> edgec.data
+    {"edgec.config", "edgec.data", "edgec.data_fetch", "edgec.pipeline.accuracy_budget", "edgec.pipeline.checks",
+     "edgec.pipeline.compression_info", "edgec.pipeline.manifest", "edgec.pipeline.modelinfo",
+     "edgec.pipeline.objectives", "edgec.pipeline.stage", "edgec.pipeline.stages", "edgec.pipeline.stages.distill",
+     "edgec.pipeline.stages.export", "edgec.pipeline.stages.export_tasks", "edgec.pipeline.stages.grow",
+     "edgec.pipeline.stages.learn", "edgec.pipeline.stages.pretrain", "edgec.pipeline.stages.prune",
+     "edgec.pipeline.stages.qat", "edgec.pipeline.stages.retrain", "edgec.pipeline.stages.share",
+     "edgec.pipeline.stages.train", "edgec.pipeline.training"},
+]
+NEVER_IN_A_CYCLE = ("edgec.ondevice.", "edgec.search.")
+
+
+def package_modules() -> dict[str, tuple[Path, bool]]:
+    """``{module name: (file, is a package's __init__)}`` for every module of the package."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = setuptools["package-dir"]
+    out = {}
+    for package in setuptools["packages"]:
+        top = next(p for p in sorted(dirs, key=len, reverse=True) if package == p or package.startswith(p + "."))
+        folder = ROOT / dirs[top] / Path(*package[len(top):].split(".")[1:])
+        for f in folder.glob("*.py"):
+            is_init = f.stem == "__init__"
+            out[package if is_init else f"{package}.{f.stem}"] = (f, is_init)
+    return out
+
+
+def _owner(name: str, modules) -> str | None:
+    """The module of ours that ``name`` (a module or a name inside one) belongs to."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph(modules) -> dict[str, set[str]]:
+    graph = {}
+    for name, (path, is_init) in modules.items():
+        here = name if is_init else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(_owner(a.name, modules) for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                for a in node.names:  # ``from pkg import submodule`` imports the submodule
+                    targets.add(_owner(f"{base}.{a.name}", modules) if f"{base}.{a.name}" in modules
+                                else _owner(base, modules))
+        graph[name] = {t for t in targets if t and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.add(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    out.append(component)
+    return out
+
+
+def test_the_graph_is_read_from_every_module():
+    modules = package_modules()
+    graph = import_graph(modules)
+    assert {"edgec.cli", "edgec.ondevice.manifest", "edgec.search.runner", "edgec.pipeline.stages.export",
+            "edgec.targets.tflite_export", "edgec.calibration.readers"} <= set(graph)
+    # relative, absolute, lazy and ``from . import submodule`` imports are all edges
+    assert "edgec.ondevice.integrity" in graph["edgec.ondevice.manifest"]
+    assert "edgec.search.ray_backend" in graph["edgec.search.runner"]
+    assert "edgec.errors" in graph["edgec.search.runner"]
+
+
+def test_cycles_are_found():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert cycles(graph) == [{"a", "b", "c"}]
+
+
+def test_no_import_cycle():
+    found = cycles(import_graph(package_modules()))
+    ours = [sorted(c) for c in found if any(m.startswith(NEVER_IN_A_CYCLE) for m in c)]
+    assert not ours, f"import cycles in the on-device package or search: {ours}"
+    new = [sorted(c) for c in found if not any(c <= known for known in KNOWN_CYCLES)]
+    assert not new, f"new import cycles: {new}"
