@@ -10,6 +10,11 @@ with ``[[tasks]]`` and ``[[stages]] kind = "learn"`` tables does:
   fixed pixel permutation (``[data.pK] permute = K``), ten classes, a head per task.
 * Split-MNIST, task-incremental (Zenke et al. 2017; van de Ven & Tolias 2019): task k is the digits
   2k and 2k+1, a two-class head per task; the task is known at inference (``predict --task``).
+* Split-MNIST, class-incremental (``split_mnist_class_incremental``; Rebuffi et al. 2017): one
+  ``learn`` stage, one ten-class head, the digits arriving two by two (``class_steps``); icarl (20
+  exemplars per class) against plain fine-tuning over the same steps (no exemplars, no distillation),
+  reported as the accuracy over all ten digits after the last step (the bundle) and the mean over
+  steps of the accuracy over the digits seen so far (torch, after each step).
 
 Methods: finetune (the lower bound: plain training on each new task), ewc, lwf, packnet, piggyback
 (a ``train`` stage on task 1's data makes the backbone, frozen from then on; every task, task 1
@@ -28,7 +33,8 @@ bound, cumulative). Reported per method:
 
 Targets: Permuted-MNIST EWC >= 0.90 (Avalanche's reproduction 0.83, the paper 0.94), PackNet >= 0.97
 with transport <= 1.2x a single-task bundle, Piggyback >= 0.97 with transport <= (1.05 + 0.04 per
-added task)x a single-task bundle; Split-MNIST LwF >= 0.97. Torch uses one thread (--threads); the
+added task)x a single-task bundle; Split-MNIST LwF >= 0.97; class-incremental Split-MNIST icarl
+(20 exemplars per class) final accuracy >= 0.85. Torch uses one thread (--threads); the
 whole run is sized for 40 minutes on 2 busy cores (``--scenarios permuted_mnist --methods packnet
 piggyback``: about 10).
 """
@@ -90,6 +96,17 @@ METHOD_KEYS = {
     "joint": {"old_samples": 10000},  # each old task's data capped at 10,000 training samples (time)
 }
 
+# Class-incremental Split-MNIST: the width, epochs and distillation weight were chosen on the last
+# step's validation accuracy (BENCHMARKS.md); finetune is the same stage with neither exemplars nor
+# distillation (its trained head classifies).
+CLASS_INCREMENTAL = "split_mnist_class_incremental"
+CLASS_STEPS = [[2 * k, 2 * k + 1] for k in range(TASKS)]
+CI_MODEL = {"name": "mlp", "args": {"widths": [400, 400]}}
+CI_TRAIN = {"epochs": 5, "batch_size": 64, "lr": 1e-3, "patience": 5}
+CI_METHODS = {"icarl": {"memory": 20, "distill": 1.0, "classifier": "nme"},
+              "finetune": {"memory": 0, "distill": 0.0, "classifier": "head"}}
+CI_TARGET = 0.85
+
 
 def backbone_stage(first_task: str, quick: bool) -> dict:
     """Piggyback's backbone: plain training on task 1's data before the learn stages freeze it."""
@@ -115,6 +132,40 @@ def build_config(scenario: str, method: str, mnist: str, quick: bool) -> dict:
     stages.append({"kind": "export", "eval_samples": 1000})
     return {"seed": 0, "data": {"source": f"mnist:{mnist}", **named}, "model": MODELS[scenario],
             "tasks": [{"name": t, "data": t} for t in named], "stages": stages}
+
+
+def class_incremental_config(method: str, mnist: str | None, quick: bool) -> dict:
+    """The class-incremental build; on the built-in digits when ``mnist`` is None (MNIST absent)."""
+    train = dict(CI_TRAIN, epochs=1, patience=1) if quick else dict(CI_TRAIN)
+    learn = {"kind": "learn", "id": "learn-digits", "task": "digits", "method": "icarl", "class_steps": CLASS_STEPS,
+             **train, **CI_METHODS[method]}
+    return {"seed": 0, "data": {"source": f"mnist:{mnist}" if mnist else "digits"}, "model": CI_MODEL,
+            "tasks": [{"name": "digits", "data": "main"}], "stages": [learn, {"kind": "export", "eval_samples": 1000}]}
+
+
+def summarize_class_incremental(result) -> dict:
+    """Accuracy over all ten digits after the last step (the bundle in its runtime, and torch), the
+    mean over steps of the accuracy over the digits seen so far, and each step's figures."""
+    from edgec.ondevice.verify import verify_bundle
+
+    stage = next(s for s in result.summary["stages"] if s["kind"] == "learn")
+    figures = stage["info"]["icarl"]
+    metrics = json.loads((result.bundle / "manifest.json").read_text())["tasks"][0]["metrics"]
+    check = verify_bundle(result.bundle)
+    return {
+        "final_accuracy": metrics["accuracy"],
+        "final_accuracy_torch": figures["final_accuracy"],
+        "average_incremental_accuracy": figures["average_incremental_accuracy"],
+        "final_old_classes_accuracy": figures["steps"][-1]["old_classes_accuracy"],
+        "final_val_accuracy": figures["steps"][-1]["val_accuracy"],
+        "steps": figures["steps"],
+        "memory_samples": figures["memory_samples"],
+        "memory_bytes": figures["memory_bytes"],
+        "top1_agreement": metrics["top1_agreement"],
+        "verified": bool(check["ok"]),
+        "verify_errors": check["errors"],
+        "seconds": round(result.seconds, 1),
+    }
 
 
 def single_task_config(mnist: str, quick: bool) -> dict:
@@ -187,6 +238,8 @@ def _run_build(scenario: str, method: str, config: dict, tmp: Path, cache: Path,
     console = Console(stderr=True, quiet=quiet)
     console.print(f"[bold]{scenario} {method}[/]")
     result = build(config, target=target, out=tmp / scenario / method, cache_dir=cache, console=console)
+    if scenario == CLASS_INCREMENTAL:
+        return {**summarize_class_incremental(result), "config": CI_METHODS[method]}
     if method == "single":
         m = json.loads((result.bundle / "manifest.json").read_text())
         return {"transport_bytes": m["size"]["transport_bytes"], "accuracy": m["metrics"]["accuracy"],
@@ -196,14 +249,23 @@ def _run_build(scenario: str, method: str, config: dict, tmp: Path, cache: Path,
     return row
 
 
+def class_incremental_entry(done: dict, quick: bool, data: str) -> dict:
+    widths = CI_MODEL["args"]["widths"]
+    return {"scenario": "class-incremental", "data": data, "class_steps": CLASS_STEPS,
+            "model": f"mlp 784-{'-'.join(map(str, widths))}, one 10-class head",
+            "train": dict(CI_TRAIN, epochs=1, patience=1) if quick else CI_TRAIN,
+            "methods": {m: done[(CLASS_INCREMENTAL, m)] for m in CI_METHODS}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mnist",
                         help="folder with the four MNIST IDX files (.gz or raw)")
     parser.add_argument("--json", type=Path, default=None,
                         help="result file (default benchmarks/results/continual.json; none with --quick)")
-    parser.add_argument("--scenarios", nargs="+", default=["permuted_mnist", "split_mnist"],
-                        choices=["permuted_mnist", "split_mnist"])
+    scenarios = ["permuted_mnist", "split_mnist", CLASS_INCREMENTAL]
+    parser.add_argument("--scenarios", nargs="+", default=scenarios, choices=scenarios,
+                        help=f"{CLASS_INCREMENTAL} always runs icarl and finetune (--methods is for the others)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per build")
     parser.add_argument("--jobs", type=int, default=2, help="builds run side by side (worker processes)")
@@ -213,7 +275,11 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
     json_path = args.json or (None if args.quick else ROOT / "benchmarks" / "results" / "continual.json")
-    if not args.data.is_dir():
+    digits_only = not args.data.is_dir() and args.scenarios == [CLASS_INCREMENTAL]
+    if digits_only:
+        print(f"MNIST not found at {args.data}: {CLASS_INCREMENTAL} runs on the built-in digits (its target is "
+              "for MNIST)", flush=True)
+    elif not args.data.is_dir():
         raise SystemExit(f"MNIST not found: {args.data} is not a directory. Pass --data DIR, the folder holding "
                          "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
                          "t10k-labels-idx1-ubyte.gz")
@@ -223,14 +289,16 @@ def main() -> None:
 
     load_start = os.getloadavg()
     start = time.perf_counter()
-    mnist = str(args.data.resolve())
+    mnist = None if digits_only else str(args.data.resolve())
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="edgec-continual-") as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"
         jobs = []  # (scenario, method or "single", config); the slowest first
         if "permuted_mnist" in args.scenarios:
             jobs.append(("permuted_mnist", "single", single_task_config(mnist, args.quick)))
-        for scenario in args.scenarios:
+        if CLASS_INCREMENTAL in args.scenarios:
+            jobs += [(CLASS_INCREMENTAL, m, class_incremental_config(m, mnist, args.quick)) for m in CI_METHODS]
+        for scenario in [s for s in args.scenarios if s != CLASS_INCREMENTAL]:
             for method in sorted(args.methods, key=lambda m: ["joint", "piggyback", "packnet", "lwf", "ewc", "finetune"].index(m)):
                 jobs.append((scenario, method, build_config(scenario, method, mnist, args.quick)))
         done = {}
@@ -244,14 +312,20 @@ def main() -> None:
                 scenario, method = futures[future]
                 row = future.result()
                 done[(scenario, method)] = row
-                if method == "single":
+                if scenario == CLASS_INCREMENTAL:
+                    print(f"{scenario} {method:9} final {row['final_accuracy']:.4f}  mean over steps "
+                          f"{row['average_incremental_accuracy']:.4f}  verified {row['verified']}  {row['seconds']:.0f} s",
+                          flush=True)
+                elif method == "single":
                     print(f"{scenario:15} single-task bundle: transport {row['transport_bytes']:,} B, accuracy "
                           f"{row['accuracy']:.4f}, {row['seconds']:.0f} s", flush=True)
                 else:
                     print(f"{scenario:15} {method:9} avg {row['avg_accuracy']:.4f}  forgetting {row['forgetting']:+.4f}  "
                           f"transport {row['transport_bytes']:,} B  verified {row['verified']}  {row['seconds']:.0f} s",
                           flush=True)
-        for scenario in args.scenarios:
+        if CLASS_INCREMENTAL in args.scenarios:
+            results[CLASS_INCREMENTAL] = class_incremental_entry(done, args.quick, "digits" if digits_only else "mnist")
+        for scenario in [s for s in args.scenarios if s != CLASS_INCREMENTAL]:
             widths = MODELS[scenario]["args"]["widths"]
             entry = {"tasks": TASKS}
             if scenario == "split_mnist":
@@ -278,12 +352,18 @@ def main() -> None:
             if row is not None:
                 checks.append((f"{scenario} {method} avg_accuracy >= {want}", row["avg_accuracy"] >= want,
                                f"{row['avg_accuracy']:.4f}"))
+    row = results.get(CLASS_INCREMENTAL, {}).get("methods", {}).get("icarl")
+    if row is not None:
+        checks.append((f"{CLASS_INCREMENTAL} icarl final_accuracy >= {CI_TARGET}", row["final_accuracy"] >= CI_TARGET,
+                       f"{row['final_accuracy']:.4f}"))
     for method, most in MAX_RATIO.items():
         row = results.get("permuted_mnist", {}).get("methods", {}).get(method)
         if row and "transport_ratio" in row:
             checks.append((f"permuted_mnist {method} transport <= {most:.2f}x single-task bundle",
                            row["transport_ratio"] <= most, f"{row['transport_ratio']:.3f}x"))
     for scenario, entry in results.items():
+        if scenario == CLASS_INCREMENTAL:
+            continue  # its figures are printed as its builds finish
         print()
         title = {"permuted_mnist": "Permuted-MNIST", "split_mnist": "Split-MNIST (task-incremental)"}[scenario]
         print(f"{title}, {TASKS} tasks, {entry['model']}; accuracy of the rpi int8 bundle in ai-edge-litert, "

@@ -21,12 +21,13 @@ FIGURE = {"regression": "r2", "reconstruction": "auc"}
 HIDDEN = {"regression": "hidden.0", "reconstruction": "encoder.0"}  # a hidden Linear of each model
 TRAIN = {"kind": "train", "epochs": 1, "lr": 3e-3}
 
-LEARN_METHODS = ("finetune", "features", "joint", "lwf", "ewc", "packnet", "piggyback")
+LEARN_METHODS = ("finetune", "features", "joint", "lwf", "ewc", "packnet", "piggyback", "icarl")
 # (stage, method, task) -> what must happen: "builds", or the words the one-line refusal must hold
 MATRIX = {
-    **{("learn", m, "regression"): "builds" for m in LEARN_METHODS if m not in ("joint", "piggyback")},
+    **{("learn", m, "regression"): "builds" for m in LEARN_METHODS if m not in ("joint", "piggyback", "icarl")},
     ("learn", "joint", "regression"): 'method = "joint"',
     ("learn", "piggyback", "regression"): 'method = "piggyback"',
+    ("learn", "icarl", "regression"): 'method = "icarl" adds classes to a classifier',
     **{("learn", m, "reconstruction"): f'method = "{m}" cannot learn task = "reconstruction"' for m in LEARN_METHODS},
     **{("grow", op, task): "builds" for op in ("wider", "deeper") for task in BASES},
     **{("grow", "classes", task): f"classes = N adds classes to a classifier; this build's task is '{task}'"
@@ -59,6 +60,8 @@ def toml_file(config: dict) -> str:
 def learn_stages(method: str) -> list[dict]:
     """Two tasks on the main data, both learned by ``method`` (the second runs its old-task terms:
     LwF's distillation of head a, EWC's penalty with task a's Fisher, PackNet's frozen weights)."""
+    if method == "icarl":  # one stage, the task's classes in steps
+        return [TRAIN, {"kind": "learn", "task": "a", "method": method, "epochs": 1, "class_steps": [[0], [1]]}]
     return [TRAIN, {"kind": "learn", "id": "learn-a", "task": "a", "method": method, "epochs": 1},
             {"kind": "learn", "id": "learn-b", "task": "b", "method": method, "epochs": 1}]
 

@@ -14,7 +14,7 @@
     [[stages]]
     kind = "learn"
     task = "high"
-    method = "lwf"          # finetune | features | joint | lwf | ewc | packnet | piggyback
+    method = "lwf"          # finetune | features | joint | lwf | ewc | packnet | piggyback | icarl
 
 Each task gets its own output head: the first learn stage replaces the model's output layer by
 ``ConcatHeads({task: head})`` (``edgec.modules``), later ones append a head, so one invoke computes
@@ -30,6 +30,10 @@ Tasks (``pipeline/objectives.py``): classification and regression (each head out
 targets; the losses are the objective's: MSE on standardized targets, LwF keeps the old heads'
 outputs by MSE instead of a softened KL, the EWC Fisher is the Gaussian one). ``joint`` and
 ``piggyback`` are for classification only, and reconstruction is refused: see :func:`refusal`.
+
+``icarl`` is class-incremental instead (``algorithms/icarl.py``): one stage, one task, one head over
+the task's classes, which arrive in ``class_steps``; rehearsal of ``memory`` exemplars per class and
+distillation on the old classes. The exemplar memory is not kept after the stage.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from edgec.data import Dataset
 from edgec.errors import ConfigError
 
 from ..algorithms import continual as cl
+from ..algorithms import icarl
 from ..algorithms import piggyback as pb
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..modelinfo import model_info
@@ -58,7 +63,7 @@ from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import OptimConfig, accuracy, fit, resolve_device, seed_everything
 
 MAIN = "main"
-METHODS = ("finetune", "features", "joint", "lwf", "ewc", "packnet", "piggyback")
+METHODS = ("finetune", "features", "joint", "lwf", "ewc", "packnet", "piggyback", "icarl")
 NEEDS_OLD_DATA = ("joint",)
 # keys that only one method reads: setting one with another method is an error, not a silent no-op
 METHOD_KEYS = {
@@ -68,6 +73,7 @@ METHOD_KEYS = {
     "prune": "packnet", "retrain_epochs": "packnet",
     "old_samples": "joint",
     "mask_init": "piggyback", "mask_threshold": "piggyback", "mask_lr": "piggyback",
+    "class_steps": "icarl", "memory": "icarl", "distill": "icarl", "classifier": "icarl",
 }
 TASKS_EXT, EWC_EXT, PACKNET_EXT, PIGGYBACK_EXT = "tasks", "ewc", "packnet", "piggyback"
 # methods that keep every earlier task exactly: each later task must use the same method
@@ -81,6 +87,9 @@ def refusal(method: str, task: str) -> str | None:
         return (f"learn: method = \"{method}\" cannot learn task = \"reconstruction\": an autoencoder's output is its "
                 "whole input, so tasks cannot own output columns (heads); train an autoencoder per task "
                 "(train, or grow wider / deeper first)")
+    if task != "classification" and method == "icarl":
+        return (f"learn: method = \"icarl\" adds classes to a classifier; task = \"{task}\" has no classes: use "
+                "finetune, features, lwf, ewc or packnet")
     if task == "regression" and method == "joint":
         return ("learn: method = \"joint\" trains every task's samples through one label space, which task = "
                 "\"regression\" does not have; use finetune, features, lwf, ewc or packnet")
@@ -92,8 +101,8 @@ def refusal(method: str, task: str) -> str | None:
 
 class LearnConfig(StageConfig, OptimConfig):
     task: str | None = Field(None, description="the task this stage learns (a [[tasks]] name); required")
-    method: Literal["finetune", "features", "joint", "lwf", "ewc", "packnet", "piggyback"] = Field(
-        "finetune", description="finetune | features | joint | lwf | ewc | packnet | piggyback (see the README)")
+    method: Literal["finetune", "features", "joint", "lwf", "ewc", "packnet", "piggyback", "icarl"] = Field(
+        "finetune", description="finetune | features | joint | lwf | ewc | packnet | piggyback | icarl (see the README)")
     epochs: int = Field(10, ge=0, description="0 with head = \"keep\": adopt the output layer as this task's head untrained")
     patience: int = Field(10, ge=1)
     head: Literal["new", "keep"] = Field(
@@ -118,6 +127,14 @@ class LearnConfig(StageConfig, OptimConfig):
     mask_init: float = Field(1e-2, description="piggyback: initial mask score of every weight (Mallya et al.: 1e-2)")
     mask_threshold: float = Field(5e-3, description="piggyback: a weight is kept while its score is above this (5e-3)")
     mask_lr: float = Field(1e-4, gt=0, description="piggyback: Adam learning rate of the mask scores (the head uses lr)")
+    # icarl (class-incremental)
+    class_steps: list[list[int]] | None = Field(None, description="icarl: the task's classes in the order they arrive, "
+                                                "e.g. [[0, 1], [2, 3]]; disjoint, covering every class")
+    memory: int = Field(20, ge=0, le=10_000, description="icarl: exemplars kept per class (herding); 0: no rehearsal")
+    distill: float = Field(1.0, ge=0, description="icarl: weight of the old classes' logit distillation (0: none)")
+    classifier: Literal["nme", "head"] = Field(
+        "nme", description="icarl: \"nme\" makes the head the nearest-mean-of-exemplars classifier after each step; "
+        "\"head\" keeps the trained head")
     # joint
     old_samples: int | None = Field(None, ge=1, description="joint: at most this many training samples per old task")
 
@@ -126,6 +143,10 @@ class LearnConfig(StageConfig, OptimConfig):
         for key in sorted(self.model_fields_set & set(METHOD_KEYS)):
             if METHOD_KEYS[key] != self.method:
                 raise ValueError(f"{key} applies to method = \"{METHOD_KEYS[key]}\", not \"{self.method}\"")
+        if self.method == "icarl" and not self.class_steps:
+            raise ValueError("method = \"icarl\" needs class_steps = [[0, 1], [2, 3], ...] (the classes of each step)")
+        if self.method == "icarl" and self.memory == 0 and self.classifier == "nme":
+            raise ValueError("classifier = \"nme\" needs exemplars (memory >= 1); with memory = 0 set classifier = \"head\"")
         if self.head == "new" and self.epochs == 0:
             raise ValueError("epochs = 0 only adopts an existing head (head = \"keep\"); a new head needs training")
         return self
@@ -223,6 +244,8 @@ class LearnStage(Stage):
         if data.task != "classification" and "temperature" in cfg.model_fields_set:
             raise ConfigError(f"learn: temperature softens logits; task = \"{data.task}\" heads output values, "
                               "which lwf keeps by MSE: drop temperature")
+        if cfg.method == "icarl":
+            self._check_icarl(tasks, data)
         if cfg.task in tasks:
             have = tasks[cfg.task]["columns"][1] - tasks[cfg.task]["columns"][0]
             if have != data.num_classes:
@@ -251,6 +274,13 @@ class LearnStage(Stage):
             if old.input_shape != data.input_shape:
                 raise ConfigError(f"task {name!r} has inputs {list(old.input_shape)}, task {cfg.task!r} "
                                   f"{list(data.input_shape)}; one model needs one input shape")
+
+    def _check_icarl(self, tasks, data: Dataset) -> None:
+        if self.config.task in tasks:
+            raise ConfigError(f"task {self.config.task!r} already has a head; icarl learns all of a task's classes in one "
+                              "stage (list every step in class_steps)")
+        icarl.check_class_steps(self.config.class_steps, data.num_classes)
+        icarl.check_memory_size(self.config.memory, data)
 
     def _check_exclusive(self, state, extensions) -> None:
         """PackNet and Piggyback keep every earlier task exactly, but only tasks learned their way."""
@@ -356,6 +386,8 @@ class LearnStage(Stage):
             result = self._ewc(model, data, ctx, cols, backbone, new_head, state, extensions)
         elif cfg.method == "joint":
             result = self._joint(model, data, ctx, state, extensions, backbone, heads_path)
+        elif cfg.method == "icarl":
+            result, extra = self._icarl(model, data, ctx, cols, head)
         elif cfg.method == "piggyback":
             result, extra = self._piggyback(model, data, ctx, cols, heads_path, new_head, extensions)
         else:
@@ -526,6 +558,16 @@ class LearnStage(Stage):
         shares = cl.owner_fractions(new_owner, task_id)
         return result, {"packnet": {"task_id": task_id, "owned": dict(zip(pk["tasks"], shares[:-1])), "free": shares[-1]}}
 
+
+    def _icarl(self, model, data, ctx, cols, head):
+        cfg = self.config
+
+        def fit_step(view, part, loss_fn, k):
+            return self._fit(view, part, ctx, list(model.parameters()), loss_fn=loss_fn, label=f"{self.id} step {k}")
+
+        result, figures = icarl.learn_class_steps(model, head, cols, data, cfg.class_steps, cfg.memory, cfg.distill,
+                                                  cfg.classifier == "nme", fit_step, accuracy)
+        return result, {"icarl": figures}
 
     def _piggyback(self, model, data, ctx, cols, heads_path, new_head, extensions):
         """Mask scores over the frozen backbone (Adam at mask_lr) and the new head (at lr)."""
