@@ -357,18 +357,6 @@ def owner_fractions(owner: Mapping[str, torch.Tensor], tasks: int) -> list[float
 # --- PackNet transport: the task models as one base file + levels + residuals ------------------------
 
 
-def level_regions(levels: np.ndarray, gap: int = 256) -> list[list[int]]:
-    """Byte ranges [start, end) covering every byte whose level is above 1 (gaps up to ``gap`` bytes
-    merged): the weight buffers that tasks divide. Outside them every task's file keeps the base."""
-    idx = np.flatnonzero(levels > 1)
-    if len(idx) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) > gap)
-    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
-    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
-    return [[int(a), int(b)] for a, b in zip(starts, ends)]
-
-
 def encode_task_models(base: bytes, base_name: str, files: Mapping[str, bytes]) -> bytes:
     """The tasks transport payload (format and decoder: ``edgec.ondevice.tasks``) for ``files``,
     given in task order (level 1, 2, ...), each rebuilt from ``base`` (the last task's model file).
@@ -381,7 +369,7 @@ def encode_task_models(base: bytes, base_name: str, files: Mapping[str, bytes]) 
     all zeros, the residuals in one section. The payload is decoded again before it is kept."""
     from edgec.ondevice import tasks as fmt
 
-    from .tasks_payload import TasksPayloadWriter
+    from .tasks_payload import TasksPayloadWriter, level_regions
 
     base_arr = np.frombuffer(base, dtype=np.uint8)
     levels = np.ones(len(base), dtype=np.uint8)
