@@ -40,6 +40,7 @@ from ..algorithms.sensitivity import CANDIDATES, search_level, sensitivity_curve
 from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import OptimConfig, fit, resolve_device
 
+
 class PruneConfig(StageConfig):
     """The keys every mode has. One config per mode (``PRUNE_MODES``): ``PruneConfig(**keys)`` and
     ``PruneConfig.model_validate(keys)`` give the config of the keys' ``mode`` (default "layer"), so a
@@ -74,8 +75,8 @@ class PruneConfig(StageConfig):
         for key in sorted(set(data) - set(cls.model_fields)) if isinstance(data, dict) else []:
             owners = [mode for mode, config in PRUNE_MODES.items() if key in config.model_fields]
             if owners:
-                raise ValueError(f"{key} applies to mode = {' or '.join(repr(m) for m in owners)}, not "
-                                 f"{data.get('mode', 'layer')!r}".replace("'", '"'))
+                named = " or ".join(f'"{mode}"' for mode in owners)
+                raise ValueError(f'{key} applies to mode = {named}, not "{data.get("mode", "layer")}"')
         return data
 
 
