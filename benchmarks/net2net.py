@@ -94,7 +94,8 @@ def main() -> None:
     from edgec.pipeline.stage import StageContext
     from edgec.pipeline.stages.grow import GrowConfig, GrowStage
     from edgec.pipeline.stages.train import TrainConfig, TrainStage
-    from edgec.pipeline.training import AugmentConfig, accuracy, augment, seed_everything
+    from edgec.pipeline.inference import accuracy
+    from edgec.pipeline.training import AugmentConfig, augment, seed_everything
 
     torch.set_num_threads(args.threads)
     console = Console(stderr=True, quiet=args.quiet)

@@ -38,7 +38,6 @@ from .data_views import permute_features, select_classes
 from .errors import ConfigError, InputError
 from .output_dir import check_output_locations
 
-COMPRESSION_KINDS = ("distill", "prune", "share")
 
 
 @dataclass(frozen=True)
@@ -200,7 +199,7 @@ def _build(config: BuildConfig, profile: TargetProfile, console: Console, force:
             for s in steps
         ],
         "config": canonical,
-        "reached_bundle": compression_reaching_the_end(steps),
+        "reached_bundle": compression_reaching_the_end(stages, steps),
     }
     budget_pt, budget_source = resolve_budget(config.budget.max_accuracy_drop, profile)
     record = measure_budget(steps, source, main, ctx.trust, budget_pt, budget_source, config.budget.enforce)
@@ -209,32 +208,21 @@ def _build(config: BuildConfig, profile: TargetProfile, console: Console, force:
         refuse_over_budget(record)  # never publish a bundle below the budget as a passing build
     final_dir = config.out / profile.name
     artifacts = [source] + [s.artifact for s in steps]
-    _publish(final_dir, artifacts, summary, config)
+    first_compressed = next((i for i, stage in enumerate(stages) if stage.compresses), len(stages) - 1)
+    _publish(final_dir, artifacts, summary, config, uncompressed=artifacts[first_compressed])
     bundle = final_dir / BUNDLE_DIR if artifacts[-1].kind == BUNDLE else None
     metrics = json.loads((bundle / MANIFEST).read_text()).get("metrics", {}) if bundle else {}
     results = [StageResult(s.id, s.kind, s.key, s.cached, s.seconds, s.artifact.info) for s in steps]
     return BuildResult(final_dir, bundle, results, time.perf_counter() - start, metrics, summary)
 
 
-def compression_reaching_the_end(steps: list) -> list[str]:
-    """Which compression is in the final model: a distill stage starts a fresh student, so pruning or
-    sharing done on its teacher does not reach the bundle."""
+def compression_reaching_the_end(stages: list[Stage], steps: list) -> list[str]:
+    """Which compression is in the final model, as each stage describes it (``Stage.reached_bundle``):
+    a distill stage starts a fresh student, so pruning or sharing done on its teacher does not reach
+    the bundle."""
     reached: list[str] = []
-    for step in steps:
-        info = step.artifact.info
-        if step.kind == "distill":
-            reached = [f"distilled student ({step.id}, {info.get('params', 0):,} params)"]
-        elif step.kind == "prune" and "channels" in info:
-            reached.append(f"channel-pruned ({step.id}, {info['channels']['macs_removed']:.0%} of MACs removed)")
-        elif step.kind == "prune":
-            total = (info.get("sparsity") or {}).get("total", {}).get("sparsity")
-            reached.append(f"pruned ({step.id}{f', {total:.0%} of weights zero' if total is not None else ''})")
-        elif step.kind == "share":
-            reached.append(f"weight-shared ({step.id})")
-        elif step.kind == "qat":
-            reached.append(f"quantization-aware trained ({step.id}: int8 exports use its ranges)")
-        elif step.kind not in ("train", "retrain", "pretrain", "export"):  # pretrain: initial weights, not compression
-            reached.append(f"{step.kind} ({step.id})")
+    for stage, step in zip(stages, steps):
+        reached = stage.reached_bundle(step.artifact.info, reached)
     return reached
 
 
@@ -257,7 +245,7 @@ def _check_writable(folder: Path) -> None:
         raise InputError(f"cannot write to {folder} ({e.strerror}); choose another folder with --out / --cache-dir") from None
 
 
-def _publish(final_dir: Path, artifacts: list, summary: dict[str, Any], config: BuildConfig) -> None:
+def _publish(final_dir: Path, artifacts: list, summary: dict[str, Any], config: BuildConfig, uncompressed) -> None:
     """build.json, the bundle (when the chain exports, with its lineage, signed when a key is
     given) and the model that went into export as reference.pt (``edgec bench --reference`` times
     it), the model before the first compression stage as uncompressed.pt (``edgec bench --baseline``
@@ -276,8 +264,7 @@ def _publish(final_dir: Path, artifacts: list, summary: dict[str, Any], config: 
 
                 sign_bundle(tmp / BUNDLE_DIR, config.sign_key)
             copy_verified(artifacts[-2], CHECKPOINT_FILE, tmp / REFERENCE_FILE)
-            first = next((i for i, s in enumerate(summary["stages"]) if s["kind"] in COMPRESSION_KINDS), len(artifacts) - 2)
-            copy_verified(artifacts[first], CHECKPOINT_FILE, tmp / UNCOMPRESSED_FILE)
+            copy_verified(uncompressed, CHECKPOINT_FILE, tmp / UNCOMPRESSED_FILE)
         else:
             copy_verified(artifacts[-1], CHECKPOINT_FILE, tmp / MODEL_FILE)
         (tmp / BUILD_FILE).write_text(json.dumps(summary, indent=2) + "\n")

@@ -309,6 +309,8 @@ def _validate_stages(tables: list[dict[str, Any]]) -> list[StageSpec]:
 
 
 def _validate(model: type[BaseModel], raw: dict[str, Any], where: str):
+    if issubclass(model, StageConfig):
+        model = model.config_class(raw)  # a kind with one config per mode: the mode's (its keys for the hints)
     try:
         return model.model_validate(raw)
     except ValidationError as e:
@@ -320,7 +322,8 @@ def _validate(model: type[BaseModel], raw: dict[str, Any], where: str):
             raise ConfigError(f"{prefix}unknown key {dotted!r}{hint}; see `edgec build --print-config` for valid keys") from None
         where_key = f"{dotted}: " if dotted else ""
         got = repr(err.get("input"))
-        shown = "" if got in err["msg"] else f" (got {got})"  # a validator's own message often names the value
+        # a validator's own message often names the value; a whole table's (a model validator's) is not shown
+        shown = "" if got in err["msg"] or not err["loc"] else f" (got {got})"
         raise ConfigError(f"{prefix}{where_key}{err['msg']}{shown}") from None
 
 

@@ -58,7 +58,7 @@ def drop_points(reference: float, value: float, higher: bool) -> float:
 
 
 def model_headline(model: nn.Module, data: Dataset, split: str) -> tuple[str, float | None, bool]:
-    from .training import predict
+    from .inference import predict
 
     return headline(data, predict(model, getattr(data, f"x_{split}"), data).numpy(), split)
 

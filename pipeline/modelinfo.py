@@ -9,7 +9,7 @@ from torch import nn
 
 from edgec.data import Dataset
 
-from .training import accuracy
+from .inference import accuracy
 
 
 def model_info(model: nn.Module, data: Dataset) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from edgec.data import Dataset
 from edgec.errors import ConfigError, InputError, RunError
 from edgec.ondevice import metrics as M
 
-from .training import accuracy, predict
+from .inference import accuracy, predict
 
 DEFAULT_MAX_RELATIVE_ERROR = 0.1
 

@@ -13,10 +13,10 @@ from rich.table import Table
 from edgec.checkpoint import load_checkpoint
 from edgec.data import Dataset
 from edgec.errors import ConfigError, EdgecError, InputError, RunError
-from edgec.targets.qat import QAT_EXTENSION
 
 from .artifact import CHECKPOINT_FILE, MODEL, Artifact
 from .cache import StageCache, stable_hash
+from .extensions import PINS_WEIGHTS
 from .stage import Probe, Stage, StageContext
 
 
@@ -48,30 +48,37 @@ def check_chain(
         raise InputError(f"the initial weights hold NaN or infinite values in {bad}; start from weights that are finite")
     probe = Probe(kind=source.kind, model=ckpt.build(ctx.trust), arch=ckpt.arch, data=ctx.data, target=ctx.target,
                   trust=ctx.trust, datasets=ctx.datasets, tasks=ctx.tasks, extensions=ckpt.extensions)
-    quantized_by = None  # the qat stage of this chain, once one has run
+    pinned_by: dict[str, str] = {}  # weight-pinning extension -> the id of the stage of this chain that wrote it
     for stage in stages:
         if stage.consumes != probe.kind:
             raise ConfigError(
                 f"stage {stage.id!r} ({stage.kind}) consumes a {stage.consumes} but the stage before it produces a "
                 f"{probe.kind}; reorder the stages"
             )
-        if QAT_EXTENSION in probe.extensions and not stage.keeps_weights:
-            raise ConfigError(
-                f"stage {stage.id!r} ({stage.kind}) comes after qat stage {quantized_by!r}; qat must be the last stage "
-                f"before export (its int8 ranges fit the weights it trained): move {stage.id!r} before {quantized_by!r}"
-                if quantized_by else
-                f"stage {stage.id!r} ({stage.kind}) would change a quantization-aware-trained model (its int8 ranges fit "
-                "its weights; only export may follow qat): start from the checkpoint before qat"
-            )
+        _refuse_after_pinned(stage, probe, pinned_by)
         stage_ctx = context_for(stage, ctx, datasets)
-        quantized_before = QAT_EXTENSION in probe.extensions
         try:
             probe = stage.check(probe.evolve(data=stage_ctx.data)).evolve(kind=stage.produces)
         except EdgecError as e:
             e.args = (f"stage {stage.id!r}: {e}",)
             raise
-        if QAT_EXTENSION in probe.extensions and not quantized_before:
-            quantized_by = stage.id
+        pinned_by.update({ns: stage.id for ns in stage.writes_extensions if ns in PINS_WEIGHTS and ns in probe.extensions})
+
+
+def _refuse_after_pinned(stage: Stage, probe: Probe, pinned_by: dict[str, str]) -> None:
+    """A stage may not follow state fitted to the exact weights (qat's int8 ranges) unless it accepts it."""
+    for ns, why in PINS_WEIGHTS.items():
+        if ns not in probe.extensions or ns in stage.accepts_extensions:
+            continue
+        writer = pinned_by.get(ns)
+        takers = " or ".join(kind for kind, cls in Stage.registry.items() if ns in cls.accepts_extensions) or "none"
+        raise ConfigError(
+            f"stage {stage.id!r} ({stage.kind}) comes after {ns} stage {writer!r}; {ns} must be the last stage before "
+            f"{takers} ({why}): move {stage.id!r} before {writer!r}"
+            if writer else
+            f"stage {stage.id!r} ({stage.kind}) would change a model whose {ns} state pins its weights ({why}; only "
+            f"{takers} may follow {ns}): start from the checkpoint before {ns}"
+        )
 
 
 def cache_key(stage: Stage, ctx: StageContext, input_digest: str) -> str:

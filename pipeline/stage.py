@@ -5,6 +5,12 @@ work, against the real model, the data, the target and what the stage before pro
 (read the input artifact, write a new one). Subclassing :class:`Stage` with a ``kind`` registers it
 (Olive-style): there is no hand-kept list of stages. A config may list several instances of one
 kind, told apart by ``id``.
+
+What the build does differently per kind is declared here too, never by comparing kind strings
+elsewhere: whether the stage compresses and how it describes what reaches the bundle
+(``compresses``, ``reached_bundle``), the checkpoint extensions it writes and the weight-pinning
+ones it may follow (``writes_extensions``, ``accepts_extensions``; names in ``extensions.py``) and
+its section of the build report (``report_section``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ class StageConfig(Strict):
     """Keys every stage instance accepts besides its kind's own."""
 
     data: str | None = Field(None, description="named dataset ([data.NAME]) this stage reads; default: the main data")
+
+    @classmethod
+    def config_class(cls, keys: Mapping[str, Any]) -> type[StageConfig]:
+        """The config model that validates ``keys``: this one, or for a kind with one config per mode
+        (prune) the one of the keys' mode."""
+        return cls
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,9 @@ class Stage(ABC):
     consumes: ClassVar[str] = MODEL
     produces: ClassVar[str] = MODEL
     target_dependent: ClassVar[bool] = False
-    keeps_weights: ClassVar[bool] = False  # may follow qat (whose int8 ranges fit the weights it trained)
+    compresses: ClassVar[bool] = False  # the build keeps the model before the first such stage (uncompressed.pt)
+    writes_extensions: ClassVar[tuple[str, ...]] = ()  # checkpoint extensions it adds (names: extensions.py)
+    accepts_extensions: ClassVar[tuple[str, ...]] = ()  # weight-pinning extensions it may follow (extensions.PINS_WEIGHTS)
     Config: ClassVar[type[StageConfig]]
 
     registry: ClassVar[dict[str, type[Stage]]] = {}
@@ -124,6 +138,19 @@ class Stage(ABC):
         if self.target_dependent:
             material["target"] = ctx.target.model_dump(mode="json")
         return material
+
+    def reached_bundle(self, info: dict[str, Any], reached: list[str]) -> list[str]:
+        """What reaches the bundle once this stage has run (``info``: what its ``run`` returned), given
+        what reached it before (one line per stage, build.json ``reached_bundle``). Default: nothing
+        of this stage (training, exporting); a stage that compresses adds a line, one that starts a new
+        model (distill) replaces them."""
+        return reached
+
+    @classmethod
+    def report_section(cls, doc: Any, summary: dict[str, Any], manifest: dict[str, Any] | None) -> None:
+        """Add this kind's section to the build report (``edgec.report.document.Doc``; ``summary``:
+        build.json, ``manifest``: the bundle's or None). Called once per kind in the build, in chain
+        order; default: no section."""
 
     @abstractmethod
     def run(self, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:

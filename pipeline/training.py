@@ -24,6 +24,7 @@ from edgec.data import Dataset
 
 from edgec.errors import ConfigError, RunError
 
+from .objectives import objective_for
 from .stage import Probe, Stage, StageContext, Strict
 
 
@@ -86,22 +87,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, x: np.ndarray | torch.Tensor, data: Dataset, batch_size: int = 1024) -> torch.Tensor:
-    """Logits for raw samples ``x`` (preprocessed here), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters(), torch.empty(0)).device
-    inputs = torch.from_numpy(data.to_input(np.asarray(x)))
-    out = torch.cat([model(inputs[i : i + batch_size].to(device)).cpu() for i in range(0, len(inputs), batch_size)])
-    model.train(was_training)
-    return out
-
-
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, data: Dataset) -> float:
-    return float((predict(model, x, data).argmax(1).numpy() == y).mean())
-
-
 def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """Random affine (rotation + translation) per image, via affine_grid (no torchvision here)."""
     n, _, h, w = x.shape
@@ -133,7 +118,6 @@ def fit(
     gen = seed_everything(seed)
     device = torch.device(resolve_device(cfg.device))
     model.to(device)
-    from .objectives import objective_for  # (it imports this module)
 
     objective = objective_for(data)  # what the task trains on, its loss and early-stopping score
     x_train = torch.from_numpy(data.to_input(data.x_train)).to(device)

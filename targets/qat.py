@@ -25,7 +25,6 @@ from edgec.errors import ExportError
 
 from .exported import strip_dropout
 
-QAT_EXTENSION = "qat"  # the checkpoint extension the qat stage writes
 _STATE_PREFIX = "activation_post_process_"  # what prepare_qat_pt2e names its fake-quantize modules
 
 

@@ -23,7 +23,8 @@ from edgec.pipeline.cache import StageCache
 from edgec.pipeline.runner import check_chain, run_chain
 from edgec.pipeline.source import make_source
 from edgec.pipeline.stage import StageContext
-from edgec.pipeline.stages.learn import LearnConfig, LearnStage, task_model
+from edgec.pipeline.algorithms.continual import task_model
+from edgec.pipeline.stages.learn import LearnConfig, LearnStage
 from edgec.pipeline.stages.train import TrainConfig, TrainStage
 from support import run_cli
 

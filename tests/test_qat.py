@@ -22,7 +22,8 @@ from edgec.pipeline.stages.retrain import RetrainConfig, RetrainStage
 from edgec.pipeline.stages.share import ShareConfig, ShareStage
 from edgec.pipeline.stages.train import TrainConfig, TrainStage
 from edgec.targets.profile import load_target
-from edgec.targets.qat import QAT_EXTENSION, QATModel, convert_qat, prepare_qat, qat_extension, restore_qat
+from edgec.pipeline.extensions import QAT_EXT as QAT_EXTENSION
+from edgec.targets.qat import QATModel, convert_qat, prepare_qat, qat_extension, restore_qat
 from support import run_cli, zoo_source
 
 

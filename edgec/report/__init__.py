@@ -36,13 +36,11 @@ from .accuracy_budget import IMAGES as BUDGET_IMAGES
 from .accuracy_budget import accuracy_budget_section
 from .build_file import read_build
 from .continual import IMAGES as MULTITASK_IMAGES
-from .continual import forgetting_section
 from .document import ASSETS_DIR, REPORT_HTML, REPORT_MD, Doc, write_document
 from .pretrain import IMAGES as PRETRAIN_IMAGES
-from .pretrain import pretrain_section
 from .sections import IMAGES as SECTION_IMAGES
 from .sections import (budget_section, confusion_section, header, latency_section,
-                       pareto_section, sharing_section, sparsity_section, stage_section)
+                       pareto_section, sparsity_section, stage_section)
 from .tasks import IMAGES as TASK_IMAGES
 from .tasks import task_section
 
@@ -74,9 +72,7 @@ def write_report(build_dir: Path, bench: Path | None = None) -> dict[str, Path]:
     pareto_section(doc, summary)
     accuracy_budget_section(doc, summary)
     sparsity_section(doc, summary)
-    sharing_section(doc, summary)
-    pretrain_section(doc, summary)
-    forgetting_section(doc, summary, manifest)
+    stage_kind_sections(doc, summary, manifest)
     if (manifest or {}).get("task", "classification") == "classification":
         confusion_section(doc, bundle_dir, manifest)
     else:  # regression / reconstruction
@@ -84,6 +80,19 @@ def write_report(build_dir: Path, bench: Path | None = None) -> dict[str, Path]:
     latency_section(doc, bench_data, manifest, build_dir)
     return write_document(doc, build_dir, title=f"edgec build report: {summary.get('target', build_dir.name)}",
                           images=IMAGES + PRETRAIN_IMAGES + MULTITASK_IMAGES + TASK_IMAGES)
+
+
+def stage_kind_sections(doc: Doc, summary: dict[str, Any], manifest: dict[str, Any] | None) -> None:
+    """Each stage kind's own section (``Stage.report_section``: weight sharing, pretraining, the
+    forgetting matrix, ...), once per kind, in the order the kinds first appear in the build. A kind
+    this edgec does not know (an older or newer build) has none."""
+    import edgec.pipeline.stages  # noqa: F401  (registers every kind)
+    from edgec.pipeline.stage import Stage
+
+    for kind in dict.fromkeys(s.get("kind", s["stage"]) for s in summary["stages"]):
+        stage = Stage.registry.get(kind)
+        if stage is not None:
+            stage.report_section(doc, summary, manifest)
 
 
 # --- inputs -------------------------------------------------------------------------------------

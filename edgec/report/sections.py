@@ -254,11 +254,8 @@ def sparsity_section(doc: Doc, summary: dict) -> None:
 def sharing_section(doc: Doc, summary: dict) -> None:
     doc.h2("Weight sharing")
     stages = summary["stages"]
-    idx = next((i for i, s in enumerate(stages) if s.get("kind", s["stage"]) == "share"), None)
+    idx = next(i for i, s in enumerate(stages) if s.get("kind", s["stage"]) == "share")
     what = "weight histogram before and after sharing"
-    if idx is None:
-        doc.skipped(what, "no share stage in this build")
-        return
     if idx == 0:
         doc.skipped(what, "share is the first stage, so the model before it (the source) has no recorded cache key")
         return

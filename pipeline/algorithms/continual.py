@@ -1,6 +1,8 @@
 """Continual learning: one model, several tasks, each with its own output head (task-incremental).
 
-What the ``learn`` stage is made of; no pipeline code here.
+What the ``learn`` stage is made of; no pipeline code here: each method's training procedure
+(``learn_lwf``, ``learn_ewc``, ``learn_packnet``) gets the model with the task's head placed and a
+``train`` callback (the stage's training loop) in a :class:`TaskTraining`.
 
 * Heads: the model's output layer becomes ``ConcatHeads({task: head})``; every task adds a head, so
   one invoke computes every task and each task owns a range of output columns.
@@ -27,16 +29,22 @@ underestimate of the Fisher) and no 1/2; PackNet here also freezes BatchNorm (Av
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgec.data import Dataset
 from edgec.errors import ConfigError
 from edgec.modules import ConcatHeads
+
+from ..extensions import EWC_EXT, PACKNET_EXT, PIGGYBACK_EXT
+from . import piggyback as pb
 
 
 def head_key(task: str) -> str:
@@ -349,18 +357,6 @@ def owner_fractions(owner: Mapping[str, torch.Tensor], tasks: int) -> list[float
 # --- PackNet transport: the task models as one base file + levels + residuals ------------------------
 
 
-def level_regions(levels: np.ndarray, gap: int = 256) -> list[list[int]]:
-    """Byte ranges [start, end) covering every byte whose level is above 1 (gaps up to ``gap`` bytes
-    merged): the weight buffers that tasks divide. Outside them every task's file keeps the base."""
-    idx = np.flatnonzero(levels > 1)
-    if len(idx) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) > gap)
-    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
-    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
-    return [[int(a), int(b)] for a, b in zip(starts, ends)]
-
-
 def encode_task_models(base: bytes, base_name: str, files: Mapping[str, bytes]) -> bytes:
     """The tasks transport payload (format and decoder: ``edgec.ondevice.tasks``) for ``files``,
     given in task order (level 1, 2, ...), each rebuilt from ``base`` (the last task's model file).
@@ -373,7 +369,7 @@ def encode_task_models(base: bytes, base_name: str, files: Mapping[str, bytes]) 
     all zeros, the residuals in one section. The payload is decoded again before it is kept."""
     from edgec.ondevice import tasks as fmt
 
-    from .tasks_payload import TasksPayloadWriter
+    from .tasks_payload import TasksPayloadWriter, level_regions
 
     base_arr = np.frombuffer(base, dtype=np.uint8)
     levels = np.ones(len(base), dtype=np.uint8)
@@ -395,3 +391,178 @@ def encode_task_models(base: bytes, base_name: str, files: Mapping[str, bytes]) 
         writer.header["residuals"] = writer.add(b"".join(residuals))
     rebuilt = {name: {"mode": "masked", "level": level} for level, (name, _) in enumerate(masked_files, start=1)}
     return writer.finish(files, rebuilt)
+
+
+# --- the methods' training procedures (the learn stage orchestrates them) --------------------------
+
+
+@dataclass
+class TaskTraining:
+    """What a method trains: ``model`` with task ``task``'s head placed, its output ``cols``, the
+    shared ``backbone`` (name, parameter) pairs, the ``new_head``'s parameters, the heads' module path,
+    the ``tasks`` extension ``state``, the checkpoint ``extensions`` (updated in place) and
+    ``train(view, params, *, epochs=None, label=None, loss_fn=None, after_step=None)``, the training
+    loop (returns its fit result); ``task_loss(logits, x, y)`` is the task's own loss."""
+
+    model: nn.Module
+    data: Dataset
+    task: str
+    cols: tuple[int, int]
+    backbone: list[tuple[str, nn.Parameter]]
+    new_head: list[nn.Parameter]
+    heads_path: str
+    state: dict[str, Any]
+    extensions: dict[str, Any]
+    train: Callable[..., Any]
+    task_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    label: str
+
+
+def learn_lwf(t: TaskTraining, old_cols: Mapping[str, tuple[int, int]], *, lambda_old: float, temperature: float,
+              warmup_epochs: int, device: str):
+    """Learning without Forgetting: the new task's loss plus ``lambda_old`` times the old heads'
+    distance from what they answered before training (a frozen copy of the model)."""
+    if warmup_epochs:
+        view = TaskView(t.model, t.cols, norm_modules(t.model))
+        t.train(view, t.new_head, epochs=warmup_epochs, label=f"{t.label} warm-up (new head)")
+    # Li & Hoiem record the old heads' responses to the new task's data before training it; a
+    # frozen copy in eval mode gives exactly those responses for every batch (and follows
+    # augmented inputs, which a table recorded once could not).
+    teacher = copy.deepcopy(t.model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    view = TaskView(t.model, t.cols)
+    heads = get_module(t.model, t.heads_path)
+    old_heads = [p for name in old_cols for p in heads[t.state["tasks"][name]["head"]].parameters()]
+    # regression outputs are values, not logits: the old heads keep them by MSE (no temperature)
+    temperature = temperature if t.data.task == "classification" else None
+
+    def loss_fn(logits, x, y):
+        loss = t.task_loss(logits, x, y)
+        if old_cols and lambda_old > 0:
+            with torch.no_grad():
+                recorded = teacher(x)
+            loss = loss + lambda_old * lwf_loss(view.last, recorded, old_cols, temperature)
+        return loss
+
+    teacher.to(device)
+    return t.train(view, [p for _, p in t.backbone] + old_heads + t.new_head, loss_fn=loss_fn)
+
+
+@dataclass(frozen=True)
+class EWCSettings:
+    """The ewc method's keys (see the learn stage's config)."""
+
+    lam: float
+    mode: str  # "separate" | "online"
+    decay: float
+    samples: int
+    seed: int
+    device: str
+
+
+def learn_ewc(t: TaskTraining, old_data: Callable[[str], Dataset], ewc_cfg: EWCSettings):
+    """Elastic Weight Consolidation: the task's loss plus the Fisher-weighted distance from every old
+    task's weights. Old tasks learned by other methods get their Fisher first, on their data
+    (``old_data(name)``)."""
+    ewc = t.extensions.get(EWC_EXT) or {"mode": ewc_cfg.mode, "tasks": {}, "online": None}
+    for name in t.state["order"]:
+        if name == t.task or name in ewc["tasks"]:
+            continue
+        fisher = ewc_fisher(t.model, old_data(name), tuple(t.state["tasks"][name]["columns"]), t.backbone, ewc_cfg)
+        merge_fisher(ewc, name, fisher, {n: p.detach().clone() for n, p in t.backbone}, ewc_cfg)
+    t.extensions[EWC_EXT] = ewc
+    if ewc.get("online") is not None:  # one running Fisher, anchored at the last task's weights
+        pairs = [(ewc["online"]["fisher"], ewc["online"]["anchor"])]
+    else:
+        pairs = [(e["fisher"], e["anchor"]) for name, e in ewc["tasks"].items() if name != t.task]
+    device = ewc_cfg.device
+    pairs = [({n: f.to(device) for n, f in fi.items()}, {n: a.to(device) for n, a in an.items()}) for fi, an in pairs]
+    named = dict(t.backbone)
+
+    def loss_fn(logits, x, y):
+        loss = t.task_loss(logits, x, y)
+        if pairs and ewc_cfg.lam > 0:
+            loss = loss + ewc_penalty(named, pairs, ewc_cfg.lam)
+        return loss
+
+    return t.train(TaskView(t.model, t.cols), list(named.values()) + t.new_head, loss_fn=loss_fn)
+
+
+def ewc_fisher(model: nn.Module, data: Dataset, cols: tuple[int, int], backbone, ewc_cfg: EWCSettings
+               ) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher of the backbone on ``samples`` training samples of ``data`` (seeded)."""
+    gen = np.random.default_rng(ewc_cfg.seed)
+    n = min(ewc_cfg.samples, len(data.y_train))
+    idx = np.sort(gen.choice(len(data.y_train), n, replace=False))
+    x = torch.from_numpy(data.to_input(data.x_train[idx]))
+    likelihood = "categorical" if data.task == "classification" else "gaussian"
+    return diagonal_fisher(model, x, cols, [name for name, _ in backbone], likelihood=likelihood)
+
+
+def merge_fisher(ewc: dict[str, Any], name: str, fisher, anchor, ewc_cfg: EWCSettings) -> None:
+    """Record task ``name``'s Fisher and anchor: its own (separate), or into the running sum (online)."""
+    if ewc_cfg.mode == "separate":
+        ewc["tasks"][name] = {"fisher": fisher, "anchor": anchor}
+        return
+    online = ewc.get("online")
+    if online is not None:
+        fisher = {n: ewc_cfg.decay * online["fisher"][n] + f for n, f in fisher.items()}
+    ewc["online"] = {"fisher": fisher, "anchor": anchor}
+    ewc["tasks"][name] = {}  # recorded as consolidated (its Fisher is in the running sum)
+
+
+def store_fisher(t: TaskTraining, ewc_cfg: EWCSettings) -> None:
+    """After an ewc task trained: its own Fisher, anchored at the weights it ended with."""
+    ewc = t.extensions.get(EWC_EXT) or {"mode": ewc_cfg.mode, "tasks": {}, "online": None}
+    fisher = ewc_fisher(t.model, t.data, t.cols, t.backbone, ewc_cfg)
+    merge_fisher(ewc, t.task, fisher, {n: p.detach().clone() for n, p in t.backbone}, ewc_cfg)
+    t.extensions[EWC_EXT] = ewc
+
+
+def learn_packnet(t: TaskTraining, *, prune: float, retrain_epochs: int):
+    """PackNet: train the free weights, free the smallest ``prune`` fraction of them again, retrain
+    the kept ones, and record them as this task's in the owner map. Returns (fit result, info)."""
+    prunable = prunable_weights(t.model, t.heads_path)
+    params = dict(t.model.named_parameters())
+    pk = t.extensions.get(PACKNET_EXT)
+    if pk is None:
+        pk = {"owner": {n: torch.zeros(params[n].shape, dtype=torch.uint8) for n in prunable}, "tasks": []}
+    pk = {"owner": dict(pk["owner"]), "tasks": list(pk["tasks"])}
+    task_id = len(pk["tasks"]) + 1
+    if task_id > 255:
+        raise ConfigError("packnet keeps at most 255 tasks in one model")
+    owner = pk["owner"]
+    free = {n: owner[n] == 0 for n in prunable}
+    if task_id > 1 and sum(int(f.sum()) for f in free.values()) == 0:
+        raise ConfigError(f"packnet: no free weights left for task {t.task!r}; the previous task kept all of its "
+                          "weights (prune = 0)")
+    first = task_id == 1
+    shared = shared_frozen_after_first(t.model, t.heads_path, prunable)
+    trainable_shared = [params[n] for n in shared] if first else []
+    view = TaskView(t.model, t.cols, [] if first else norm_modules(t.model))
+    weights = {n: params[n] for n in prunable}
+    trained = list(weights.values()) + trainable_shared + t.new_head
+    result = t.train(view, trained, after_step=PackNetEnforcer(weights, free))
+    with torch.no_grad():
+        new_owner = packnet_prune({n: params[n].data for n in prunable}, owner, task_id, prune)
+    if prune > 0 and retrain_epochs > 0:
+        kept = {n: new_owner[n] == task_id for n in prunable}
+        t.train(view, trained, epochs=retrain_epochs, label=f"{t.label} retrain after pruning",
+                after_step=PackNetEnforcer(weights, kept))
+    pk = {"owner": new_owner, "tasks": pk["tasks"] + [t.task]}
+    t.extensions[PACKNET_EXT] = pk
+    shares = owner_fractions(new_owner, task_id)
+    return result, {"packnet": {"task_id": task_id, "owned": dict(zip(pk["tasks"], shares[:-1])), "free": shares[-1]}}
+
+
+def task_model(model: nn.Module, extensions: Mapping[str, Any], task: str) -> nn.Module:
+    """The model task ``task`` runs: the model itself, or for PackNet a copy with the weights of
+    later tasks removed, for Piggyback a copy with the backbone masked by the task's mask."""
+    pg = extensions.get(PIGGYBACK_EXT)
+    if pg and task in (pg.get("masks") or {}):
+        return pb.apply_masks(copy.deepcopy(model), pg["masks"][task])
+    pk = extensions.get(PACKNET_EXT)
+    if not pk or task not in pk.get("tasks", []) or "owner" not in pk:
+        return model
+    return apply_task_mask(copy.deepcopy(model), pk["owner"], pk["tasks"].index(task) + 1)

@@ -108,8 +108,7 @@ def encode_masked_models(base: bytes, base_name: str, files: Mapping[str, bytes]
     decoded again before it is kept."""
     from edgec.ondevice import tasks as fmt
 
-    from .continual import level_regions
-    from .tasks_payload import TasksPayloadWriter
+    from .tasks_payload import TasksPayloadWriter, level_regions
 
     base_arr = np.frombuffer(base, dtype=np.uint8)
     same = {name: data for name, data in files.items() if len(data) == len(base)}

@@ -13,6 +13,8 @@ import lzma
 import struct
 from typing import Any, Mapping
 
+import numpy as np
+
 from edgec.errors import ExportError
 from edgec.ondevice import tasks as fmt
 
@@ -51,3 +53,15 @@ class TasksPayloadWriter:
         if fmt.decode_task_models(payload, self.base) != dict(files):
             raise ExportError("the tasks transport payload does not decode to the task model files; no bundle written")
         return payload
+
+
+def level_regions(levels: np.ndarray, gap: int = 256) -> list[list[int]]:
+    """Byte ranges [start, end) covering every byte whose level is above 1 (gaps up to ``gap`` bytes
+    merged): the weight buffers that tasks divide. Outside them every task's file keeps the base."""
+    idx = np.flatnonzero(levels > 1)
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > gap)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
+    return [[int(a), int(b)] for a, b in zip(starts, ends)]

@@ -135,7 +135,11 @@ class _Hint(nn.Module):
 class DistillStage(TrainingStage):
     kind = "distill"
     version = 2
+    compresses = True
     Config = DistillConfig
+
+    def reached_bundle(self, info: dict[str, Any], reached: list[str]) -> list[str]:
+        return [f"distilled student ({self.id}, {info.get('params', 0):,} params)"]  # a fresh model: nothing before it
 
     def _teacher(self, source_ckpt: Checkpoint | None, trust: ModelTrust) -> tuple[nn.Module, Checkpoint]:
         if self.config.teacher is not None:

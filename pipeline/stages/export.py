@@ -22,11 +22,12 @@ from edgec.calibration.samples import calibration_digest, select_calibration_ind
 from edgec.errors import ConfigError, RunError
 from edgec.quiet import native_logs_captured
 from edgec.targets.onnx_export import export_onnx
-from edgec.targets.qat import QAT_EXTENSION, restore_qat
+from edgec.targets.qat import restore_qat
 from edgec.targets.tflite_export import export_tflite
 
 from ..artifact import BUNDLE, Artifact
 from ..cache import sha256_file
+from ..extensions import QAT_EXT, TASKS_EXT
 from ..manifest import create_manifest, write_manifest
 from ..accuracy_budget import headline
 from ..objectives import objective_for, refuse_on_mismatch
@@ -62,7 +63,7 @@ class ExportStage(Stage):
     version = 2  # 2: the bundle's validation figure (the accuracy budget), the margin-aware parity gate
     produces = BUNDLE
     target_dependent = True
-    keeps_weights = True
+    accepts_extensions = (QAT_EXT,)
     Config = ExportConfig
 
     def check(self, probe: Probe) -> Probe:
@@ -72,14 +73,14 @@ class ExportStage(Stage):
             raise ConfigError(
                 f"precision {precision!r} is not offered by target {target.name!r} (choose {', '.join(target.precisions)})"
             )
-        qat = probe.extensions.get(QAT_EXTENSION)
+        qat = probe.extensions.get(QAT_EXT)
         if precision == "int8" and isinstance(qat, dict) and qat.get("per_channel") != self.config.per_channel:
             raise ConfigError(f"export.per_channel = {str(self.config.per_channel).lower()} but the qat stage trained "
                               f"per_channel = {str(qat.get('per_channel')).lower()}; set both the same")
-        if "tasks" in probe.extensions:  # a multi-task model (learn stages): every task's data must be at hand
+        if TASKS_EXT in probe.extensions:  # a multi-task model (learn stages): every task's data must be at hand
             from .export_tasks import task_datasets
 
-            task_datasets(probe.extensions["tasks"], probe.datasets, probe.data)
+            task_datasets(probe.extensions[TASKS_EXT], probe.datasets, probe.data)
         return probe.evolve(kind=BUNDLE, model=None)
 
     def key_material(self, ctx: StageContext) -> dict[str, Any]:
@@ -96,13 +97,13 @@ class ExportStage(Stage):
         cfg, data, target = self.config, ctx.data, ctx.target
         precision = cfg.precision or target.precision
         ckpt = source.checkpoint()
-        if "tasks" in ckpt.extensions:  # one bundle serving every task the learn stages taught (export_tasks.py)
+        if TASKS_EXT in ckpt.extensions:  # one bundle serving every task the learn stages taught (export_tasks.py)
             from .export_tasks import run_tasks
 
             return run_tasks(self, ckpt, ctx, out_dir, precision, parity_metrics, ONDEVICE_PACKAGE, RUNNER_TEMPLATE,
                              RUNTIME_OF_FORMAT)
         model = ckpt.build(ctx.trust)
-        qat = ckpt.extensions.get(QAT_EXTENSION) if precision == "int8" else None  # int8 ranges trained by a qat stage
+        qat = ckpt.extensions.get(QAT_EXT) if precision == "int8" else None  # int8 ranges trained by a qat stage
         objective = objective_for(data)  # regression / reconstruction: calibration, gate, eval set (objectives.py)
         cal_idx = (select_calibration_indices(data.y_train, min(cfg.calibration.samples, len(data.y_train)), seed=0)
                    if data.task == "classification" else objective.calibration_indices(min(cfg.calibration.samples, len(data.x_train))))

@@ -33,12 +33,12 @@ from edgec.calibration.samples import calibration_digest, select_calibration_ind
 from edgec.errors import ConfigError, RunError
 from edgec.targets.onnx_export import export_onnx
 
-from ..algorithms.continual import encode_task_models
+from ..algorithms.continual import encode_task_models, task_model
 from ..algorithms.piggyback import encode_masked_models
 from ..algorithms.transport_codec import encode_transport
+from ..extensions import PACKNET_EXT, PIGGYBACK_EXT, TASKS_EXT
 from ..manifest import create_manifest, write_manifest
 from ..parity import parity_problems
-from .learn import PACKNET_EXT, PIGGYBACK_EXT, TASKS_EXT, task_model
 
 TASKS_TRANSPORT = "model.tasks.edgt"
 

@@ -36,7 +36,7 @@ from ..artifact import CHECKPOINT_FILE, Artifact
 from ..modelinfo import model_info
 from ..objectives import objective_for
 from ..stage import Probe, Stage, StageConfig, StageContext
-from ..training import predict
+from ..inference import predict
 
 TOLERANCE = 1e-4
 CALIBRATION_SAMPLES = 2048  # training samples for the new BatchNorms' statistics and the new classes' bias
@@ -85,6 +85,9 @@ class GrowStage(Stage):
     kind = "grow"
     version = 1
     Config = GrowConfig
+
+    def reached_bundle(self, info: dict[str, Any], reached: list[str]) -> list[str]:
+        return [*reached, f"{self.kind} ({self.id})"]  # a changed architecture reaches the bundle
 
     def _grow(self, model: nn.Module, example: torch.Tensor, calibration: torch.Tensor, seed: int):
         cfg = self.config

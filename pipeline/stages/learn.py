@@ -57,10 +57,12 @@ from ..algorithms import continual as cl
 from ..algorithms import icarl
 from ..algorithms import piggyback as pb
 from ..artifact import CHECKPOINT_FILE, Artifact
+from ..extensions import EWC_EXT, PACKNET_EXT, PIGGYBACK_EXT, TASKS_EXT
 from ..modelinfo import model_info
 from ..objectives import objective_for
 from ..stage import Probe, Stage, StageConfig, StageContext
-from ..training import OptimConfig, accuracy, fit, resolve_device, seed_everything
+from ..inference import accuracy
+from ..training import OptimConfig, fit, resolve_device, seed_everything
 
 MAIN = "main"
 METHODS = ("finetune", "features", "joint", "lwf", "ewc", "packnet", "piggyback", "icarl")
@@ -75,7 +77,6 @@ METHOD_KEYS = {
     "mask_init": "piggyback", "mask_threshold": "piggyback", "mask_lr": "piggyback",
     "class_steps": "icarl", "memory": "icarl", "distill": "icarl", "classifier": "icarl",
 }
-TASKS_EXT, EWC_EXT, PACKNET_EXT, PIGGYBACK_EXT = "tasks", "ewc", "packnet", "piggyback"
 # methods that keep every earlier task exactly: each later task must use the same method
 EXCLUSIVE = {"packnet": PACKNET_EXT, "piggyback": PIGGYBACK_EXT}
 EXT_VERSION = 1
@@ -210,7 +211,17 @@ def _old_data(datasets, state, name: str) -> Dataset | None:
 class LearnStage(Stage):
     kind = "learn"
     version = 1
+    writes_extensions = (TASKS_EXT, EWC_EXT, PACKNET_EXT, PIGGYBACK_EXT)
     Config = LearnConfig
+
+    def reached_bundle(self, info: dict[str, Any], reached: list[str]) -> list[str]:
+        return [*reached, f"{self.kind} ({self.id})"]  # a task head (and the method's weights) reach the bundle
+
+    @classmethod
+    def report_section(cls, doc, summary, manifest) -> None:
+        from edgec.report.continual import forgetting_section
+
+        forgetting_section(doc, summary, manifest)
 
     # --- plan time ---------------------------------------------------------------------------------
 
@@ -366,6 +377,10 @@ class LearnStage(Stage):
         new_head = list(head.parameters())
         seed_everything(ctx.seed)
         extra: dict[str, Any] = {}
+        training = cl.TaskTraining(
+            model, data, cfg.task, cols, backbone, new_head, heads_path, state, extensions,
+            train=lambda view, params, **kw: self._fit(view, data, ctx, params, **kw),
+            task_loss=objective_for(data).loss, label=self.id)
 
         if cfg.method == "features":  # the backbone (BatchNorm statistics included) stays as it is
             result = self._fit(cl.TaskView(model, cols, cl.norm_modules(model)), data, ctx, new_head)
@@ -381,9 +396,10 @@ class LearnStage(Stage):
 
             result = self._fit(view, data, ctx, trainable + new_head, loss_fn=loss_fn, after_step=scale.after)
         elif cfg.method == "lwf":
-            result = self._lwf(model, data, ctx, cols, old_cols, backbone, new_head, heads_path, state)
+            result = cl.learn_lwf(training, old_cols, lambda_old=cfg.lambda_old, temperature=cfg.temperature,
+                                  warmup_epochs=cfg.warmup_epochs, device=resolve_device(cfg.device))
         elif cfg.method == "ewc":
-            result = self._ewc(model, data, ctx, cols, backbone, new_head, state, extensions)
+            result = cl.learn_ewc(training, lambda name: _old_data(ctx.datasets, state, name), self._ewc_settings(ctx))
         elif cfg.method == "joint":
             result = self._joint(model, data, ctx, state, extensions, backbone, heads_path)
         elif cfg.method == "icarl":
@@ -391,9 +407,9 @@ class LearnStage(Stage):
         elif cfg.method == "piggyback":
             result, extra = self._piggyback(model, data, ctx, cols, heads_path, new_head, extensions)
         else:
-            result, extra = self._packnet(model, data, ctx, cols, backbone, new_head, heads_path, state, extensions)
+            result, extra = cl.learn_packnet(training, prune=cfg.prune, retrain_epochs=cfg.retrain_epochs)
         if cfg.method == "ewc":
-            self._store_fisher(model, data, ctx, cols, backbone, extensions)
+            cl.store_fisher(training, self._ewc_settings(ctx))
 
         info = model_info(cl.TaskView(model, cols), data)
         figure = info.get("metric", "accuracy")  # regression: "r2" (R^2 may be negative: not an accuracy)
@@ -415,87 +431,10 @@ class LearnStage(Stage):
         cfg = self.config if epochs is None else self.config.model_copy(update={"epochs": epochs, "patience": max(epochs, 1)})
         return fit(view, data, cfg, ctx.seed, ctx.console, label=label or self.id, parameters=params, **hooks)
 
-    def _lwf(self, model, data, ctx, cols, old_cols, backbone, new_head, heads_path, state):
+    def _ewc_settings(self, ctx: StageContext) -> cl.EWCSettings:
         cfg = self.config
-        if cfg.warmup_epochs:
-            view = cl.TaskView(model, cols, cl.norm_modules(model))
-            self._fit(view, data, ctx, new_head, epochs=cfg.warmup_epochs, label=f"{self.id} warm-up (new head)")
-        # Li & Hoiem record the old heads' responses to the new task's data before training it; a
-        # frozen copy in eval mode gives exactly those responses for every batch (and follows
-        # augmented inputs, which a table recorded once could not).
-        teacher = copy.deepcopy(model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        view = cl.TaskView(model, cols)
-        heads = cl.get_module(model, heads_path)
-        old_heads = [p for t in old_cols for p in heads[state["tasks"][t]["head"]].parameters()]
-        task_loss = objective_for(data).loss
-        # regression outputs are values, not logits: the old heads keep them by MSE (no temperature)
-        temperature = cfg.temperature if data.task == "classification" else None
-
-        def loss_fn(logits, x, y):
-            loss = task_loss(logits, x, y)
-            if old_cols and cfg.lambda_old > 0:
-                with torch.no_grad():
-                    recorded = teacher(x)
-                loss = loss + cfg.lambda_old * cl.lwf_loss(view.last, recorded, old_cols, temperature)
-            return loss
-
-        teacher.to(resolve_device(cfg.device))
-        return self._fit(view, data, ctx, [p for _, p in backbone] + old_heads + new_head, loss_fn=loss_fn)
-
-    def _ewc(self, model, data, ctx, cols, backbone, new_head, state, extensions):
-        cfg = self.config
-        ewc = extensions.get(EWC_EXT) or {"mode": cfg.ewc_mode, "tasks": {}, "online": None}
-        # old tasks learned by other methods have no Fisher yet: estimate it now, on their data
-        for name in state["order"]:
-            if name == cfg.task or name in ewc["tasks"]:
-                continue
-            old = _old_data(ctx.datasets, state, name)
-            fisher = self._fisher(model, old, ctx, tuple(state["tasks"][name]["columns"]), backbone)
-            anchor = {n: p.detach().clone() for n, p in backbone}
-            self._merge_fisher(ewc, name, fisher, anchor)
-        extensions[EWC_EXT] = ewc
-        if ewc.get("online") is not None:  # one running Fisher, anchored at the last task's weights
-            pairs = [(ewc["online"]["fisher"], ewc["online"]["anchor"])]
-        else:
-            pairs = [(e["fisher"], e["anchor"]) for t, e in ewc["tasks"].items() if t != cfg.task]
-        device = resolve_device(cfg.device)
-        pairs = [({n: f.to(device) for n, f in fi.items()}, {n: a.to(device) for n, a in an.items()}) for fi, an in pairs]
-        named = dict(backbone)
-        task_loss = objective_for(data).loss
-
-        def loss_fn(logits, x, y):
-            loss = task_loss(logits, x, y)
-            if pairs and cfg.ewc_lambda > 0:
-                loss = loss + cl.ewc_penalty(named, pairs, cfg.ewc_lambda)
-            return loss
-
-        return self._fit(cl.TaskView(model, cols), data, ctx, list(named.values()) + new_head, loss_fn=loss_fn)
-
-    def _fisher(self, model, data: Dataset, ctx, cols, backbone) -> dict[str, torch.Tensor]:
-        gen = np.random.default_rng(ctx.seed)
-        n = min(self.config.fisher_samples, len(data.y_train))
-        idx = np.sort(gen.choice(len(data.y_train), n, replace=False))
-        x = torch.from_numpy(data.to_input(data.x_train[idx]))
-        likelihood = "categorical" if data.task == "classification" else "gaussian"
-        return cl.diagonal_fisher(model, x, cols, [name for name, _ in backbone], likelihood=likelihood)
-
-    def _merge_fisher(self, ewc, name, fisher, anchor) -> None:
-        if self.config.ewc_mode == "separate":
-            ewc["tasks"][name] = {"fisher": fisher, "anchor": anchor}
-            return
-        online = ewc.get("online")
-        if online is not None:
-            fisher = {n: self.config.ewc_decay * online["fisher"][n] + f for n, f in fisher.items()}
-        ewc["online"] = {"fisher": fisher, "anchor": anchor}
-        ewc["tasks"][name] = {}  # recorded as consolidated (its Fisher is in the running sum)
-
-    def _store_fisher(self, model, data, ctx, cols, backbone, extensions) -> None:
-        ewc = extensions.get(EWC_EXT) or {"mode": self.config.ewc_mode, "tasks": {}, "online": None}
-        fisher = self._fisher(model, data, ctx, cols, backbone)
-        self._merge_fisher(ewc, self.config.task, fisher, {n: p.detach().clone() for n, p in backbone})
-        extensions[EWC_EXT] = ewc
+        return cl.EWCSettings(lam=cfg.ewc_lambda, mode=cfg.ewc_mode, decay=cfg.ewc_decay, samples=cfg.fisher_samples,
+                              seed=ctx.seed, device=resolve_device(cfg.device))
 
     def _joint(self, model, data, ctx, state, extensions, backbone, heads_path):
         """Every task's data at once (the upper bound): each sample's loss is the cross-entropy over
@@ -521,43 +460,6 @@ class LearnStage(Stage):
         heads = cl.get_module(model, heads_path)
         params = [p for _, p in backbone] + [p for t in state["order"] for p in heads[state["tasks"][t]["head"]].parameters()]
         return fit(model, joint, cfg, ctx.seed, ctx.console, label=self.id, loss_fn=loss_fn, parameters=params)
-
-    def _packnet(self, model, data, ctx, cols, backbone, new_head, heads_path, state, extensions):
-        cfg = self.config
-        prunable = cl.prunable_weights(model, heads_path)
-        params = dict(model.named_parameters())
-        pk = extensions.get(PACKNET_EXT)
-        if pk is None:
-            pk = {"owner": {n: torch.zeros(params[n].shape, dtype=torch.uint8) for n in prunable}, "tasks": []}
-        pk = {"owner": dict(pk["owner"]), "tasks": list(pk["tasks"])}
-        task_id = len(pk["tasks"]) + 1
-        if task_id > 255:
-            raise ConfigError("packnet keeps at most 255 tasks in one model")
-        owner = pk["owner"]
-        free = {n: owner[n] == 0 for n in prunable}
-        if task_id > 1 and sum(int(f.sum()) for f in free.values()) == 0:
-            raise ConfigError(f"packnet: no free weights left for task {cfg.task!r}; the previous task kept all of its "
-                              "weights (prune = 0)")
-        first = task_id == 1
-        shared = cl.shared_frozen_after_first(model, heads_path, prunable)
-        trainable_shared = [params[n] for n in shared] if first else []
-        frozen_norms = [] if first else cl.norm_modules(model)
-        view = cl.TaskView(model, cols, frozen_norms)
-        weights = {n: params[n] for n in prunable}
-        enforce = cl.PackNetEnforcer(weights, free)
-        result = self._fit(view, data, ctx, list(weights.values()) + trainable_shared + new_head, after_step=enforce)
-        with torch.no_grad():
-            new_owner = cl.packnet_prune({n: params[n].data for n in prunable}, owner, task_id, cfg.prune)
-        if cfg.prune > 0 and cfg.retrain_epochs > 0:
-            kept = {n: new_owner[n] == task_id for n in prunable}
-            enforce = cl.PackNetEnforcer(weights, kept)
-            self._fit(view, data, ctx, list(weights.values()) + trainable_shared + new_head, epochs=cfg.retrain_epochs,
-                      label=f"{self.id} retrain after pruning", after_step=enforce)
-        pk = {"owner": new_owner, "tasks": pk["tasks"] + [cfg.task]}
-        extensions[PACKNET_EXT] = pk
-        shares = cl.owner_fractions(new_owner, task_id)
-        return result, {"packnet": {"task_id": task_id, "owned": dict(zip(pk["tasks"], shares[:-1])), "free": shares[-1]}}
-
 
     def _icarl(self, model, data, ctx, cols, head):
         cfg = self.config
@@ -594,18 +496,6 @@ class LearnStage(Stage):
 # --- evaluation -----------------------------------------------------------------------------------------
 
 
-def task_model(model: nn.Module, extensions, task: str) -> nn.Module:
-    """The model task ``task`` runs: the model itself, or for PackNet a copy with the weights of
-    later tasks removed, for Piggyback a copy with the backbone masked by the task's mask."""
-    pg = extensions.get(PIGGYBACK_EXT)
-    if pg and task in (pg.get("masks") or {}):
-        return pb.apply_masks(copy.deepcopy(model), pg["masks"][task])
-    pk = extensions.get(PACKNET_EXT)
-    if not pk or task not in pk.get("tasks", []) or "owner" not in pk:
-        return model
-    return cl.apply_task_mask(copy.deepcopy(model), pk["owner"], pk["tasks"].index(task) + 1)
-
-
 def evaluate_tasks(model: nn.Module, state, extensions, datasets, known: dict[str, Dataset] | None = None) -> dict[str, float]:
     """Test accuracy (regression: R^2) of every task whose data is at hand, on its own columns (one
     forgetting-matrix row)."""
@@ -614,7 +504,7 @@ def evaluate_tasks(model: nn.Module, state, extensions, datasets, known: dict[st
         d = (known or {}).get(name) or (datasets or {}).get(state["tasks"][name]["data"])
         if d is None:
             continue
-        view = cl.TaskView(task_model(model, extensions, name), tuple(state["tasks"][name]["columns"]))
+        view = cl.TaskView(cl.task_model(model, extensions, name), tuple(state["tasks"][name]["columns"]))
         if d.task == "classification":
             row[name] = accuracy(view, d.x_test, d.y_test, d)
         else:

@@ -37,6 +37,12 @@ class PretrainStage(TrainingStage):
     version = 1
     Config = PretrainConfig
 
+    @classmethod
+    def report_section(cls, doc, summary, manifest) -> None:
+        from edgec.report.pretrain import pretrain_section
+
+        pretrain_section(doc, summary)
+
     def _device(self) -> str:
         return resolve_device("cpu")  # small dense layers: the CPU is fast enough and results stay comparable
 

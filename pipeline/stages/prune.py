@@ -17,7 +17,8 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 from torch import nn
 
 from edgec import architecture
@@ -26,6 +27,7 @@ from edgec.errors import ConfigError
 
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..compression_info import compressed_model_info
+from ..extensions import PER_WEIGHT
 from ..algorithms.channels import (
     ChannelPruner, ChannelSpec, accumulate_gradients, channel_report, channel_widths, model_cost,
 )
@@ -38,24 +40,78 @@ from ..algorithms.sensitivity import CANDIDATES, search_level, sensitivity_curve
 from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import OptimConfig, fit, resolve_device
 
-# Checkpoint state kept per weight by the learn stage: channel pruning would leave it the old shapes.
-_PER_WEIGHT_EXTENSIONS = ("ewc", "packnet", "piggyback")
-
 
 class PruneConfig(StageConfig):
+    """The keys every mode has. One config per mode (``PRUNE_MODES``): ``PruneConfig(**keys)`` and
+    ``PruneConfig.model_validate(keys)`` give the config of the keys' ``mode`` (default "layer"), so a
+    key of another mode is refused with one line instead of silently entering the cache key."""
+
     mode: Literal["threshold", "layer", "global", "channels"] = Field(
         "layer", description="threshold: |w| >= quality*std per layer (Han); layer: target sparsity per layer name/type; global: one "
         "threshold; channels: remove whole channels (structured: smaller and faster, not only sparser)"
     )
+    steps: int = Field(3, ge=1, description="pruning rounds; between rounds the model is retrained with masks fixed")
+    schedule: Literal["cubic", "linear"] = "cubic"
+    retrain: OptimConfig = Field(OptimConfig(epochs=3, patience=3), description="training between rounds")
+
+    def __new__(cls, /, **keys: Any):
+        return super().__new__(cls.config_class(keys))
+
+    @classmethod
+    def config_class(cls, keys: Any) -> type[PruneConfig]:
+        """The config of ``keys``' mode when asked of the common base (an unknown mode stays with the
+        base, whose ``mode`` field then names the valid ones)."""
+        if cls is not PruneConfig or not isinstance(keys, dict):
+            return cls
+        return PRUNE_MODES.get(keys.get("mode", "layer"), cls)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> PruneConfig:
+        return super(PruneConfig, cls.config_class(obj)).model_validate(obj, **kwargs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_of_other_modes(cls, data: Any) -> Any:
+        for key in sorted(set(data) - set(cls.model_fields)) if isinstance(data, dict) else []:
+            owners = [mode for mode, config in PRUNE_MODES.items() if key in config.model_fields]
+            if owners:
+                named = " or ".join(f'"{mode}"' for mode in owners)
+                raise ValueError(f'{key} applies to mode = {named}, not "{data.get("mode", "layer")}"')
+        return data
+
+
+class ThresholdPruneConfig(PruneConfig):
+    mode: Literal["threshold"] = "threshold"
     quality: float | dict[str, float] = Field(1.0, description="threshold mode: quality for all layers or per layer name/type")
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_range(cls, value):
+        for q in value.values() if isinstance(value, dict) else [value]:
+            if not q >= 0:
+                raise ValueError(f"quality must be >= 0, got {q}")
+        return value
+
+
+class LayerPruneConfig(PruneConfig):
+    mode: Literal["layer"] = "layer"
     sparsity: float | dict[str, float] | None = Field(
         None, description="layer/global modes: target fraction of zeros (all layers, or per name/type); default (layer "
         "mode): ranked per layer by validation sensitivity, the level searched so that the model after the rounds and a "
         "recovery stays within the stage's share of the accuracy budget")
-    steps: int = Field(3, ge=1, description="pruning rounds; between rounds the model is retrained with masks fixed")
-    schedule: Literal["cubic", "linear"] = "cubic"
-    retrain: OptimConfig = Field(OptimConfig(epochs=3, patience=3), description="training between rounds")
-    # channels mode (Torch-Pruning)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_range(cls, value):
+        return _fractions(value, "sparsity")
+
+
+class GlobalPruneConfig(LayerPruneConfig):
+    mode: Literal["global"] = "global"
+
+
+class ChannelPruneConfig(PruneConfig):
+    mode: Literal["channels"] = "channels"
     ratio: float | dict[str, float] = Field(
         0.5, description="channels mode: fraction of output channels removed from every layer, or per layer name/type "
         "(layers named by neither keep theirs); with scope = \"global\" the fraction of all channels")
@@ -72,29 +128,34 @@ class PruneConfig(StageConfig):
     taylor_samples: int = Field(256, ge=1, description="channels mode, taylor importance: training samples whose loss "
                                 "gradients rank the channels")
 
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity_range(cls, value):
-        for s in value.values() if isinstance(value, dict) else ([] if value is None else [value]):
-            if not 0 <= s < 1:
-                raise ValueError(f"sparsity must be in [0, 1), got {s}")
-        return value
-
     @field_validator("ratio")
     @classmethod
     def _ratio_range(cls, value):
-        for r in value.values() if isinstance(value, dict) else [value]:
-            if not 0 <= r < 1:
-                raise ValueError(f"ratio must be in [0, 1), got {r}")
-        return value
+        return _fractions(value, "ratio")
 
-    @field_validator("quality")
-    @classmethod
-    def _quality_range(cls, value):
-        for q in value.values() if isinstance(value, dict) else [value]:
-            if not q >= 0:
-                raise ValueError(f"quality must be >= 0, got {q}")
-        return value
+
+PRUNE_MODES: dict[str, type[PruneConfig]] = {
+    "threshold": ThresholdPruneConfig, "layer": LayerPruneConfig, "global": GlobalPruneConfig, "channels": ChannelPruneConfig,
+}
+
+
+def _fractions(value, name: str):
+    for v in value.values() if isinstance(value, dict) else ([] if value is None else [value]):
+        if not 0 <= v < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {v}")
+    return value
+
+
+def _flat_key_config(config: PruneConfig) -> dict[str, Any]:
+    """The config as cache keys hash it: every mode's keys, this mode's values and the other modes'
+    defaults (the layout of the single flat config before the per-mode split), so existing cache
+    entries stay valid."""
+    flat: dict[str, Any] = {}
+    for mode_config in PRUNE_MODES.values():
+        for name, field in mode_config.model_fields.items():
+            if name != "data" and not field.is_required():
+                flat.setdefault(name, to_jsonable_python(field.get_default(call_default_factory=True)))
+    return {**flat, **config.model_dump(mode="json", exclude={"data"})}
 
 
 SENSITIVITY_VERSION = 2  # bump when the sensitivity analysis chooses differently for the same inputs
@@ -103,6 +164,7 @@ SENSITIVITY_VERSION = 2  # bump when the sensitivity analysis chooses differentl
 class PruneStage(Stage):
     kind = "prune"
     version = 1
+    compresses = True
     Config = PruneConfig
 
     def check(self, probe: Probe) -> Probe:
@@ -129,7 +191,14 @@ class PruneStage(Stage):
     def key_material(self, ctx: StageContext) -> dict[str, Any]:
         budget = {"budget_share_pt": ALLOCATION["prune"] * ctx.budget_pt, "sensitivity": SENSITIVITY_VERSION} \
             if self.budgeted else {}
-        return {**super().key_material(ctx), "device": resolve_device(self.config.retrain.device), **budget}
+        material = {**super().key_material(ctx), "config": _flat_key_config(self.config)}
+        return {**material, "device": resolve_device(self.config.retrain.device), **budget}
+
+    def reached_bundle(self, info: dict[str, Any], reached: list[str]) -> list[str]:
+        if "channels" in info:
+            return [*reached, f"channel-pruned ({self.id}, {info['channels']['macs_removed']:.0%} of MACs removed)"]
+        total = (info.get("sparsity") or {}).get("total", {}).get("sparsity")
+        return [*reached, f"pruned ({self.id}{f', {total:.0%} of weights zero' if total is not None else ''})"]
 
     def _spec(self, fraction: float, chosen: dict[str, float] | None = None):
         """The pruning rule for one round; ``fraction`` of the way (0..1] through the schedule;
@@ -221,7 +290,7 @@ class PruneStage(Stage):
                            round_to=cfg.round_to, max_ratio=cfg.max_ratio)
 
     def _check_channels(self, probe: Probe) -> Probe:
-        held = [ns for ns in _PER_WEIGHT_EXTENSIONS if probe.extensions.get(ns)]
+        held = [ns for ns in PER_WEIGHT if probe.extensions.get(ns)]
         if held:
             raise ConfigError(f"prune.mode = \"channels\" cannot follow a learn stage that keeps per-weight state "
                               f"({', '.join(held)}): that state would keep the old shapes; prune channels before learning")

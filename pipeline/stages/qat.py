@@ -21,12 +21,13 @@ from pydantic import Field
 
 from edgec.errors import ConfigError, ExportError
 from edgec.quiet import native_logs_captured
-from edgec.targets.qat import QAT_EXTENSION, QATModel, prepare_qat, qat_extension
+from edgec.targets.qat import QATModel, prepare_qat, qat_extension
 
 from ..algorithms.pruning import MaskEnforcer
 from ..algorithms.sharing import CentroidTrainer, assignments_for
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..compression_info import compressed_model_info
+from ..extensions import QAT_EXT, TASKS_EXT
 from ..stage import Probe, StageConfig, StageContext
 from ..training import OptimConfig, TrainingStage, fit
 
@@ -42,11 +43,15 @@ class QatConfig(StageConfig, OptimConfig):
 class QatStage(TrainingStage):
     kind = "qat"
     version = 1
+    writes_extensions = (QAT_EXT,)
     Config = QatConfig
+
+    def reached_bundle(self, info: dict[str, Any], reached: list[str]) -> list[str]:
+        return [*reached, f"quantization-aware trained ({self.id}: int8 exports use its ranges)"]
 
     def check(self, probe: Probe) -> Probe:
         super().check(probe)
-        if "tasks" in probe.extensions:
+        if TASKS_EXT in probe.extensions:
             raise ConfigError("qat does not support multi-task models (learn stages) yet; leave it out (export "
                               "calibrates them after training)")
         try:
@@ -54,7 +59,7 @@ class QatStage(TrainingStage):
                 prepare_qat(probe.model, probe.sample(1), self.config.per_channel)
         except ExportError as e:
             raise ConfigError(f"{e}; leave qat out to export with post-training calibration") from e
-        return probe.evolve(extensions={**probe.extensions, QAT_EXTENSION: {"per_channel": self.config.per_channel}})
+        return probe.evolve(extensions={**probe.extensions, QAT_EXT: {"per_channel": self.config.per_channel}})
 
     def run(self, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         ckpt = source.checkpoint()
@@ -75,7 +80,7 @@ class QatStage(TrainingStage):
             result = train()
         model.load_state_dict(trainee.trained_state(model))
         ckpt.state_dict = model.state_dict()
-        ckpt.extensions = {**ckpt.extensions, QAT_EXTENSION: qat_extension(graph, self.config.per_channel)}
+        ckpt.extensions = {**ckpt.extensions, QAT_EXT: qat_extension(graph, self.config.per_channel)}
         ckpt.save(out_dir / CHECKPOINT_FILE)
         return {
             **compressed_model_info(model, ckpt, ctx.data),

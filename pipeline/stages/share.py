@@ -30,7 +30,17 @@ class ShareConfig(StageConfig, OptimConfig):
 class ShareStage(TrainingStage):
     kind = "share"
     version = 1
+    compresses = True
     Config = ShareConfig
+
+    def reached_bundle(self, info: dict[str, Any], reached: list[str]) -> list[str]:
+        return [*reached, f"weight-shared ({self.id})"]
+
+    @classmethod
+    def report_section(cls, doc, summary, manifest) -> None:
+        from edgec.report.sections import sharing_section
+
+        sharing_section(doc, summary)
 
     def check(self, probe: Probe) -> Probe:
         super().check(probe)
