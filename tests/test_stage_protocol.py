@@ -13,6 +13,7 @@ import pytest
 import torch
 from pydantic import Field
 
+import edgec.pipeline.stages  # noqa: F401  (importing the package registers every stage kind)
 from edgec.pipeline.artifact import CHECKPOINT_FILE
 from edgec.pipeline.modelinfo import model_info
 from edgec.pipeline.stage import Stage, StageConfig
