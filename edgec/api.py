@@ -225,6 +225,8 @@ def compression_reaching_the_end(steps: list) -> list[str]:
     reached: list[str] = []
     for step in steps:
         info = step.artifact.info
+        if step.kind == "distill" and info.get("passed_on") == "teacher":
+            continue  # no student met the accuracy budget: the teacher went on unchanged
         if step.kind == "distill":
             reached = [f"distilled student ({step.id}, {info.get('params', 0):,} params)"]
         elif step.kind == "prune" and "channels" in info:
