@@ -130,7 +130,7 @@ def summary_line(record: dict[str, Any]) -> str:
     shown = (lambda v: f"{100 * v:.1f}%") if metric == "accuracy" else (lambda v: f"{v:.4f}")
     verdict = "" if record["met"] else " OVER BUDGET"
     return (f"{metric} {shown(record['bundle_val'])} (trained {shown(record['reference'])}, "
-            f"{-record['drop_pt']:+.1f} pt, budget {record['budget_pt']:.1f} pt) on validation{verdict}")
+            f"{0.0 - record['drop_pt']:+.1f} pt, budget {record['budget_pt']:.1f} pt) on validation{verdict}")
 
 
 def refuse_over_budget(record: dict[str, Any]) -> None:
@@ -140,10 +140,10 @@ def refuse_over_budget(record: dict[str, Any]) -> None:
     tried = " -> ".join(s["stage"] for s in record["stages"]) or "the chain"
     fmt = (lambda v: f"{100 * v:.1f}%") if record["metric"] == "accuracy" else (lambda v: f"{v:.4f}")
     best = min(record["stages"], key=lambda s: s["drop_pt"], default=None)
-    best_text = f"; best point after {best['stage']}: {fmt(best['val'])} ({-best['drop_pt']:+.1f} pt)" if best else ""
+    best_text = f"; best point after {best['stage']}: {fmt(best['val'])} ({0.0 - best['drop_pt']:+.1f} pt)" if best else ""
     raise RunError(
         f"accuracy budget not met: bundle {record['metric']} {fmt(record['bundle_val'])} on validation vs trained "
-        f"{fmt(record['reference'])} ({-record['drop_pt']:+.1f} pt > budget {record['budget_pt']:.1f} pt); tried {tried}"
+        f"{fmt(record['reference'])} ({0.0 - record['drop_pt']:+.1f} pt > budget {record['budget_pt']:.1f} pt); tried {tried}"
         f"{best_text}; nothing published. Leave sparsity/bits at their budgeted defaults, train longer, or raise "
         f"the budget (--max-drop)")
 
