@@ -216,8 +216,8 @@ class DistillStage(TrainingStage):
             trials.append({"width": width, "drop_pt": round(drop, 4), "accepted": drop <= allowance + 1e-9})
             search = {"allowance_pt": allowance, "reference_val": reference, "trials": trials}
             if trials[-1]["accepted"]:
-                ctx.console.print(f"{self.id}: student width {width} ({0.0 - drop:+.1f} pt) within {allowance:.2g} pt of the "
-                                  "trained model")
+                ctx.console.print(f"{self.id}: student width {width} ({0.0 - drop:+.1f} pt) within {allowance:.2g} pt "
+                                  "of the trained model")
                 return {**info, "width_search": {**search, "chosen": width}}
         tried = ", ".join(f"{t['width']}: {0.0 - t['drop_pt']:+.1f} pt" for t in trials)
         ctx.console.print(f"{self.id}: no student within {allowance:.2g} pt of the trained model (widths {tried}); "

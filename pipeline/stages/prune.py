@@ -206,7 +206,8 @@ class PruneStage(Stage):
             figures = {"drop_pt": round(drop_from(reference, candidate), 4)}
             accepted = figures["drop_pt"] <= share + 1e-9
             if confidence is not None:
-                figures["confidence_drop_pt"] = round(100 * (confidence - _true_class_confidence(candidate, ctx.data)), 4)
+                lost = confidence - _true_class_confidence(candidate, ctx.data)
+                figures["confidence_drop_pt"] = round(100 * lost, 4)
                 accepted = accepted and figures["confidence_drop_pt"] <= CONFIDENCE_GUARD_PT
             return {**figures, "accepted": accepted}, (candidate, got)
 
@@ -216,7 +217,8 @@ class PruneStage(Stage):
             model, masks = best
         entering_drop = round(drop_points(reference, entering, higher), 4)
         record = {"share_pt": share, "confidence_guard_pt": CONFIDENCE_GUARD_PT, "reference_val": reference,
-                  "entering_drop_pt": entering_drop, "candidates": list(CANDIDATES), "curves": curves, "levels": levels, "trials": tried,
+                  "entering_drop_pt": entering_drop, "candidates": list(CANDIDATES), "curves": curves, "levels": levels,
+                  "trials": tried,
                   "recovery": {"rounds": self.config.steps, "epochs_per_round": self.config.retrain.epochs},
                   "chosen": chosen,
                   "joint_drop_pt": next((t["drop_pt"] for t in tried if t["level"] == index), entering_drop)}
