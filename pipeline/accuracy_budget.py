@@ -23,10 +23,13 @@ from edgec.errors import RunError
 from edgec.ondevice import metrics as M
 
 DEFAULT_MAX_DROP_PT = 1.0
-# How the chain spends the budget (fractions of it). A prune stage without an explicit sparsity
-# chooses the sparsities whose validation drop *after a short recovery* stays within its share;
+# How the chain spends the budget (fractions of it, in chain order). Shares are cumulative and
+# counted from the trained model: after a budgeted stage the model may have lost its own share plus
+# every earlier one (:func:`allowance_pt`), so what an earlier stage left unused (or gained) passes
+# on. A distill stage without an explicit width picks the narrowest student within its share; a
+# prune stage without an explicit sparsity the largest level that recovers within its own;
 # weight sharing and int8 quantization keep their settings and the rest of the budget covers them.
-ALLOCATION = {"prune": 0.5, "share": 0.25, "quantization": 0.25}
+ALLOCATION = {"distill": 0.25, "prune": 0.25, "share": 0.25, "quantization": 0.25}
 
 
 def resolve_budget(configured: float | None, profile) -> tuple[float, str]:
@@ -37,6 +40,19 @@ def resolve_budget(configured: float | None, profile) -> tuple[float, str]:
     if from_target is not None:
         return float(from_target), f"target {profile.name}"
     return DEFAULT_MAX_DROP_PT, "default"
+
+
+def allowance_pt(part: str, budget_pt: float) -> float:
+    """How far below the trained model's validation figure (points) the model may be after ``part``:
+    its share of the budget plus every earlier part's."""
+    parts = list(ALLOCATION)
+    return budget_pt * sum(ALLOCATION[p] for p in parts[:parts.index(part) + 1])
+
+
+def reference_index(kinds: list[str]) -> int | None:
+    """The index of the stage whose output is the trained reference (the first train stage); None:
+    the chain's source model (a user's ``--weights``) is the reference."""
+    return next((i for i, kind in enumerate(kinds) if kind == "train"), None)
 
 
 def headline(data: Dataset, outputs: np.ndarray, split: str) -> tuple[str, float | None, bool]:
@@ -61,6 +77,11 @@ def model_headline(model: nn.Module, data: Dataset, split: str) -> tuple[str, fl
     from .inference import predict
 
     return headline(data, predict(model, getattr(data, f"x_{split}"), data).numpy(), split)
+
+
+def reference_headline(reference, data: Dataset, trust) -> tuple[str, float | None, bool]:
+    """The trained reference's (an Artifact's) validation headline: what budgeted stages are judged against."""
+    return model_headline(reference.checkpoint().build(trust), data, "val")
 
 
 def stage_metric(info: dict[str, Any], metric: str) -> float | None:
@@ -109,7 +130,7 @@ def summary_line(record: dict[str, Any]) -> str:
     shown = (lambda v: f"{100 * v:.1f}%") if metric == "accuracy" else (lambda v: f"{v:.4f}")
     verdict = "" if record["met"] else " OVER BUDGET"
     return (f"{metric} {shown(record['bundle_val'])} (trained {shown(record['reference'])}, "
-            f"{-record['drop_pt']:+.1f} pt, budget {record['budget_pt']:.1f} pt) on validation{verdict}")
+            f"{0.0 - record['drop_pt']:+.1f} pt, budget {record['budget_pt']:.1f} pt) on validation{verdict}")
 
 
 def refuse_over_budget(record: dict[str, Any]) -> None:
@@ -119,10 +140,10 @@ def refuse_over_budget(record: dict[str, Any]) -> None:
     tried = " -> ".join(s["stage"] for s in record["stages"]) or "the chain"
     fmt = (lambda v: f"{100 * v:.1f}%") if record["metric"] == "accuracy" else (lambda v: f"{v:.4f}")
     best = min(record["stages"], key=lambda s: s["drop_pt"], default=None)
-    best_text = f"; best point after {best['stage']}: {fmt(best['val'])} ({-best['drop_pt']:+.1f} pt)" if best else ""
+    best_text = f"; best point after {best['stage']}: {fmt(best['val'])} ({0.0 - best['drop_pt']:+.1f} pt)" if best else ""
     raise RunError(
         f"accuracy budget not met: bundle {record['metric']} {fmt(record['bundle_val'])} on validation vs trained "
-        f"{fmt(record['reference'])} ({-record['drop_pt']:+.1f} pt > budget {record['budget_pt']:.1f} pt); tried {tried}"
+        f"{fmt(record['reference'])} ({0.0 - record['drop_pt']:+.1f} pt > budget {record['budget_pt']:.1f} pt); tried {tried}"
         f"{best_text}; nothing published. Leave sparsity/bits at their budgeted defaults, train longer, or raise "
         f"the budget (--max-drop)")
 
@@ -133,7 +154,7 @@ def measure(steps: list, source, data: Dataset, trust, budget_pt: float, budget_
     bundle_info = steps[-1].artifact.info if steps else {}
     if not steps or steps[-1].kind != "export" or "tasks" in bundle_info:
         return None
-    ref_index = next((i for i, s in enumerate(steps) if s.kind == "train"), None)
+    ref_index = reference_index([s.kind for s in steps])
     reference = source if ref_index is None else steps[ref_index].artifact
     model = reference.checkpoint().build(trust)
     metric, reference_val, higher = model_headline(model, data, "val")

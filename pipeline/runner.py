@@ -14,6 +14,7 @@ from edgec.checkpoint import load_checkpoint
 from edgec.data import Dataset
 from edgec.errors import ConfigError, EdgecError, InputError, RunError
 
+from .accuracy_budget import reference_index
 from .artifact import CHECKPOINT_FILE, MODEL, Artifact
 from .cache import StageCache, stable_hash
 from .extensions import PINS_WEIGHTS
@@ -34,6 +35,15 @@ def context_for(stage: Stage, ctx: StageContext, datasets: Mapping[str, Dataset]
     """The stage's own context: its named dataset when it reads one, else the main data."""
     name = getattr(stage.config, "data", None)
     return ctx if name is None else dataclasses.replace(ctx, data=datasets[name])
+
+
+def _reference_at(stages: Sequence[Stage], i: int, source: Artifact, ref_artifact: Artifact | None) -> Artifact | None:
+    """The trained reference stage ``i`` sees: the source when the chain has no train stage, else
+    ``ref_artifact`` (the first train stage's output) for the stages after that one."""
+    ref = reference_index([s.kind for s in stages])
+    if ref is None:
+        return source
+    return ref_artifact if i > ref else None
 
 
 def check_chain(
@@ -101,7 +111,9 @@ def run_chain(
     _print_plan(stages, source, ctx, cache, datasets, force_from)
     results: list[StepResult] = []
     current = source
+    reference = None
     for i, (stage, stage_ctx) in enumerate(zip(stages, contexts)):
+        stage_ctx = dataclasses.replace(stage_ctx, reference=_reference_at(stages, i, source, reference))
         key = cache_key(stage, stage_ctx, current.digest)
         forced = force_from is not None and i >= force_from
         start = time.perf_counter()
@@ -115,6 +127,8 @@ def run_chain(
             current = cache.put(stage.kind, key, stage.produces,
                                 lambda out: _run_checked(stage, source_artifact, stage_ctx, out), force=forced)
         results.append(StepResult(stage.id, stage.kind, key, hit is not None, time.perf_counter() - start, current))
+        if i == reference_index([s.kind for s in stages]):
+            reference = current
     return results
 
 
@@ -136,14 +150,18 @@ def plan_status(stages, source, ctx, cache, datasets=None, force_from=None) -> l
     contexts = [context_for(stage, ctx, datasets or {}) for stage in stages]
     rows = []
     digest: str | None = source.digest
+    reference = None
     for i, (stage, stage_ctx) in enumerate(zip(stages, contexts)):
         status = "to run"
+        stage_ctx = dataclasses.replace(stage_ctx, reference=_reference_at(stages, i, source, reference))
         if force_from is not None and i >= force_from:
             status, digest = "forced", None
         elif digest is not None:
             hit = cache.get(stage.kind, cache_key(stage, stage_ctx, digest))
             if hit is not None:
                 status, digest = "cached", hit.digest
+                if i == reference_index([s.kind for s in stages]):
+                    reference = hit
             else:
                 digest = None
         rows.append({"id": stage.id, "kind": stage.kind, "data": stage.config.data or "main", "status": status,

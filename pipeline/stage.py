@@ -65,6 +65,10 @@ class StageContext:
     tasks: Mapping[str, str] = field(default_factory=dict)
     # The accuracy budget in points (pipeline/accuracy_budget.py): stages without an explicit setting spend their share
     budget_pt: float = 1.0
+    # The trained reference the budget counts from (the first train stage's output, else the source
+    # model; accuracy_budget.reference_index); None for stages before it. Budgeted stages are judged
+    # against its validation figure and put its digest in their key.
+    reference: Artifact | None = None
 
 
 @dataclass(frozen=True)

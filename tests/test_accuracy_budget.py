@@ -1,6 +1,7 @@
 """The accuracy budget (measured against the trained model, recorded, printed, enforced, gated by
 `edgec check --max-drop`) and the margin-aware export parity gate."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -127,7 +128,7 @@ def test_budgeted_prune_ships_within_the_budget_where_fixed_pruning_breaks(tmp_p
     run_cli("build", *TINY, "--stages", "train,prune,export", "--set", "prune.steps=1", cwd=tmp_path)
     recorded, _ = _budget(tmp_path / "edgec-out" / "desktop-gpu")
     assert recorded["met"] and recorded["drop_pt"] <= 1.0
-    assert recorded["allocation"] == {"prune": 0.5, "share": 0.25, "quantization": 0.25}
+    assert recorded["allocation"] == {"distill": 0.25, "prune": 0.25, "share": 0.25, "quantization": 0.25}
     build = json.loads((tmp_path / "edgec-out" / "desktop-gpu" / "build.json").read_text())
     sensitivity = next(s["info"] for s in build["stages"] if s["kind"] == "prune")["sensitivity"]
     assert sensitivity["share_pt"] == 0.5 and sensitivity["joint_drop_pt"] <= 0.5
@@ -165,14 +166,107 @@ def test_sparsity_levels_grow_and_the_search_keeps_the_largest_that_recovers():
     levels = sparsity_levels(curves)
     pruned = [sum(level["sparsity"].values()) for level in levels]
     assert pruned == sorted(pruned) and len(set(pruned)) == len(pruned)  # each level prunes more
-    assert levels[0]["sparsity"] == {"a": 0.5, "c": 0.3}  # at 0.5 pt: c stops at its first step over it
+    # below the gentlest tolerance, that allocation capped at each candidate (a fallback short of 95%)
+    assert levels[0]["sparsity"] == {"a": 0.3, "c": 0.3} and levels[1]["sparsity"] == {"a": 0.5, "c": 0.3}
     assert levels[-1]["sparsity"] == {"a": 0.95, "b": 0.95, "c": 0.95}
+    for lower, higher in zip(levels, levels[1:]):  # every layer prunes at least as much as before
+        assert all(higher["sparsity"].get(name, 0) >= s for name, s in lower["sparsity"].items())
     tried = []
 
     def trial(sparsity):  # recovers within the allowance up to level 3, not beyond
         tried.append(levels.index(next(lv for lv in levels if lv["sparsity"] == sparsity)))
-        return (0.0 if tried[-1] <= 3 else 2.0), tried[-1]
+        return {"drop_pt": 0.0, "accepted": tried[-1] <= 3}, tried[-1]
 
-    index, best, record = search_level(levels, trial, 0.5)
+    index, best, record = search_level(levels, trial)
     assert index == 3 and best == 3 and len(record) <= 4
-    assert search_level(levels, lambda s: (5.0, None), 0.5)[:2] == (None, None)  # nothing recovers: prune nothing
+    nothing = search_level(levels, lambda s: ({"drop_pt": 5.0, "accepted": False}, None))
+    assert nothing[:2] == (None, None)  # nothing recovers: prune nothing
+
+
+# --- budgeted stages count from the trained reference ------------------------------------------------
+
+def _stage_info(build_dir, kind):
+    build = json.loads((build_dir / "build.json").read_text())
+    return next(s for s in build["stages"] if s["kind"] == kind)
+
+
+def test_budgeted_keys_hold_the_trained_reference(tmp_path):
+    """A budgeted stage is judged against the trained model, so that model's digest is in its key: a
+    different trained model is a different prune (and distill) result. Explicit settings are not
+    judged and their keys do not name it."""
+    from rich.console import Console
+
+    from edgec.data import load_dataset
+    from edgec.pipeline.artifact import MODEL, Artifact
+    from edgec.pipeline.stage import StageContext
+    from edgec.pipeline.stages.distill import DistillConfig, DistillStage
+    from edgec.pipeline.stages.prune import PruneConfig, PruneStage
+
+    ctx = StageContext(data=load_dataset("digits"), seed=0, target=None, console=Console(quiet=True))
+    trained = [Artifact(MODEL, tmp_path, digest, {}) for digest in ("a" * 64, "b" * 64)]
+    for stage in (PruneStage(PruneConfig()), DistillStage(DistillConfig())):
+        keys = {str(stage.key_material(dataclasses.replace(ctx, reference=ref))) for ref in trained}
+        assert len(keys) == 2, stage.kind
+    for stage in (PruneStage(PruneConfig(sparsity=0.5)), DistillStage(DistillConfig(width=0.5))):
+        keys = {str(stage.key_material(dataclasses.replace(ctx, reference=ref))) for ref in trained}
+        assert len(keys) == 1, stage.kind
+    # an explicit width equal to the default is not the budgeted stage
+    assert DistillStage(DistillConfig(width=0.5)).key_material(ctx) != DistillStage(DistillConfig()).key_material(ctx)
+
+
+def test_budgeted_prune_spends_what_an_earlier_stage_gained(tmp_path):
+    """An undertrained model retrained before the prune: the prune's allowance counts from the trained
+    model, so the retrain's gain is spent on sparsity (judged against the model entering the prune,
+    as before, the chosen level would have lost more than the 0.5-pt share) and the bundle still
+    ships within the budget."""
+    run_cli("build", *TINY, "--epochs", "2", "--stages", "train,retrain,prune,export", "--set", "retrain.epochs=8",
+            cwd=tmp_path)
+    out = tmp_path / "edgec-out" / "desktop-gpu"
+    recorded, _ = _budget(out)
+    assert recorded["met"]
+    prune = _stage_info(out, "prune")["info"]
+    sensitivity = prune["sensitivity"]
+    assert sensitivity["reference_val"] == pytest.approx(recorded["reference"])  # judged against the trained model
+    gained = -sensitivity["entering_drop_pt"]
+    assert gained > sensitivity["share_pt"]
+    kept = next(t for t in sensitivity["trials"] if t["accepted"] and t["level"] == max(
+        u["level"] for u in sensitivity["trials"] if u["accepted"]))
+    assert kept["drop_pt"] + gained > sensitivity["share_pt"]  # the old rule (from the entering model) refuses it
+    assert prune["sparsity"]["total"]["sparsity"] > 0.5
+
+
+DISTILL = [*TINY, "--stages", "train,distill,export", "--set", "distill.epochs=30"]
+
+
+def test_budgeted_distill_picks_the_narrowest_width_within_its_share(tmp_path):
+    run_cli("build", *DISTILL, cwd=tmp_path)
+    out = tmp_path / "edgec-out" / "desktop-gpu"
+    recorded, _ = _budget(out)
+    distill = _stage_info(out, "distill")["info"]
+    search = distill["width_search"]
+    assert search["allowance_pt"] == 0.25 and search["reference_val"] == pytest.approx(recorded["reference"])
+    widths = [t["width"] for t in search["trials"]]
+    assert widths == [0.25, 0.5, 0.75][:len(widths)]  # narrowest first, stopping at the first within the share
+    assert [t["accepted"] for t in search["trials"]] == [False] * (len(widths) - 1) + [True]
+    assert search["chosen"] == widths[-1] and search["trials"][-1]["drop_pt"] <= 0.25
+    assert distill["params"] < distill["teacher"]["params"]
+
+
+def test_budgeted_distill_passes_the_teacher_on_when_no_student_meets_it(tmp_path):
+    """Students that cannot learn (one epoch at a negligible learning rate) miss the share at every
+    width: the stage says so in one line and the teacher goes on; an explicit width is used as given."""
+    proc = run_cli("build", *DISTILL, "--set", "distill.epochs=1", "--set", "distill.lr=1e-7", cwd=tmp_path)
+    out = tmp_path / "edgec-out" / "desktop-gpu"
+    lines = [line for line in proc.stdout.splitlines() if "the teacher is passed on" in line]
+    assert len(lines) == 1 and "0.25:" in lines[0] and "0.75:" in lines[0]
+    distill = _stage_info(out, "distill")["info"]
+    train = _stage_info(out, "train")["info"]
+    assert distill["passed_on"] == "teacher" and distill["width_search"]["chosen"] is None
+    assert distill["params"] == train["params"] and distill["val_accuracy"] == train["val_accuracy"]
+    recorded, _ = _budget(out)
+    assert recorded["met"] and recorded["drop_pt"] == pytest.approx(0, abs=1e-6)
+
+    run_cli("build", *DISTILL, "--set", "distill.epochs=1", "--set", "distill.lr=1e-7", "--set", "distill.width=0.5",
+            "--set", "budget.enforce=false", cwd=tmp_path)
+    explicit = _stage_info(out, "distill")["info"]
+    assert "width_search" not in explicit and explicit["params"] < train["params"]

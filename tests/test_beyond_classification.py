@@ -173,7 +173,7 @@ def test_full_compression_chain(work, regression_npz, task):
     base = anomaly_config() if task == "reconstruction" else regression_config(regression_npz)
     figure = "auc" if task == "reconstruction" else "r2"
     # short stages with explicit settings: the chain's mechanics are under test, so the budget only records
-    config = {**base, "budget": {"enforce": False}, "stages": [base["stages"][0], {"kind": "distill", "epochs": 10, "lr": 3e-3},
+    config = {**base, "budget": {"enforce": False}, "stages": [base["stages"][0], {"kind": "distill", "epochs": 10, "lr": 3e-3, "width": 0.5},
                                  {"kind": "prune", "sparsity": 0.5, "steps": 2, "retrain": {"epochs": 2}},
                                  {"kind": "retrain", "epochs": 5}, {"kind": "share", "bits": 5, "epochs": 2},
                                  {"kind": "export"}]}

@@ -162,7 +162,7 @@ def test_config_error_in_the_last_stage_costs_no_training(tmp_path):
 def test_user_model_outside_the_zoo_builds_with_the_default_chain(tmp_path):
     """distill derives the student of a user model by channel pruning instead of failing after training."""
     fast = ["--epochs", "2", "--set", "prune.steps=1", "--set", "retrain.epochs=1", "--set", "share.epochs=1",
-            "--set", "distill.epochs=2", "--set", "model.args.channels=16", "--precision", "fp32"]
+            "--set", "distill.epochs=2", "--set", "distill.width=0.5", "--set", "model.args.channels=16", "--precision", "fp32"]
     out = json.loads(run_cli("build", "--model", "fixtures.user_models:make", *fast, "--json", cwd=tmp_path,
                              env={"PYTHONPATH": str(Path(__file__).parent)}).stdout)
     distill = next(s for s in out["stages"] if s["kind"] == "distill")

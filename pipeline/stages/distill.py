@@ -9,6 +9,11 @@ With ``hint_layers`` set, the student also learns to match one intermediate feat
 teacher through a small learned adapter (FitNets-style "hints"); the adapter is dropped after
 training. The output artifact is the student, so stages listed after ``distill`` compress the
 student and ``export`` ships it.
+
+Budgeted (no ``student`` and no ``width`` set): students at :data:`WIDTHS` are distilled narrowest
+first and the first whose validation figure stays within the distill allowance of the accuracy
+budget (counted from the trained model, ``accuracy_budget.allowance_pt``) is the output; when none
+does, the teacher is passed on unchanged and the stage says so.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from edgec.checkpoint import Checkpoint, load_checkpoint
 from edgec.errors import ConfigError, InputError
 from edgec.zoo import ZOO, default_width
 
+from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline
 from ..algorithms.channels import prune_channels
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..cache import sha256_file
@@ -35,6 +41,9 @@ from ..objectives import check_model_outputs, objective_for
 from ..modelinfo import model_info
 from ..stage import Probe, StageConfig, StageContext
 from ..training import OptimConfig, TrainingStage, fit, resolve_device, seed_everything
+
+
+WIDTHS = (0.25, 0.5, 0.75)  # the budgeted student widths, tried narrowest first
 
 
 class DistillConfig(StageConfig, OptimConfig):
@@ -47,7 +56,9 @@ class DistillConfig(StageConfig, OptimConfig):
         None, description="zoo name or package.module:factory; default: the teacher at `width` (a zoo teacher's width "
         "argument, otherwise the teacher with that fraction of its channels kept by structured pruning)")
     student_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the student")
-    width: float = Field(0.5, gt=0, le=1, description="width multiplier when the student is derived from the teacher")
+    width: float = Field(0.5, gt=0, le=1, description="width multiplier when the student is derived from the teacher; "
+                         "unset (and no student): the narrowest of 0.25 / 0.5 / 0.75 within the accuracy budget's "
+                         "distill share, else the teacher is passed on")
     temperature: float = Field(2.0, description="softmax temperature T (> 0)")
     alpha: float = Field(0.7, description="weight of the soft-target term, in [0, 1]")
     hint_layers: tuple[str, str] | None = Field(None, description="(teacher module, student module) whose outputs the hint loss matches")
@@ -139,6 +150,8 @@ class DistillStage(TrainingStage):
     Config = DistillConfig
 
     def reached_bundle(self, info: dict[str, Any], reached: list[str]) -> list[str]:
+        if info.get("passed_on") == "teacher":
+            return reached  # no student met the accuracy budget: the teacher went on unchanged
         return [f"distilled student ({self.id}, {info.get('params', 0):,} params)"]  # a fresh model: nothing before it
 
     def _teacher(self, source_ckpt: Checkpoint | None, trust: ModelTrust) -> tuple[nn.Module, Checkpoint]:
@@ -180,15 +193,49 @@ class DistillStage(TrainingStage):
                 "they must match"
             )
 
+    @property
+    def budgeted(self) -> bool:
+        """Neither a student nor a width set: the width is chosen by validation within the budget."""
+        return self.config.student is None and "width" not in self.config.model_fields_set
+
     def key_material(self, ctx: StageContext) -> dict[str, Any]:
         material = super().key_material(ctx)
         if self.config.teacher is not None:
             material["teacher_sha256"] = sha256_file(self.config.teacher)
+        if self.budgeted:
+            material["budget"] = {"allowance_pt": allowance_pt("distill", ctx.budget_pt), "widths": list(WIDTHS),
+                                  "reference": ctx.reference.digest if ctx.reference is not None else None}
         return material
 
     def run(self, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
-        cfg, data = self.config, ctx.data
         teacher, teacher_ckpt = self._teacher(source.checkpoint(), ctx.trust)
+        if not self.budgeted:
+            return self._distill(self.config, teacher, teacher_ckpt, ctx, out_dir)[1]
+        _, reference, higher = (model_headline(teacher, ctx.data, "val") if ctx.reference is None
+                                else reference_headline(ctx.reference, ctx.data, ctx.trust))
+        allowance = allowance_pt("distill", ctx.budget_pt)
+        trials = []
+        for width in WIDTHS:
+            student, info = self._distill(self.config.model_copy(update={"width": width}), teacher, teacher_ckpt, ctx,
+                                          out_dir)
+            drop = drop_points(reference, model_headline(student, ctx.data, "val")[1], higher)
+            trials.append({"width": width, "drop_pt": round(drop, 4), "accepted": drop <= allowance + 1e-9})
+            search = {"allowance_pt": allowance, "reference_val": reference, "trials": trials}
+            if trials[-1]["accepted"]:
+                ctx.console.print(f"{self.id}: student width {width} ({0.0 - drop:+.1f} pt) within {allowance:.2g} pt "
+                                  "of the trained model")
+                return {**info, "width_search": {**search, "chosen": width}}
+        tried = ", ".join(f"{t['width']}: {0.0 - t['drop_pt']:+.1f} pt" for t in trials)
+        ctx.console.print(f"{self.id}: no student within {allowance:.2g} pt of the trained model (widths {tried}); "
+                          "the teacher is passed on")
+        teacher_ckpt.save(out_dir / CHECKPOINT_FILE)
+        return {**model_info(teacher, ctx.data), "passed_on": "teacher",
+                "width_search": {**search, "chosen": None}}
+
+    def _distill(self, cfg: DistillConfig, teacher: nn.Module, teacher_ckpt: Checkpoint, ctx: StageContext,
+                 out_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+        """Distill one student with ``cfg`` into ``out_dir``: (the student, its info)."""
+        data = ctx.data
         example = torch.from_numpy(data.to_input(data.x_train[:2]))
         student, arch = make_student(cfg, teacher, teacher_ckpt.arch, example, data.input_shape, data.num_classes,
                                      ctx.trust, ctx.seed)
@@ -220,4 +267,4 @@ class DistillStage(TrainingStage):
         if scratch is not None:
             fit(scratch, data, cfg, ctx.seed, ctx.console, label=f"{self.id} baseline (labels only)")
             info["baseline"] = model_info(scratch, data)
-        return info
+        return student, info

@@ -31,12 +31,14 @@ from ..extensions import PER_WEIGHT
 from ..algorithms.channels import (
     ChannelPruner, ChannelSpec, accumulate_gradients, channel_report, channel_widths, model_cost,
 )
-from ..accuracy_budget import ALLOCATION
+from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline
 from ..algorithms.pruning import (
     GlobalSparsity, LayerSparsity, MaskEnforcer, ThresholdPruning, apply_masks, compute_masks, per_layer,
     prunable_layers, sparsity_schedule,
 )
-from ..algorithms.sensitivity import CANDIDATES, search_level, sensitivity_curves, sparsity_levels
+from ..algorithms.sensitivity import (
+    CANDIDATES, CONFIDENCE_GUARD_PT, search_level, sensitivity_curves, sparsity_levels,
+)
 from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import OptimConfig, fit, resolve_device
 
@@ -158,7 +160,7 @@ def _flat_key_config(config: PruneConfig) -> dict[str, Any]:
     return {**flat, **config.model_dump(mode="json", exclude={"data"})}
 
 
-SENSITIVITY_VERSION = 2  # bump when the sensitivity analysis chooses differently for the same inputs
+SENSITIVITY_VERSION = 3  # bump when the sensitivity analysis chooses differently for the same inputs
 
 
 class PruneStage(Stage):
@@ -189,8 +191,8 @@ class PruneStage(Stage):
         return self.config.mode == "layer" and self.config.sparsity is None
 
     def key_material(self, ctx: StageContext) -> dict[str, Any]:
-        budget = {"budget_share_pt": ALLOCATION["prune"] * ctx.budget_pt, "sensitivity": SENSITIVITY_VERSION} \
-            if self.budgeted else {}
+        budget = {"allowance_pt": allowance_pt("prune", ctx.budget_pt), "sensitivity": SENSITIVITY_VERSION,
+                  "reference": ctx.reference.digest if ctx.reference is not None else None} if self.budgeted else {}
         material = {**super().key_material(ctx), "config": _flat_key_config(self.config)}
         return {**material, "device": resolve_device(self.config.retrain.device), **budget}
 
@@ -249,34 +251,47 @@ class PruneStage(Stage):
 
     def _budgeted_prune(self, model: nn.Module, masks: dict[str, torch.Tensor], ctx: StageContext):
         """(model, masks, record): the largest sparsity level, ranked by per-layer sensitivity, whose
-        validation drop after the stage's rounds and a recovery stays within this stage's share of the
-        accuracy budget (algorithms/sensitivity.py); the unpruned model when none does."""
-        from ..accuracy_budget import drop_points, model_headline
-
+        validation figure after the stage's rounds and a recovery stays within the prune's allowance
+        counted from the trained reference (accuracy_budget.allowance_pt: what earlier stages lost
+        is spent, what they gained is passed on; algorithms/sensitivity.py); the unpruned model when
+        none does. Without a reference (prune before any train stage) the incoming model is it."""
         model.eval()
-        _, base, higher = model_headline(model, ctx.data, "val")
-        share = ALLOCATION["prune"] * ctx.budget_pt
+        _, entering, higher = model_headline(model, ctx.data, "val")
+        reference = entering if ctx.reference is None else reference_headline(ctx.reference, ctx.data, ctx.trust)[1]
+        share = allowance_pt("prune", ctx.budget_pt)
 
-        def drop_of(candidate: nn.Module) -> float:
+        def drop_from(base: float, candidate: nn.Module) -> float:
             return drop_points(base, model_headline(candidate, ctx.data, "val")[1], higher)
 
-        curves = sensitivity_curves(model, masks, drop_of)
+        curves = sensitivity_curves(model, masks, lambda candidate: drop_from(entering, candidate))
         levels = sparsity_levels(curves)
+
+        confidence = _true_class_confidence(model, ctx.data)
 
         def trial(sparsity: dict[str, float]):
             candidate = copy.deepcopy(model)
             got = self._prune_rounds(candidate, dict(masks), ctx, lambda f: self._spec(f, sparsity), recover=True,
                                      label=f" trial {_shown(sparsity)}")
-            return drop_of(candidate), (candidate, got)
+            figures = {"drop_pt": round(drop_from(reference, candidate), 4)}
+            accepted = figures["drop_pt"] <= share + 1e-9
+            if confidence is not None:
+                lost = confidence - _true_class_confidence(candidate, ctx.data)
+                figures["confidence_drop_pt"] = round(100 * lost, 4)
+                accepted = accepted and figures["confidence_drop_pt"] <= CONFIDENCE_GUARD_PT
+            return {**figures, "accepted": accepted}, (candidate, got)
 
-        index, best, tried = search_level(levels, trial, share)
+        index, best, tried = search_level(levels, trial)
         chosen = {} if index is None else levels[index]["sparsity"]
         if best is not None:
             model, masks = best
-        record = {"share_pt": share, "candidates": list(CANDIDATES), "curves": curves, "levels": levels, "trials": tried,
+        entering_drop = round(drop_points(reference, entering, higher), 4)
+        record = {"share_pt": share, "confidence_guard_pt": CONFIDENCE_GUARD_PT, "reference_val": reference,
+                  "entering_drop_pt": entering_drop, "candidates": list(CANDIDATES), "curves": curves, "levels": levels,
+                  "trials": tried,
                   "recovery": {"rounds": self.config.steps, "epochs_per_round": self.config.retrain.epochs},
-                  "chosen": chosen, "joint_drop_pt": next((t["drop_pt"] for t in tried if t["level"] == index), 0.0)}
-        ctx.console.print(f"{self.id}: sparsities within {share:.2g} pt after recovery: "
+                  "chosen": chosen,
+                  "joint_drop_pt": next((t["drop_pt"] for t in tried if t["level"] == index), entering_drop)}
+        ctx.console.print(f"{self.id}: sparsities within {share:.2g} pt of the trained model after recovery: "
                           f"{_shown(chosen) or 'none (no level recovered within the budget)'}")
         return model, masks, record
 
@@ -350,6 +365,16 @@ class PruneStage(Stage):
         y = torch.from_numpy(objective.train_targets(data)[idx])
         size = self.config.retrain.batch_size
         accumulate_gradients(model, [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)], objective.loss)
+
+
+def _true_class_confidence(model: nn.Module, data: Dataset) -> float | None:
+    """Classification: the mean probability the model gives the true class on validation (None otherwise)."""
+    if data.task != "classification":
+        return None
+    from ..training import predict
+
+    probabilities = torch.softmax(predict(model, data.x_val, data), dim=1)
+    return float(probabilities[torch.arange(len(data.y_val)), torch.as_tensor(data.y_val)].mean())
 
 
 def _shown(sparsity: dict[str, float]) -> str:
