@@ -19,7 +19,7 @@ clipped harder and lost agreement on the test models here, so the option is pass
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +58,7 @@ def export_onnx(
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
     per_channel: bool = True,
     qat: Mapping[str, Any] | None = None,
+    float_ops: Collection[str] = (),
 ) -> ExportedModelInfo:
     """Write ``model`` to ``path`` as ONNX at ``precision``; nothing is left at ``path`` on failure.
 
@@ -84,6 +85,10 @@ def export_onnx(
     graph is then the quantization-aware-trained one, exported by ``torch.onnx``'s dynamo
     exporter (which writes PT2E's quantize/dequantize ops as QuantizeLinear/DequantizeLinear);
     no calibration runs and the options above do not apply.
+
+    ``float_ops`` (int8): names of nodes (as ``quant_pre_process`` leaves them, the names the int8
+    diagnosis gives ONNX layers) that ``quantize_static`` leaves in float (``nodes_to_exclude``):
+    selective mixed precision.
     """
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
@@ -114,6 +119,7 @@ def export_onnx(
                     activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=_CALIBRATION_METHODS[calibration_method],
+                    nodes_to_exclude=list(float_ops),
                 )
                 conversion |= {
                     "tool": "onnxruntime.quantization.quantize_static(QDQ, s8s8)",
