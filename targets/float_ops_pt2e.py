@@ -32,7 +32,7 @@ def keep_ops_float(quantizer, float_ops: Collection[str]):
             model = super().annotate(model)
             floats = float_nodes(model.graph, names)
             _leave_float(model.graph, floats, self.global_config.input_activation)
-            self.float_modules = sorted({_module_path(n) for n in floats})
+            self.float_layers = sorted({_module_path(n) for n in floats})
             return model
 
     return FloatOpsQuantizer().set_global(quantizer.global_config)

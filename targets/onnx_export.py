@@ -35,6 +35,7 @@ from edgec.calibration.readers import OnnxCalibrationReader
 from edgec.calibration.samples import calibration_digest
 from edgec.errors import ExportError
 
+from .float_ops_onnx import nodes_to_exclude
 from .exported import ExportedModelInfo, calibration_inputs, quiet_converter, staged_file, strip_dropout, tensor_spec
 
 OPSET = 17  # >= 13 for per-channel QuantizeLinear; every onnxruntime >= 1.20 runs it
@@ -110,6 +111,7 @@ def export_onnx(
             elif precision == "int8" and qat is None:
                 prepared = Path(work) / "prepared.onnx"
                 quant_pre_process(fp32_path, prepared)
+                excluded = nodes_to_exclude(onnx.load(str(prepared)), float_ops) if float_ops else []
                 quantize_static(
                     prepared,
                     tmp,
@@ -119,7 +121,7 @@ def export_onnx(
                     activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=_CALIBRATION_METHODS[calibration_method],
-                    nodes_to_exclude=list(float_ops),
+                    nodes_to_exclude=excluded,
                 )
                 conversion |= {
                     "tool": "onnxruntime.quantization.quantize_static(QDQ, s8s8)",
@@ -127,6 +129,7 @@ def export_onnx(
                     "calibration_method": calibration_method,
                     "calibration_samples": len(samples),
                     "calibration_digest": calibration_digest(samples),
+                    **({"float_layers": excluded} if float_ops else {}),
                 }
             elif precision == "fp32":
                 conversion["tool"] = "torch.onnx.export(dynamo=False)"

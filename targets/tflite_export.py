@@ -184,7 +184,7 @@ def _convert_int8(
     return edge_model, {
         "precision": "int8",
         "tool": "litert-torch PT2EQuantizer (static int8, edgec annotations) + litert_torch.convert",
-        **({"float_modules": quantizer.float_modules} if float_ops else {}),
+        **({"float_layers": quantizer.float_layers} if float_ops else {}),
         "per_channel": per_channel,
         "activation_observer": activation_observer,
         "capture": capture,
