@@ -5,14 +5,14 @@ Greedy on the int8 diagnosis (``diagnose.int8_layer_errors``: per-layer error ag
 activations, worst first by the error each layer adds). Each round diagnoses the file of the last
 attempt, adds its worst layers that are not float yet (1, then 1, 2, 4 more: 1, 2, 4, 8 float
 layers in all), converts again and lets the gate judge. Re-diagnosing matters: once a layer's
-output is float, the error it caused shows up at the next quantized tensor, which the first
-diagnosis ranked low. The converters keep a layer's output tensor float (``float_ops_pt2e``,
-``float_ops_onnx``); the file's inputs and outputs stay int8 (TFLite) or float (ONNX QDQ) as in
-pure int8.
+output is float, the error of a quantized tensor further on, which the first diagnosis ranked
+below it, becomes the worst. The converters keep a layer's output tensor float, so the layer and
+the ops reading its output run in float32 (``float_ops_pt2e``, ``float_ops_onnx``); the file's
+inputs and outputs stay int8 (TFLite) or float (ONNX QDQ) as in pure int8. An attempt the
+converter fails on ends the search.
 
-AIMET AutoQuant and Intel Neural Compressor fall back op by op the same way; int16 activations
-(16x8) are not tried: litert-torch's PT2E lowering and onnxruntime's CPU kernels have no cheap
-route for them here.
+AIMET AutoQuant and Intel Neural Compressor fall back op by op the same way. Int16 activations
+(16x8) are not tried (not implemented).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgec.errors import ExportError
+
 MAX_ROUNDS = 4  # 1, 2, 4, 8 float layers
-MAX_FLOAT_LAYERS = 2 ** (MAX_ROUNDS - 1)
 
 
 @dataclass
@@ -71,7 +72,10 @@ def keep_worst_layers_float(
             break
         chosen = chosen + new
         search.attempts.append(list(chosen))
-        result = convert(list(chosen))
+        try:
+            result = convert(list(chosen))
+        except ExportError:  # the converter cannot make this float island: the gate's refusal stands
+            break
         if passes(result):
             search.float_layers, search.result = list(chosen), result
             break

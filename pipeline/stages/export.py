@@ -21,9 +21,9 @@ import edgec
 from edgec.calibration.samples import calibration_digest, select_calibration_indices
 from edgec.errors import ConfigError, RunError
 from edgec.quiet import native_logs_captured
+from edgec.targets.mixed_precision import mixed_precision
 from edgec.targets.onnx_export import export_onnx
 from edgec.targets.qat import QAT_EXTENSION, restore_qat
-from edgec.targets.mixed_precision import mixed_precision
 from edgec.targets.tflite_export import export_tflite
 
 from ..artifact import BUNDLE, Artifact
@@ -143,9 +143,10 @@ class ExportStage(Stage):
                 else:
                     remedy = None
             if self._mismatch(metrics, target) and precision == "int8" and qat is None:  # before refusing
-                mixed = mixed_precision(target, model, out_dir / model_file, calibration, tried,
-                                        lambda layers: convert_and_run(calibration, float_ops=layers),
-                                        lambda run: not self._mismatch(parity_metrics(reference, run[1], data.y_test), target))
+                mixed = mixed_precision(
+                    target, model, out_dir / model_file, calibration, tried,
+                    convert=lambda layers: convert_and_run(calibration, float_ops=layers),
+                    passes=lambda run: not self._mismatch(parity_metrics(reference, run[1], data.y_test), target))
                 if mixed is not None:
                     (exported, outputs), remedy = mixed.result, "mixed precision"
                     mixed_record = mixed.record(exported)
