@@ -101,3 +101,16 @@ def test_hostile_mixed_precision_manifest_is_one_line(rpi_bundle, mixed, precisi
     with pytest.raises(ManifestError, match=expected) as error:
         validate_manifest(json.loads(manifest_bytes(manifest)))  # resealed: the schema check itself refuses
     assert "\n" not in str(error.value)
+
+
+def test_the_search_doubles_the_float_layers_and_stops_at_the_first_pass():
+    from edgec.targets.mixed_precision import keep_worst_layers_float
+
+    ranking = ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
+    search = keep_worst_layers_float(convert=lambda layers: set(layers), passes=lambda floats: "c" in floats,
+                                     rank=lambda: ranking)
+    assert search.attempts == [["a"], ["a", "b"], ["a", "b", "c", "d"]]
+    assert search.float_layers == ["a", "b", "c", "d"] and search.result == {"a", "b", "c", "d"}
+    never = keep_worst_layers_float(convert=lambda layers: layers, passes=lambda _: False, rank=lambda: ranking)
+    assert [len(a) for a in never.attempts] == [1, 2, 4, 8] and never.float_layers is None
+    assert never.describe() == "int8 with 1, 2, 4, 8 of the worst layers in float (a, b, c, d, e, f, g, h)"
