@@ -99,7 +99,8 @@ def mixed_precision(target, model: torch.nn.Module, path: Path, calibration: np.
     (its ``result`` is ``convert``'s), or None when the target forbids float ops or no attempt
     passes; ``tried`` gets one entry saying which."""
     if not target.allow_mixed_precision:
-        tried.append(f"no mixed precision (target {target.name!r} sets allow_mixed_precision = false)")
+        tried.append(f"no mixed precision (target {target.name!r} sets allow_mixed_precision = false; true lets "
+                     "int8 keep its worst layers in float)")
         return None
     search = keep_worst_layers_float(convert, passes, lambda: ranked_int8_layers(model, path, calibration))
     if search.float_layers is None:
