@@ -19,6 +19,8 @@ from collections.abc import Collection
 
 import torch
 
+from .tflite_export import _SAME_SCALE_OPS, _is_relu
+
 _ANNOTATION = "quantization_annotation"  # the node.meta key PT2E quantizers write
 
 
@@ -32,7 +34,7 @@ def keep_ops_float(quantizer, float_ops: Collection[str]):
             model = super().annotate(model)
             floats = float_nodes(model.graph, names)
             _leave_float(model.graph, floats, self.global_config.input_activation)
-            self.float_layers = sorted({_module_path(n) for n in floats})
+            self.float_layers = sorted({_module_path(n) for n in floats} - {""})  # "": the model's own forward
             return model
 
     return FloatOpsQuantizer().set_global(quantizer.global_config)
@@ -41,7 +43,9 @@ def keep_ops_float(quantizer, float_ops: Collection[str]):
 def float_nodes(graph: torch.fx.Graph, names: Collection[str]) -> set[torch.fx.Node]:
     """The computing nodes whose innermost torch module is one of ``names`` or inside one, and the
     nodes that read their outputs: an op alone between DEQUANTIZE and QUANTIZE is what an int8 op
-    computes (the converter fuses it back to int8), so what stays float is an op's output tensor."""
+    computes (the converter fuses it back to int8), so what stays float is an op's output tensor,
+    followed through a ReLU / ReLU6 (fused into the op) and ops that only move values (reshape, pooling)
+    to the ops that compute on it."""
     found = set()
     for node in graph.nodes:
         path = _module_path(node)
@@ -49,7 +53,12 @@ def float_nodes(graph: torch.fx.Graph, names: Collection[str]) -> set[torch.fx.N
             continue
         if any(path == name or path.startswith(name + ".") for name in names):
             found.add(node)
-    return found | {user for node in found for user in node.users if user.op == "call_function"}
+    readers, frontier = set(), found
+    while frontier:  # through ops that fuse into the op before them or only move its values (ReLU, reshape)
+        users = {user for node in frontier for user in node.users if user.op == "call_function"} - readers - found
+        readers |= users
+        frontier = {user for user in users if _is_relu(user) or user.target in _SAME_SCALE_OPS}
+    return found | readers
 
 
 def _module_path(node: torch.fx.Node) -> str:

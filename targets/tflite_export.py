@@ -43,7 +43,6 @@ import torch
 from edgec.calibration.samples import calibration_digest
 from edgec.errors import ExportError
 
-from .float_ops_pt2e import keep_ops_float
 from .exported import (
     ExportedModelInfo,
     calibration_inputs,
@@ -170,6 +169,8 @@ def _convert_int8(
     graph, capture, batch = _capture(model, example)
     quantizer = _full_integer_quantizer(per_channel, activation_observer)
     if float_ops:
+        from .float_ops_pt2e import keep_ops_float
+
         quantizer = keep_ops_float(quantizer, float_ops)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():

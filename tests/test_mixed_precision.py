@@ -114,3 +114,24 @@ def test_the_search_doubles_the_float_layers_and_stops_at_the_first_pass():
     never = keep_worst_layers_float(convert=lambda layers: layers, passes=lambda _: False, rank=lambda: ranking)
     assert [len(a) for a in never.attempts] == [1, 2, 4, 8] and never.float_layers is None
     assert never.describe() == "int8 with 1, 2, 4, 8 of the worst layers in float (a, b, c, d, e, f, g, h)"
+
+
+def test_a_float_conv_stays_float_past_its_fused_relu_and_the_io_stays_int8(tmp_path):
+    """DEQUANTIZE -> conv -> relu -> QUANTIZE is what an int8 conv computes (the converter fuses it back):
+    keeping conv1 float keeps the tensor after its ReLU float, so the conv really runs in float."""
+    import sys
+
+    import torch
+
+    from edgec.targets.tflite_export import export_tflite
+
+    sys.path.insert(0, str(FIXTURES))
+    from outlier_models import make
+
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.rand(32, 1, 8, 8)
+    exported = export_tflite(model, x[:1], tmp_path / "m.tflite", precision="int8", calibration=x.numpy(),
+                             float_ops=["conv1.0"])
+    assert {"conv1.0", "conv1.2"} <= set(exported.conversion["float_layers"])
+    assert any("CONV_2D" in op for op in exported.conversion["float_ops"])
+    assert {t["dtype"] for t in exported.inputs + exported.outputs} == {"int8"}
