@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from edgec.errors import ExportError
+from edgec.ondevice.manifest import LAYER_NAME
 
 MAX_ROUNDS = 4  # 1, 2, 4, 8 float layers
 
@@ -49,7 +50,8 @@ class MixedPrecision:
     def record(self, exported) -> dict[str, Any]:
         """build.json's and the manifest's ``mixed_precision``: the layers whose outputs stay float
         (the converter's ``float_layers``: those asked for and the ops reading their outputs)."""
-        return {"float_ops": list(exported.conversion.get("float_layers") or self.float_layers or []),
+        float_ops = exported.conversion.get("float_layers") or self.float_layers or []
+        return {"float_ops": [name for name in float_ops if LAYER_NAME.fullmatch(name)],
                 "worst_layers": list(self.float_layers or [])}
 
 
@@ -90,7 +92,9 @@ def ranked_int8_layers(model: torch.nn.Module, path: Path, calibration: np.ndarr
         layers = int8_layer_errors(model, path, calibration)
     except Exception:  # the diagnosis guides the search; a failure ends it, the gate's refusal stands
         return []
-    return [layer["name"] for layer in layers if layer["name"] != "input" and layer["added_error"] > 0]
+    # only names a manifest can carry (edgec.ondevice.manifest checks them on the device)
+    return [layer["name"] for layer in layers
+            if layer["name"] != "input" and layer["added_error"] > 0 and LAYER_NAME.fullmatch(layer["name"])]
 
 
 def mixed_precision(target, model: torch.nn.Module, path: Path, calibration: np.ndarray, tried: list[str],

@@ -43,7 +43,7 @@ TEST_VECTORS_MAX_BYTES = 256 << 20  # decompressed arrays of test_vectors.npz
 EVAL_MAX_BYTES = 1 << 30  # decompressed arrays of eval.npz
 MAX_NPZ_MEMBERS = 64
 MAX_FLOAT_OPS = 256  # mixed_precision.float_ops: the layers an int8 model keeps in float
-_LAYER_NAME = re.compile(r"[A-Za-z0-9_./:-]{1,200}")  # a torch module path or an ONNX node name
+LAYER_NAME = re.compile(r"[A-Za-z0-9_./:-]{1,200}")  # a torch module path or an ONNX node name
 NUMERIC_DTYPES = ("float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
                   "int64", "uint64", "bool")
 
@@ -267,7 +267,7 @@ def _validate_mixed_precision(m):
     _require(m, "mixed_precision.float_ops", list, "a list of layer names")
     for key in ("float_ops", "worst_layers"):
         _opt(m, "mixed_precision." + key, lambda v: isinstance(v, list) and len(v) <= MAX_FLOAT_OPS
-             and all(isinstance(n, str) and _LAYER_NAME.fullmatch(n) for n in v),
+             and all(isinstance(n, str) and LAYER_NAME.fullmatch(n) for n in v),
              "a list of at most %d layer names (letters, digits, _ . / : -)" % MAX_FLOAT_OPS)
 
 
