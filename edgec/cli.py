@@ -189,6 +189,11 @@ def _print_summary(console: Console, result) -> None:
     console.print(table)
     reached = result.summary.get("reached_bundle") or []
     console.print(f"in the bundle: {', '.join(reached) if reached else 'the trained model, uncompressed'}")
+    for stage in result.stages:
+        mixed = stage.info.get("mixed_precision")
+        if mixed:  # int8 missed the export parity gate; these layers' outputs stay float
+            console.print(f"[yellow]mixed precision[/]: int8, with {len(mixed['float_ops'])} layer(s) in float: "
+                          f"{', '.join(mixed['float_ops'])}")
     record = result.summary.get("accuracy_budget")
     if record:
         from edgec.pipeline.accuracy_budget import summary_line

@@ -19,7 +19,7 @@ clipped harder and lost agreement on the test models here, so the option is pass
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ from edgec.calibration.readers import OnnxCalibrationReader
 from edgec.calibration.samples import calibration_digest
 from edgec.errors import ExportError
 
+from .float_ops_onnx import nodes_to_exclude
 from .exported import ExportedModelInfo, calibration_inputs, quiet_converter, staged_file, strip_dropout, tensor_spec
 
 OPSET = 17  # >= 13 for per-channel QuantizeLinear; every onnxruntime >= 1.20 runs it
@@ -58,6 +59,7 @@ def export_onnx(
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
     per_channel: bool = True,
     qat: Mapping[str, Any] | None = None,
+    float_ops: Collection[str] = (),
 ) -> ExportedModelInfo:
     """Write ``model`` to ``path`` as ONNX at ``precision``; nothing is left at ``path`` on failure.
 
@@ -84,6 +86,10 @@ def export_onnx(
     graph is then the quantization-aware-trained one, exported by ``torch.onnx``'s dynamo
     exporter (which writes PT2E's quantize/dequantize ops as QuantizeLinear/DequantizeLinear);
     no calibration runs and the options above do not apply.
+
+    ``float_ops`` (int8): names of nodes (as ``quant_pre_process`` leaves them, the names the int8
+    diagnosis gives ONNX layers) that ``quantize_static`` leaves in float (``nodes_to_exclude``):
+    selective mixed precision.
     """
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
@@ -105,6 +111,7 @@ def export_onnx(
             elif precision == "int8" and qat is None:
                 prepared = Path(work) / "prepared.onnx"
                 quant_pre_process(fp32_path, prepared)
+                excluded = nodes_to_exclude(onnx.load(str(prepared)), float_ops) if float_ops else []
                 quantize_static(
                     prepared,
                     tmp,
@@ -114,6 +121,7 @@ def export_onnx(
                     activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=_CALIBRATION_METHODS[calibration_method],
+                    nodes_to_exclude=excluded,
                 )
                 conversion |= {
                     "tool": "onnxruntime.quantization.quantize_static(QDQ, s8s8)",
@@ -121,6 +129,7 @@ def export_onnx(
                     "calibration_method": calibration_method,
                     "calibration_samples": len(samples),
                     "calibration_digest": calibration_digest(samples),
+                    **({"float_layers": excluded} if float_ops else {}),
                 }
             elif precision == "fp32":
                 conversion["tool"] = "torch.onnx.export(dynamo=False)"

@@ -9,6 +9,8 @@ Field reference (also in the README):
   threads                 runtime threads the bundle recommends until ``edgec bench`` measures better
   providers               onnxruntime execution providers in order of preference (onnx only)
   fp32_fallback           also ship an fp32 model file beside a reduced-precision one (onnx only)
+  allow_mixed_precision   int8 that misses the export parity gate may keep its worst layers in float
+                          (selective mixed precision) before the build refuses; false: pure int8 or refuse
   requirements            pip requirement lines for the device (written to the bundle's requirements.txt)
   requirements_file       or: a requirements file, a relative path resolved inside the folder of the
                           profile: for the built-in profiles the ``targets/`` data folder (rpi: the same
@@ -99,6 +101,7 @@ class TargetProfile(BaseModel):
     threads: int = Field(1, ge=1, le=MAX_THREADS)
     providers: list[str] = Field(["CPUExecutionProvider"], min_length=1)
     fp32_fallback: bool = False
+    allow_mixed_precision: bool = False
     requirements: list[str] = []
     requirements_file: str | None = None
     budgets: Budgets = Budgets()

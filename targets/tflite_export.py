@@ -32,7 +32,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
@@ -74,6 +74,7 @@ def export_tflite(
     per_channel: bool = True,
     activation_observer: Literal["histogram", "minmax"] = "histogram",
     qat: Mapping[str, Any] | None = None,
+    float_ops: Collection[str] = (),
 ) -> ExportedModelInfo:
     """Write ``model`` to ``path`` as TFLite at ``precision``; nothing is left at ``path`` on failure.
 
@@ -103,6 +104,9 @@ def export_tflite(
     ``qat`` (int8): the quantization state a qat stage trained (``edgec.targets.qat``). The int8
     model then takes its ranges and weight scales from it; no calibration runs and the options
     above do not apply.
+
+    ``float_ops`` (int8): torch module paths whose ops stay float32 between DEQUANTIZE/QUANTIZE
+    (selective mixed precision, ``float_ops_pt2e``); the file's I/O stays int8.
     """
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
@@ -116,7 +120,7 @@ def export_tflite(
             if precision == "int8" and qat is not None:
                 edge_model, conversion = _convert_int8_qat(model, example, qat)
             elif precision == "int8":
-                edge_model, conversion = _convert_int8(model, example, samples, per_channel, activation_observer)
+                edge_model, conversion = _convert_int8(model, example, samples, per_channel, activation_observer, float_ops)
             else:
                 edge_model, conversion = _convert_float(model, example, precision)
             edge_model.export(str(tmp))
@@ -155,6 +159,7 @@ def _convert_int8(
     samples: np.ndarray,
     per_channel: bool = True,
     activation_observer: str = "histogram",
+    float_ops: Collection[str] = (),
 ):
     litert_torch = _load_litert()
     from litert_torch.quantize.quant_config import QuantConfig
@@ -163,6 +168,10 @@ def _convert_int8(
 
     graph, capture, batch = _capture(model, example)
     quantizer = _full_integer_quantizer(per_channel, activation_observer)
+    if float_ops:
+        from .float_ops_pt2e import keep_ops_float
+
+        quantizer = keep_ops_float(quantizer, float_ops)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for start in range(0, len(samples), batch):
@@ -176,6 +185,7 @@ def _convert_int8(
     return edge_model, {
         "precision": "int8",
         "tool": "litert-torch PT2EQuantizer (static int8, edgec annotations) + litert_torch.convert",
+        **({"float_layers": quantizer.float_layers} if float_ops else {}),
         "per_channel": per_channel,
         "activation_observer": activation_observer,
         "capture": capture,

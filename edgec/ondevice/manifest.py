@@ -9,6 +9,7 @@ files are read bounded (``integrity.open_bundle_file``, ``load_npz``).
 import json
 import math
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -41,6 +42,8 @@ MAX_LABELS_BYTES = 16 << 20
 TEST_VECTORS_MAX_BYTES = 256 << 20  # decompressed arrays of test_vectors.npz
 EVAL_MAX_BYTES = 1 << 30  # decompressed arrays of eval.npz
 MAX_NPZ_MEMBERS = 64
+MAX_FLOAT_OPS = 256  # mixed_precision.float_ops: the layers an int8 model keeps in float
+LAYER_NAME = re.compile(r"[A-Za-z0-9_./:-]{1,200}")  # a torch module path or an ONNX node name
 NUMERIC_DTYPES = ("float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
                   "int64", "uint64", "bool")
 
@@ -176,6 +179,7 @@ def validate_manifest(m):
     _validate_files(m)
     _validate_tensors(m)
     _validate_metrics(m)
+    _validate_mixed_precision(m)
     _validate_task(m)
     if "tasks" in m:  # a multi-task bundle (learn stages): tasks.py checks its tasks section
         from .tasks import bundle_tasks  # only then: tasks.py requires lzma, a single-task bundle does not
@@ -268,6 +272,19 @@ def _validate_metrics(m):
     if not _is_num(atol) or atol < 0:
         raise ManifestError("manifest.json: tolerance.atol must be >= 0", _REEXPORT)
     _opt(m, "tolerance.accuracy", lambda v: _is_num(v) and 0 <= v <= 1, "a fraction between 0 and 1")
+
+
+def _validate_mixed_precision(m):
+    """``mixed_precision`` (an int8 model with some layers kept in float): a bounded list of layer names."""
+    if _opt(m, "mixed_precision", lambda v: isinstance(v, dict), "an object") is None:
+        return
+    if m.get("precision") != "int8":
+        raise _bad("precision", "int8 when mixed_precision is present", m.get("precision"))
+    _require(m, "mixed_precision.float_ops", list, "a list of layer names")
+    for key in ("float_ops", "worst_layers"):
+        _opt(m, "mixed_precision." + key, lambda v: isinstance(v, list) and len(v) <= MAX_FLOAT_OPS
+             and all(isinstance(n, str) and LAYER_NAME.fullmatch(n) for n in v),
+             "a list of at most %d layer names (letters, digits, _ . / : -)" % MAX_FLOAT_OPS)
 
 
 def _validate_task(m):

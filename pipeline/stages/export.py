@@ -21,6 +21,7 @@ import edgec
 from edgec.calibration.samples import calibration_digest, select_calibration_indices
 from edgec.errors import ConfigError, RunError
 from edgec.quiet import native_logs_captured
+from edgec.targets.mixed_precision import mixed_precision
 from edgec.targets.onnx_export import export_onnx
 from edgec.targets.qat import restore_qat
 from edgec.targets.tflite_export import export_tflite
@@ -127,7 +128,7 @@ class ExportStage(Stage):
             return exported, _run_exported(out_dir / model_file, runtime_name, exported, x_test)
 
         exported, outputs = convert_and_run(calibration)
-        remedy, tried, attempts = None, [], []
+        remedy, tried, attempts, mixed_record = None, [], [], None
         if data.task == "classification":
             metrics = parity_metrics(reference, outputs, data.y_test)
             if precision == "int8" and qat is None and self._mismatch(metrics, target):
@@ -142,6 +143,15 @@ class ExportStage(Stage):
                         break
                 else:
                     remedy = None
+            if self._mismatch(metrics, target) and precision == "int8" and qat is None:  # before refusing
+                mixed = mixed_precision(
+                    target, model, out_dir / model_file, calibration, tried,
+                    convert=lambda layers: convert_and_run(calibration, float_ops=layers),
+                    passes=lambda run: not self._mismatch(parity_metrics(reference, run[1], data.y_test), target))
+                if mixed is not None:
+                    (exported, outputs), remedy = mixed.result, "mixed precision"
+                    mixed_record = mixed.record(exported)
+                    metrics = parity_metrics(reference, outputs, data.y_test)
             if self._mismatch(metrics, target):
                 worst = _worst_int8_op(model, out_dir / model_file, calibration) if precision == "int8" else ""
                 tried_text = f"tried automatically: {', '.join(tried)}; " if tried else ""
@@ -194,6 +204,8 @@ class ExportStage(Stage):
             target=target, runtime_name=runtime_name, precision=precision, model_file=model_file, extra_files=extra_files,
             exported=exported, data=data, metrics=metrics, size=size,
         )
+        if mixed_record is not None:  # the layers that stay float, for the device and the reader
+            manifest["mixed_precision"] = mixed_record
         write_manifest(out_dir, manifest)
         quality = {
             "accuracy": metrics["accuracy"],
@@ -207,6 +219,7 @@ class ExportStage(Stage):
         return {
             **quality,
             "precision": precision,
+            **({"mixed_precision": mixed_record} if mixed_record is not None else {}),
             "params": sum(p.numel() for p in model.parameters()),
             "nonzero_params": int(sum(int(torch.count_nonzero(p)) for p in model.parameters())),
             "fp32_bytes": size["reference_fp32_bytes"],
