@@ -53,6 +53,7 @@ class StageContext:
     tasks: Mapping[str, str] = field(default_factory=dict)
     # The accuracy budget in points (pipeline/accuracy_budget.py): stages without an explicit setting spend their share
     budget_pt: float = 1.0
+    cache: Any = None  # the build's StageCache (pipeline/cache.py): for sub-results a stage keeps, e.g. latency tables
 
 
 @dataclass(frozen=True)
