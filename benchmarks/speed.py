@@ -170,15 +170,17 @@ def paired(dense: Path, compressed: Path, threads: int, rounds: int) -> dict:
             "lower_bound": r["lower_bound"], "spread": r["spread"], "rounds": r["rounds"]}
 
 
-def macs_of(result, example_shape) -> int:
+def macs_of(compressed, shape) -> tuple[int, int]:
+    """(dense, compressed) multiply-accumulates: the uncompressed model the build keeps, and the prune stage's count."""
     import torch
 
-    from edgec.architecture import ModelTrust
+    from edgec.architecture import ModelTrust, build
     from edgec.pipeline.algorithms.channels import model_cost
 
-    model_step = [s for s in result.stages if s.kind != "export"][-1]
-    model = model_step.artifact.checkpoint().build(ModelTrust(frozenset({m["model"] for m in MODELS.values()})))
-    return model_cost(model, torch.zeros(1, *example_shape))["macs"]
+    arch = torch.load(compressed.build_dir / "uncompressed.pt", weights_only=True)["arch"]
+    dense = model_cost(build(arch, ModelTrust(frozenset(m["model"] for m in MODELS.values()))), torch.zeros(1, *shape))["macs"]
+    channels = next(s for s in compressed.stages if s.kind == "prune").info.get("channels")
+    return dense, (channels["macs"][1] if channels else dense)
 
 
 def gate_runs(bundle: Path, model_name: str, work: Path, background_config: Path) -> list[dict]:
@@ -236,7 +238,7 @@ def run_model(key: str, spec: dict, args, work: Path, target: str, python, conso
            "target_speedup": spec["target_speedup"],
            "dense_accuracy": dense["metrics"]["accuracy"], "compressed_accuracy": comp["metrics"]["accuracy"],
            "drop_pt": round(100 * (dense["metrics"]["accuracy"] - comp["metrics"]["accuracy"]), 2),
-           "dense_macs": macs_of(results["dense"], spec["shape"]), "compressed_macs": macs_of(results["compressed"], spec["shape"]),
+           **dict(zip(("dense_macs", "compressed_macs"), macs_of(results["compressed"], spec["shape"]))),
            "dense_model_bytes": dense["size"]["model_bytes"], "compressed_model_bytes": comp["size"]["model_bytes"],
            "prune": {k: prune.get(k) for k in ("pruned", "reason", "best_speedup", "measured_speedup", "target_met",
                                                 "drop_pt", "chosen", "measured_on", "table_cached")},
