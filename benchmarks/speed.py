@@ -279,7 +279,6 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from edgec.ondevice.machine import machine_info
     from edgec.ondevice.op_profile import profile_ops
     from edgec.ondevice.manifest import load_bundle
 
