@@ -107,7 +107,7 @@ def run_chain(
 ) -> list[StepResult]:
     """Run ``stages`` in order; ``force_from`` reruns that index and everything after it."""
     datasets = datasets or {}
-    contexts = [context_for(stage, ctx, datasets) for stage in stages]
+    contexts = [dataclasses.replace(context_for(stage, ctx, datasets), cache=cache) for stage in stages]
     _print_plan(stages, source, ctx, cache, datasets, force_from)
     results: list[StepResult] = []
     current = source

@@ -69,6 +69,7 @@ class StageContext:
     # model; accuracy_budget.reference_index); None for stages before it. Budgeted stages are judged
     # against its validation figure and put its digest in their key.
     reference: Artifact | None = None
+    cache: Any = None  # the build's StageCache (pipeline/cache.py): for sub-results a stage keeps, e.g. latency tables
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,13 @@ from ..algorithms.pruning import (
     GlobalSparsity, LayerSparsity, MaskEnforcer, ThresholdPruning, apply_masks, compute_masks, per_layer,
     prunable_layers, sparsity_schedule,
 )
+from ..algorithms.latency_table import channel_groups, runtime_identity
 from ..algorithms.sensitivity import (
     CANDIDATES, CONFIDENCE_GUARD_PT, search_level, sensitivity_curves, sparsity_levels,
 )
 from ..stage import Probe, Stage, StageConfig, StageContext
 from ..training import OptimConfig, fit, resolve_device
+from .prune_latency import latency_key_material, run_latency_pruning
 
 
 class PruneConfig(StageConfig):
@@ -80,6 +82,11 @@ class PruneConfig(StageConfig):
                 named = " or ".join(f'"{mode}"' for mode in owners)
                 raise ValueError(f'{key} applies to mode = {named}, not "{data.get("mode", "layer")}"')
         return data
+
+    @property
+    def latency_driven(self) -> bool:
+        """Channels chosen by measured latency (ChannelPruneConfig's target_speedup / max_p50_ms)."""
+        return False
 
 
 class ThresholdPruneConfig(PruneConfig):
@@ -129,11 +136,45 @@ class ChannelPruneConfig(PruneConfig):
         "kernels); a layer narrower than it keeps its channels")
     taylor_samples: int = Field(256, ge=1, description="channels mode, taylor importance: training samples whose loss "
                                 "gradients rank the channels")
+    # channels mode, latency-driven (NetAdapt: prune_latency.py); the widths are chosen by measured latency
+    target_speedup: float | None = Field(
+        None, gt=1, description="channels mode: remove channels until the bundle's int8 model runs this many times faster "
+        "than the dense one in the target's runtime on this host (measured), within the accuracy budget; replaces ratio")
+    max_p50_ms: float | None = Field(
+        None, gt=0, description="channels mode: as target_speedup, for a p50 latency in ms on this host")
+    latency_widths: list[float] = Field(
+        [0.5, 0.25], min_length=1, max_length=8, description="target_speedup / max_p50_ms: fractions of each channel "
+        "group's channels at which the latency table is measured (the widths the search may choose)")
+    latency_threads: int = Field(1, ge=1, le=256, description="target_speedup / max_p50_ms: runtime threads of the "
+                                 "latency measurements")
 
     @field_validator("ratio")
     @classmethod
     def _ratio_range(cls, value):
         return _fractions(value, "ratio")
+
+    @field_validator("latency_widths")
+    @classmethod
+    def _widths_range(cls, value):
+        if any(not 0 < w < 1 for w in value) or len(set(value)) != len(value):
+            raise ValueError(f"latency_widths must be distinct fractions in (0, 1), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _latency_target(self):
+        """target_speedup / max_p50_ms: channels mode only, one of them, instead of ratio."""
+        wanted = [k for k in ("target_speedup", "max_p50_ms") if getattr(self, k) is not None]
+        if len(wanted) > 1:
+            raise ValueError("give target_speedup or max_p50_ms, not both")
+        if wanted and {"ratio", "scope"} & self.model_fields_set:
+            raise ValueError(f"{wanted[0]} chooses each layer's width itself: remove ratio/scope")
+        if not wanted and {"latency_widths", "latency_threads"} & self.model_fields_set:
+            raise ValueError("latency_widths / latency_threads need target_speedup or max_p50_ms")
+        return self
+
+    @property
+    def latency_driven(self) -> bool:
+        return self.target_speedup is not None or self.max_p50_ms is not None
 
 
 PRUNE_MODES: dict[str, type[PruneConfig]] = {
@@ -192,9 +233,10 @@ class PruneStage(Stage):
 
     def key_material(self, ctx: StageContext) -> dict[str, Any]:
         budget = {"allowance_pt": allowance_pt("prune", ctx.budget_pt), "sensitivity": SENSITIVITY_VERSION,
-                  "reference": ctx.reference.digest if ctx.reference is not None else None} if self.budgeted else {}
+                  "reference": ctx.reference.digest if ctx.reference is not None else None} if self.budgeted or self.config.latency_driven else {}
+        latency = {"latency": latency_key_material(self.config, ctx.target)} if self.config.latency_driven else {}
         material = {**super().key_material(ctx), "config": _flat_key_config(self.config)}
-        return {**material, "device": resolve_device(self.config.retrain.device), **budget}
+        return {**material, "device": resolve_device(self.config.retrain.device), **budget, **latency}
 
     def reached_bundle(self, info: dict[str, Any], reached: list[str]) -> list[str]:
         if "channels" in info:
@@ -221,6 +263,8 @@ class PruneStage(Stage):
         return LayerSparsity({k: _at(v, fraction, cfg) for k, v in targets.items()})
 
     def run(self, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+        if self.config.latency_driven:
+            return run_latency_pruning(self, source, ctx, out_dir)
         if self.config.mode == "channels":
             return self._run_channels(source, ctx, out_dir)
         ckpt = source.checkpoint()
@@ -309,6 +353,11 @@ class PruneStage(Stage):
         if held:
             raise ConfigError(f"prune.mode = \"channels\" cannot follow a learn stage that keeps per-weight state "
                               f"({', '.join(held)}): that state would keep the old shapes; prune channels before learning")
+        if self.config.latency_driven:  # widths are chosen at run time, by measured latency
+            runtime_identity(probe.target)  # the target's runtime is installed
+            if not channel_groups(probe.model, probe.sample()):
+                raise ConfigError(f"prune: {type(probe.model).__name__} has no channel group to narrow (only output layers)")
+            return probe
         model = copy.deepcopy(probe.model)
         _, groups, _ = self._prune_channels(model, probe.data, seed=0, masks={}, taylor_samples=16)
         ratios = self.config.ratio.values() if isinstance(self.config.ratio, dict) else [self.config.ratio]

@@ -1,0 +1,182 @@
+"""Measured latency of a model at narrower widths: the lookup table of latency-driven channel pruning.
+
+NetAdapt (Yang et al., ECCV 2018) chooses where to remove channels by latency *measured* on the
+target platform, not by FLOPs: on a CPU whose int8 kernels are bound by per-operator overhead, half
+the MACs can cost the same time. The table here holds, for one model, input shape, target and
+thread count, the p50 of the whole model exported for the target (TFLite int8 for rpi, ONNX Runtime
+for desktop: the bundle's own format, precision and runtime) and timed in that runtime on this host:
+
+- ``dense_ms``: the model as it is;
+- ``groups[g]["ms"][w]``: only channel group ``g`` (the layers Torch-Pruning couples: a residual
+  add, a depthwise convolution) narrowed to the fraction ``w`` of its channels;
+- ``narrowest_ms``: every group at the narrowest fraction (what width can buy here at most).
+
+Conversions take seconds each, so the table is cached in the build's stage cache under a key of
+everything that decides it: the architecture, the input shape, the target's format and precision,
+the runtime and its version, this CPU's model and the thread count (:func:`table_key`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgec.errors import ConfigError
+
+from .channels import ChannelPruner, ChannelSpec
+from .pruning import prunable_layers
+
+TABLE_VERSION = 1
+TABLE_FILE = "latency_table.json"
+CACHE_STAGE = "latency-table"
+RUNTIME_OF_FORMAT = {"tflite": "tflite", "onnx": "onnxruntime"}
+TIMING_RUNS, TIMING_SECONDS, WARMUP_RUNS = 30, 0.3, 5
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Layers whose output channels are removed together; ``name`` is the first of them."""
+
+    name: str
+    layers: tuple[str, ...]
+    channels: int
+
+
+def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
+    """The model's prunable channel groups (output layers excluded), in graph order."""
+    probe = copy.deepcopy(model).eval()
+    pruner = ChannelPruner(probe, example, ChannelSpec(0.0)).pruner
+    names = {m: n for n, m in probe.named_modules()}
+    layers = prunable_layers(probe)
+    groups = []
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        members = []
+        for dep, _ in group:
+            name = names.get(dep.target.module)
+            if name in layers and pruner.DG.is_out_channel_pruning_fn(dep.handler) and name not in members:
+                members.append(name)
+        if members:
+            root = dict(probe.named_modules())[members[0]]
+            width = getattr(root, "out_channels", None) or getattr(root, "out_features")
+            groups.append(ChannelGroup(members[0], tuple(members), int(width)))
+    return groups
+
+
+def narrowed(model: nn.Module, example: torch.Tensor, groups: Sequence[ChannelGroup], keep: dict[str, float], *,
+             importance: str = "l2", round_to: int | None = None,
+             masks: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A copy of ``model`` whose group ``g`` keeps the fraction ``keep[g]`` of its channels (the
+    least important by ``importance`` go), and ``masks`` sliced to the new shapes."""
+    pruned = copy.deepcopy(model).eval()
+    by_name = {g.name: g for g in groups}
+    ratios = {layer: 1.0 - keep[name] for name in keep if keep[name] < 1.0 for layer in by_name[name].layers}
+    if not ratios:
+        return pruned, dict(masks or {})
+    pruner = ChannelPruner(pruned, example, ChannelSpec(ratios, importance=importance, round_to=round_to),
+                           masks=masks or {}, setting="prune (latency table)")
+    pruner.step()
+    return pruned, pruner.masks
+
+
+def runtime_identity(target) -> dict[str, Any]:
+    """The runtime this target's bundles run in, with its version (part of the table's key)."""
+    from edgec.ondevice.runtimes import import_runtime
+
+    runtime = import_runtime(RUNTIME_OF_FORMAT[target.format])
+    return {"name": runtime.name, "package": runtime.package, "version": runtime.version}
+
+
+def host_identity() -> dict[str, Any]:
+    from edgec.ondevice.machine import machine_info
+
+    info = machine_info()
+    return {"cpu": info["cpu"], "machine": info["machine"], "cpu_features": info["cpu_features"]}
+
+
+def table_key(model: nn.Module, input_shape: Sequence[int], target, threads: int, widths: Sequence[float], *,
+              importance: str, round_to: int | None, runtime: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides the table (hashed into its cache key). The weights are not in it:
+    latency depends on shapes, and ``importance`` only picks which channels go."""
+    return {"version": TABLE_VERSION, "architecture": repr(model),
+            "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+            "input_shape": [int(d) for d in input_shape], "target": {"format": target.format, "precision": target.precision},
+            "runtime": runtime, "host": host, "threads": int(threads), "widths": [float(w) for w in widths],
+            "round_to": round_to, "importance": importance}
+
+
+def measure_p50_ms(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, target, threads: int) -> float:
+    """p50 in ms of ``model`` exported as the target's bundles are and timed in their runtime, batch 1."""
+    from edgec.ondevice.runtimes import open_model
+    from edgec.ondevice.timing import summarize, timed_loop
+    from edgec.quiet import native_logs_captured
+    from edgec.targets.onnx_export import export_onnx
+    from edgec.targets.tflite_export import export_tflite
+
+    export = export_tflite if target.format == "tflite" else export_onnx
+    with tempfile.TemporaryDirectory(prefix="edgec-latency-") as tmp:
+        path = Path(tmp) / f"model.{target.format}"
+        with native_logs_captured():
+            exported = export(model, example, path, precision=target.precision, calibration=calibration)
+        runner = open_model(str(path), RUNTIME_OF_FORMAT[target.format], {"threads": threads},
+                            io_meta={"input": exported.inputs[0], "output": exported.outputs[0]})
+        try:
+            step = runner.prepare(example.numpy())
+            timed_loop(step, WARMUP_RUNS)
+            durations, _ = timed_loop(step, TIMING_RUNS, TIMING_SECONDS)
+        finally:
+            runner.close()
+    return float(summarize(durations)["p50"])
+
+
+Measure = Callable[[nn.Module], float]
+
+
+def build_table(model: nn.Module, example: torch.Tensor, groups: Sequence[ChannelGroup], widths: Sequence[float],
+                measure: Measure, *, importance: str = "l2", round_to: int | None = None,
+                progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Measure the table (see the module docstring); ``measure(model) -> p50 ms``."""
+    if not groups:
+        raise ConfigError("prune: the model has no channel group that can be narrowed (only output layers)")
+    table: dict[str, Any] = {"widths": [float(w) for w in widths], "groups": {}}
+    table["dense_ms"] = measure(model)
+    for i, group in enumerate(groups):
+        progress(f"latency table: group {i + 1}/{len(groups)} ({group.name}, {group.channels} channels)")
+        table["groups"][group.name] = {"layers": list(group.layers), "channels": group.channels, "ms": {
+            str(w): measure(narrowed(model, example, groups, {group.name: w}, importance=importance, round_to=round_to)[0])
+            for w in widths}}
+    narrowest = {g.name: min(widths) for g in groups}
+    table["narrowest_ms"] = measure(narrowed(model, example, groups, narrowest, importance=importance, round_to=round_to)[0])
+    return table
+
+
+def cached_table(cache, key_material: dict[str, Any], build: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """(table, served from the cache): ``build()`` once per key, kept in the build's stage cache."""
+    from ..cache import read_verified, stable_hash
+
+    if cache is None:
+        return build(), False
+    key = stable_hash(key_material)
+    hit = cache.get(CACHE_STAGE, key)
+    if hit is not None:
+        return json.loads(read_verified(hit, TABLE_FILE)), True
+
+    def write(out: Path) -> dict[str, Any]:
+        (out / TABLE_FILE).write_text(json.dumps(build(), indent=1))
+        return {"key": key}
+
+    entry = cache.put(CACHE_STAGE, key, CACHE_STAGE, write)
+    return json.loads(read_verified(entry, TABLE_FILE)), False
+
+
+def best_speedup(table: dict[str, Any]) -> float:
+    """What width buys here at most: dense p50 / every group at its narrowest."""
+    return table["dense_ms"] / max(table["narrowest_ms"], 1e-9)

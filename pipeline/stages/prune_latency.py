@@ -1,0 +1,149 @@
+"""prune, channels mode with ``target_speedup`` / ``max_p50_ms``: channel widths chosen by measured latency.
+
+1. The latency table (``algorithms/latency_table.py``): the model exported as the target's bundles
+   are and timed in their runtime on this host, dense, with each channel group narrowed alone, and
+   with every group at its narrowest; cached in the build's stage cache.
+2. When even the narrowest widths are not :data:`MIN_USEFUL_SPEEDUP` faster here, one line says so
+   and the model passes through unpruned: no accuracy is spent on speed this host does not give.
+3. Otherwise NetAdapt's greedy path (``algorithms/netadapt.py``) towards the target, then the
+   furthest point of it whose validation drop after a recovery (``retrain``) stays within the
+   stage's share of the accuracy budget; its latency is measured once more and reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline
+from ..algorithms.channels import channel_report, channel_widths, model_cost
+from ..algorithms.latency_table import (
+    best_speedup, build_table, cached_table, channel_groups, host_identity, measure_p50_ms, narrowed, runtime_identity,
+    table_key,
+)
+from ..algorithms.netadapt import furthest_within, greedy_path
+from ..algorithms.pruning import MaskEnforcer, apply_masks
+from ..artifact import CHECKPOINT_FILE, Artifact
+from ..compression_info import compressed_model_info
+from ..stage import StageContext
+from ..training import fit
+
+MIN_USEFUL_SPEEDUP = 1.1  # below this at the narrowest widths, width does not buy latency on this host
+CALIBRATION_SAMPLES = 32  # the table's int8 conversions: ranges do not change the latency
+
+
+def latency_key_material(cfg, target) -> dict[str, Any]:
+    """What besides the model decides the stage's output: the runtime, this CPU and the threads."""
+    return {"target": {"format": target.format, "precision": target.precision}, "runtime": runtime_identity(target),
+            "host": host_identity(), "threads": cfg.latency_threads}
+
+
+def run_latency_pruning(stage, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    cfg, data = stage.config, ctx.data
+    ckpt = source.checkpoint()
+    model = ckpt.build(ctx.trust).eval()
+    apply_masks(model, ckpt.masks)
+    calibration = data.to_input(data.x_train[:CALIBRATION_SAMPLES])
+    example = torch.from_numpy(calibration[:1])
+    groups = channel_groups(model, example)
+    identity = latency_key_material(cfg, ctx.target)
+    key = table_key(model, example.shape[1:], ctx.target, cfg.latency_threads, cfg.latency_widths,
+                    importance=cfg.importance, round_to=cfg.round_to, runtime=identity["runtime"], host=identity["host"])
+
+    def measure(m: nn.Module) -> float:
+        return measure_p50_ms(m, example, calibration, ctx.target, cfg.latency_threads)
+
+    table, cached = cached_table(ctx.cache, key, lambda: build_table(
+        model, example, groups, cfg.latency_widths, measure, importance=cfg.importance, round_to=cfg.round_to,
+        progress=lambda line: ctx.console.print(f"{stage.id}: {line}")))
+    where = (f"{identity['host']['cpu'] or 'this CPU'}, {identity['runtime']['package']} {identity['runtime']['version']} "
+             f"{ctx.target.precision}, {cfg.latency_threads} thread(s)")
+    record: dict[str, Any] = {"table": table, "table_cached": cached, "measured_on": where,
+                              "best_speedup": best_speedup(table), "target_speedup": cfg.target_speedup,
+                              "max_p50_ms": cfg.max_p50_ms}
+    if best_speedup(table) < MIN_USEFUL_SPEEDUP:
+        line = no_speed_line(stage.id, table, where)
+        ctx.console.print(line)
+        return _unpruned(ckpt, model, data, out_dir, {**record, "pruned": False, "reason": line})
+    return _prune_along_path(stage, ckpt, model, example, groups, table, measure, ctx, out_dir, record)
+
+
+def no_speed_line(stage_id: str, table: dict[str, Any], where: str) -> str:
+    """The one line for a host where width does not buy latency."""
+    return (f"{stage_id}: not pruning: width buys no latency here ({where}): every channel group at "
+            f"{min(table['widths']):.0%} of its channels measured {table['narrowest_ms']:.3g} ms p50 vs "
+            f"{table['dense_ms']:.3g} ms dense ({best_speedup(table):.2f}x < {MIN_USEFUL_SPEEDUP}x)")
+
+
+def target_ms(cfg, table: dict[str, Any]) -> float:
+    return table["dense_ms"] / cfg.target_speedup if cfg.target_speedup is not None else cfg.max_p50_ms
+
+
+def _prune_along_path(stage, ckpt, model, example, groups, table, measure, ctx: StageContext, out_dir: Path,
+                      record: dict[str, Any]) -> dict[str, Any]:
+    cfg, data = stage.config, ctx.data
+    # judged against the trained reference, as the budgeted prune is (accuracy_budget.allowance_pt)
+    _, base, higher = (reference_headline(ctx.reference, data, ctx.trust) if ctx.reference is not None
+                       else model_headline(model, data, "val"))
+
+    def drop_of(candidate: nn.Module) -> float:
+        return drop_points(base, model_headline(candidate, data, "val")[1], higher)
+
+    def narrow(keep: dict[str, float]):
+        return narrowed(model, example, groups, keep, importance=cfg.importance, round_to=cfg.round_to,
+                        masks=dict(ckpt.masks))
+
+    drops = {g.name: {str(w): drop_of(narrow({g.name: w})[0]) for w in cfg.latency_widths} for g in groups}
+    path = greedy_path(table, drops, target_ms(cfg, table))
+    share = allowance_pt("prune", ctx.budget_pt)
+
+    def trial(keep: dict[str, float]):
+        candidate, masks = narrow(keep)
+        label = f"{stage.id} recovery ({len([w for w in keep.values() if w < 1])} groups narrowed)"
+        if masks:
+            with MaskEnforcer(candidate, masks) as enforcer:
+                fit(candidate, data, cfg.retrain, ctx.seed, ctx.console, label=label, after_step=enforcer.reapply)
+        else:
+            fit(candidate, data, cfg.retrain, ctx.seed, ctx.console, label=label)
+        return drop_of(candidate.eval()), (candidate, masks)
+
+    index, best, tried = furthest_within(path, trial, share)
+    record.update(drops=drops, path=path, trials=tried, share_pt=share)
+    if index is None:
+        line = (f"{stage.id}: not pruning: no step towards {target_ms(cfg, table):.3g} ms recovered within "
+                f"{share:.2g} pt of validation accuracy (measured on {record['measured_on']})")
+        ctx.console.print(line)
+        return _unpruned(ckpt, model, data, out_dir, {**record, "pruned": False, "reason": line})
+    pruned_model, masks = best
+    measured = measure(pruned_model)
+    speedup = table["dense_ms"] / measured
+    met = measured <= target_ms(cfg, table) + 1e-12
+    record.update(pruned=True, chosen=path[index]["keep"], estimated_ms=path[index]["estimated_ms"],
+                  measured_ms=measured, measured_speedup=speedup, target_met=met,
+                  drop_pt=next(t["drop_pt"] for t in tried if t["step"] == index))
+    ctx.console.print(
+        f"{stage.id}: {speedup:.2f}x measured ({table['dense_ms']:.3g} -> {measured:.3g} ms p50 on {record['measured_on']}), "
+        f"target {_target_text(cfg, table)} {'met' if met else 'NOT met'}; validation drop {record['drop_pt']:.2f} pt "
+        f"after recovery (share {share:.2g} pt)")
+    widths = channel_widths(model)
+    cost = model_cost(model, example)
+    out = ckpt.with_model(pruned_model, ctx.trust)
+    out.masks = masks
+    out.codebooks = {}  # retrained: the weights left their shared values
+    out.save(out_dir / CHECKPOINT_FILE)
+    return {**compressed_model_info(pruned_model, out, data),
+            "channels": channel_report(widths, pruned_model, cost, example), "latency": record}
+
+
+def _target_text(cfg, table) -> str:
+    if cfg.target_speedup is not None:
+        return f"{cfg.target_speedup:g}x"
+    return f"{cfg.max_p50_ms:g} ms"
+
+
+def _unpruned(ckpt, model: nn.Module, data, out_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    ckpt.save(out_dir / CHECKPOINT_FILE)
+    return {**compressed_model_info(model, ckpt, data), "latency": record}

@@ -1,0 +1,148 @@
+"""Latency-driven channel pruning (prune.mode = "channels" with target_speedup / max_p50_ms)."""
+
+import io
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from edgec.config import parse_config
+from edgec.data import load_dataset
+from edgec.errors import ConfigError
+from edgec.pipeline.algorithms.latency_table import (
+    CACHE_STAGE, cached_table, channel_groups, host_identity, runtime_identity, table_key,
+)
+from edgec.pipeline.algorithms.netadapt import furthest_within, greedy_path
+from edgec.pipeline.cache import StageCache, stable_hash
+from edgec.pipeline.runner import check_chain, run_chain
+from edgec.pipeline.stage import StageContext
+from edgec.pipeline.stages.prune import PruneConfig, PruneStage
+from edgec.pipeline.stages.prune_latency import CALIBRATION_SAMPLES, latency_key_material
+from edgec.targets.profile import load_target
+from support import zoo_source
+
+RPI = load_target("rpi")
+
+
+@pytest.fixture(scope="module")
+def digits_source(tmp_path_factory):
+    """cnn-small (untrained, seed 0) on the digits: the prune stage's input."""
+    data = load_dataset("digits")
+    cache = StageCache(tmp_path_factory.mktemp("cache"))
+    return zoo_source(cache, "cnn-small", data, channels=[16, 32]), data, cache
+
+
+def _key(model, data, target, cfg):
+    example = data.to_input(data.x_train[:CALIBRATION_SAMPLES])[:1]
+    identity = latency_key_material(cfg, target)
+    return table_key(model, example.shape[1:], target, cfg.latency_threads, cfg.latency_widths, importance=cfg.importance,
+                     round_to=cfg.round_to, runtime=identity["runtime"], host=identity["host"])
+
+
+def test_table_key_names_shape_profile_and_threads_and_the_table_is_served_from_the_cache(digits_source, tmp_path):
+    source, data, _ = digits_source
+    from edgec.architecture import ModelTrust
+    model = source.checkpoint().build(ModelTrust())
+    args = dict(importance="l2", round_to=None, runtime=runtime_identity(RPI), host=host_identity())
+    base = stable_hash(table_key(model, (1, 8, 8), RPI, 1, [0.5], **args))
+    assert base == stable_hash(table_key(model, (1, 8, 8), RPI, 1, [0.5], **args))  # same inputs, same key
+    desktop = load_target("desktop-gpu")
+    others = [table_key(model, (1, 16, 16), RPI, 1, [0.5], **args),  # input shape
+              table_key(model, (1, 8, 8), desktop, 1, [0.5], **{**args, "runtime": runtime_identity(desktop)}),  # profile
+              table_key(model, (1, 8, 8), RPI, 2, [0.5], **args),  # threads
+              table_key(model, (1, 8, 8), RPI, 1, [0.5], **{**args, "host": {**args["host"], "cpu": "another CPU"}})]
+    assert len({base, *map(stable_hash, others)}) == 5
+    cache, built = StageCache(tmp_path / "cache"), []
+
+    def build():
+        built.append(1)
+        return {"dense_ms": 1.0, "narrowest_ms": 0.5, "widths": [0.5], "groups": {}}
+
+    first, hit1 = cached_table(cache, table_key(model, (1, 8, 8), RPI, 1, [0.5], **args), build)
+    second, hit2 = cached_table(cache, table_key(model, (1, 8, 8), RPI, 1, [0.5], **args), build)
+    assert (hit1, hit2, len(built)) == (False, True, 1) and first == second
+    assert (tmp_path / "cache" / CACHE_STAGE).is_dir()
+
+
+def test_a_host_where_width_buys_nothing_gets_one_line_and_an_unpruned_model(digits_source):
+    """A flat table (every width measures the dense latency): the stage says so in one line and passes the
+    model through with its shapes; the table comes from the build's cache, keyed as the stage keys it."""
+    source, data, cache = digits_source
+    from edgec.architecture import ModelTrust
+    model = source.checkpoint().build(ModelTrust())
+    cfg = PruneConfig(mode="channels", target_speedup=2.0, retrain={"epochs": 1})
+    example = data.to_input(data.x_train[:1])
+    import torch
+    groups = channel_groups(model, torch.from_numpy(example))
+    flat = {"widths": [0.5, 0.25], "dense_ms": 0.13, "narrowest_ms": 0.128,
+            "groups": {g.name: {"layers": list(g.layers), "channels": g.channels, "ms": {"0.5": 0.13, "0.25": 0.129}}
+                       for g in groups}}
+    cached_table(cache, _key(model, data, RPI, cfg), lambda: flat)
+    out = io.StringIO()
+    ctx = StageContext(data=data, seed=0, target=RPI, console=Console(file=out, width=400))
+    (step,) = run_chain([PruneStage(cfg)], source, ctx, cache)
+    lines = [ln for ln in out.getvalue().splitlines() if "prune:" in ln]
+    assert len(lines) == 1 and "not pruning: width buys no latency here" in lines[0] and "1.02x < 1.1x" in lines[0]
+    record = step.artifact.info["latency"]
+    assert record["pruned"] is False and record["table_cached"] is True
+    after = step.artifact.checkpoint().build(ctx.trust)
+    assert {k: v.shape for k, v in after.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_build_meets_its_target_speedup_measured_in_the_targets_runtime(tmp_path):
+    """The real path: a conv model big enough that width costs time on any x86 host (two 3x3 convs, 128 and
+    256 channels, at 32x32), its latency table measured with TFLite int8 in ai-edge-litert, the narrowed
+    model measured again: the stage reports the target met, the channels are gone, the table is cached."""
+    digits = load_dataset("digits")
+    up = lambda a: np.kron(a, np.ones((1, 1, 4, 4), dtype=a.dtype))  # noqa: E731 (8x8 -> 32x32)
+    # 200 training images: the recovery epoch is what costs here, and accuracy is not what this tests
+    np.savez(tmp_path / "d32.npz", x_train=up(digits.x_train[:200]), y_train=digits.y_train[:200],
+             x_test=up(digits.x_test[:50]), y_test=digits.y_test[:50])
+    data = load_dataset(f"npz:{tmp_path / 'd32.npz'}")
+    cache = StageCache(tmp_path / "cache")
+    source = zoo_source(cache, "cnn-small", data, channels=[128, 256])
+    ctx = StageContext(data=data, seed=0, target=RPI, console=Console(quiet=True), budget_pt=100.0)  # speed, not accuracy
+    cfg = PruneConfig(mode="channels", target_speedup=1.5, latency_widths=[0.25], retrain={"epochs": 1})
+    (step,) = run_chain([PruneStage(cfg)], source, ctx, cache)
+    record = step.artifact.info["latency"]
+    assert record["pruned"] and record["target_met"], record
+    assert record["measured_speedup"] >= 1.5 and record["table"]["dense_ms"] / record["table"]["narrowest_ms"] >= 1.5
+    assert step.artifact.info["channels"]["macs"][1] < step.artifact.info["channels"]["macs"][0] / 2
+    assert len(list((tmp_path / "cache" / CACHE_STAGE).iterdir())) == 1
+
+
+def test_greedy_path_buys_the_most_latency_per_point_and_skips_groups_that_save_nothing():
+    table = {"dense_ms": 10.0, "widths": [0.5, 0.25], "groups": {
+        "a": {"ms": {"0.5": 8.0, "0.25": 7.0}},  # 2 ms for 1 pt, then 1 ms for 3 pt
+        "b": {"ms": {"0.5": 7.0, "0.25": 5.0}},  # 3 ms for 6 pt, then 2 ms for 0.5 pt
+        "c": {"ms": {"0.5": 10.0, "0.25": 10.2}},  # width buys nothing here
+    }}
+    drops = {"a": {"0.5": 1.0, "0.25": 4.0}, "b": {"0.5": 6.0, "0.25": 6.5}, "c": {"0.5": 0.0, "0.25": 0.0}}
+    path = greedy_path(table, drops, target_ms=5.5)
+    # a at 0.5 (2 ms/pt) first; then b at 0.5 (0.5 ms/pt) beats a at 0.25 (0.33 ms/pt); 5 ms <= 5.5: done
+    assert [p["group"] for p in path] == ["a", "b"] and path[-1]["estimated_ms"] == pytest.approx(5.0)
+    assert path[-1]["keep"] == {"a": 0.5, "b": 0.5, "c": 1.0}
+    assert greedy_path(table, drops, target_ms=1.0)[-1]["keep"]["c"] == 1.0  # unreachable: c is still never narrowed
+    # the furthest point within the allowance: the end first, then a binary search over the rest
+    index, best, tried = furthest_within(path, lambda keep: (sum(1 - w for w in keep.values()), keep), 0.6)
+    assert index == 0 and best == path[0]["keep"] and [t["step"] for t in tried] == [1, 0]
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"mode": "layer", "target_speedup": 2.0}, 'needs mode = "channels"'),
+    ({"mode": "channels", "target_speedup": 2.0, "max_p50_ms": 1.0}, "not both"),
+    ({"mode": "channels", "target_speedup": 1.0}, "greater than 1"),
+    ({"mode": "channels", "target_speedup": 2.0, "ratio": 0.5}, "remove ratio"),
+    ({"mode": "channels", "latency_widths": [0.5]}, "need target_speedup or max_p50_ms"),
+    ({"mode": "channels", "max_p50_ms": 1.0, "latency_widths": [0.5, 1.0]}, "distinct fractions in"),
+])
+def test_latency_targets_are_refused_at_plan_time(keys, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        parse_config({"stages": [{"kind": "prune", **keys}]})
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+
+
+def test_plan_time_check_needs_a_group_to_narrow(digits_source):
+    source, data, _ = digits_source
+    ctx = StageContext(data=data, seed=0, target=RPI, console=Console(quiet=True))
+    check_chain([PruneStage(PruneConfig(mode="channels", target_speedup=2.0))], source, ctx)  # cnn-small: 2 groups
