@@ -15,9 +15,10 @@ import stat
 from pathlib import Path
 
 from .errors import InputError
+from .ondevice.integrity import MANIFEST_NAME
 
 BUILD_FILE = "build.json"
-BUNDLE_MANIFEST = ("bundle", "manifest.json")
+BUNDLE_MANIFEST = ("bundle", MANIFEST_NAME)
 MODEL_FILE = "model.pt"
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec.errors import InputError
+from edgec.ondevice.integrity import MANIFEST_NAME
 
 from .accuracy_budget import IMAGES as BUDGET_IMAGES
 from .accuracy_budget import accuracy_budget_section
@@ -103,7 +104,7 @@ def _read_bench(build_dir: Path, bench: Path | None) -> tuple[dict[str, Any] | N
 
 
 def _read_manifest(bundle_dir: Path) -> dict[str, Any] | None:
-    path = bundle_dir / "manifest.json"
+    path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         return None
     try:

@@ -1,0 +1,81 @@
+"""How the export stage drives a converter: its settings, the remedies it retries, the advice a refusal gives.
+
+Shared by the single-model export (``export.py``) and the multi-task one (``export_tasks.py``). What
+differs between formats is asked of the converter (``edgec.targets.converters``), what differs between
+precisions of :class:`~edgec.targets.converters.Precision`: nothing here compares their names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.calibration.samples import select_calibration_indices
+from edgec.targets.converters import Converter, Precision, converter_for
+
+# (calibration sample count or None, converter options) of each automatic remedy tried
+Attempt = tuple[int | None, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The target's converter at the export's precision, with the export config's converter settings."""
+
+    converter: Converter
+    precision: Precision
+    config: Any  # the export stage's ExportConfig: per_channel, calibration
+
+    @classmethod
+    def for_target(cls, target, config) -> Conversion:
+        converter = converter_for(target.format)
+        return cls(converter, converter.precision(config.precision or target.precision), config)
+
+    def convert(self, model, example, path: Path, calibration: np.ndarray, qat=None, **options):
+        """Write ``model`` to ``path`` (``options``: a remedy's converter options)."""
+        return self.converter.convert(model, example, path, precision=self.precision.name, calibration=calibration,
+                                      per_channel=self.config.per_channel,
+                                      calibration_method=self.config.calibration.method, qat=qat, **options)
+
+    def run(self, path: Path, exported, x: np.ndarray) -> np.ndarray:
+        """The exported model's outputs in its real runtime (the on-device runner's code)."""
+        from edgec.ondevice.runtimes import open_model
+
+        runner = open_model(str(path), self.converter.runtime,
+                            io_meta={"input": exported.inputs[0], "output": exported.outputs[0]})
+        try:
+            return runner.run_model_input(x)
+        finally:
+            runner.close()
+
+    def automatic_remedies(self, train_labels: np.ndarray) -> Iterator[tuple[str, np.ndarray | None, dict[str, Any]]]:
+        """(what, calibration indices or None, converter options) to try when int8 misses the gate: the
+        documented remedies that cannot make a passing model worse (the gate re-checks each)."""
+        samples = self.config.calibration.samples
+        for what, options in self.converter.automatic_remedies(self.config.calibration.method):
+            yield what, None, options
+        more = min(4 * samples, len(train_labels))
+        if more > samples:
+            yield f"{more} calibration samples", select_calibration_indices(train_labels, more, seed=0), {}
+
+    def advice(self, target, train_samples: int, qat: bool = False, attempts: list[Attempt] = ()) -> str:
+        """Only what can change the outcome on this target's converter and was not tried already
+        (``attempts``: the automatic remedies' calibration sample counts and converter options)."""
+        if self.precision.lossless:
+            return "check that the model is deterministic in eval mode"
+        other = next((p for p in ("fp16", "fp32") if p in target.precisions and p != self.precision.name), "fp32")
+        if qat:  # the int8 ranges come from the qat stage: calibration options do not apply
+            return f"try more quantization-aware training (--set qat.epochs=...), or leave qat out, or --precision {other}"
+        tips = []
+        if self.precision.calibrated:
+            samples = max([self.config.calibration.samples] + [n for n, _ in attempts if n is not None])
+            if samples < train_samples:
+                tips.append(f"more calibration samples (--set export.calibration.samples="
+                            f"{min(4 * samples, train_samples)}; the train split has {train_samples})")
+            tips += self.converter.manual_remedies(self.config.calibration.method, [o for _, o in attempts])
+            tips.append("training longer (near-tied top-1 classes flip under int8 rounding)")
+        tips.append(f"--precision {other}")
+        return "try " + ", ".join(tips)
