@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
@@ -26,8 +25,7 @@ from ..artifact import BUNDLE, Artifact
 from ..bundle import shaping_sources, write_bundle, write_eval_set, write_fp32_fallback, write_test_vectors
 from ..cache import sha256_file
 from ..manifest import create_manifest
-from ..objectives import objective_for, refuse_on_mismatch
-from ..parity import enforce_parity, measure_parity
+from ..objectives import objective_for
 from ..stage import Probe, Stage, StageConfig, StageContext, Strict
 from .export_conversion import Conversion
 
@@ -105,8 +103,8 @@ class ExportStage(Stage):
             reference = (restore_qat(model, example, qat) if qat is not None else model)(
                 torch.from_numpy(data.to_input(data.x_test))).numpy()
         model_path = out_dir / f"model.{target.format}"
-        exported, outputs, metrics = self._gated_conversion(conversion, model, example, model_path, calibration,
-                                                            reference, data, target, qat)
+        exported, outputs, metrics = conversion.gated(model, example, model_path, calibration, reference, data, target,
+                                                      qat)
         # The bundle on the validation split: what the accuracy budget is judged on (accuracy_budget.py)
         val_name, val_value, _ = headline(data, conversion.run(model_path, exported, data.to_input(data.x_val)),
                                           "val")
@@ -134,41 +132,6 @@ class ExportStage(Stage):
             "transport_bytes": size["transport_bytes"],
             **({} if qat is not None else {"calibration_digest": calibration_digest(calibration)}),
         }
-
-    def _gated_conversion(self, conversion: Conversion, model, example, path: Path, calibration: np.ndarray,
-                          reference: np.ndarray, data, target, qat) -> tuple[Any, np.ndarray, dict[str, Any]]:
-        """Convert, run the file in its runtime on the test split and gate it against ``reference``
-        (int8 classification: retrying the automatic remedies first). Returns (exported, outputs, metrics)."""
-        objective, x_test = objective_for(data), data.to_input(data.x_test)
-        advice = lambda **kw: conversion.advice(target, len(data.y_train), qat=qat is not None, **kw)
-
-        def convert_and_run(calibration: np.ndarray, **options):
-            exported = conversion.convert(model, example, path, calibration, qat=qat, **options)
-            objective.after_conversion(path, target.format, exported)  # regression: int8 output range covers the targets
-            return exported, conversion.run(path, exported, x_test)
-
-        exported, outputs = convert_and_run(calibration)
-        if data.task != "classification":
-            metrics = objective.export_metrics(reference, outputs)
-            refuse_on_mismatch(metrics, target, self.config.max_metric_drop, self.config.max_relative_error, advice())
-            return exported, outputs, metrics
-        parity, tried, attempts = measure_parity(reference, outputs, data.y_test), [], []
-        if conversion.precision.calibrated and qat is None and not parity.passes(target.budgets):
-            # Remedies that are safe to try (the gate still decides); the first that passes ships.
-            for remedy, cal, options in conversion.automatic_remedies(data.y_train):
-                tried.append(remedy)
-                attempts.append((len(cal) if cal is not None else None, options))
-                exported, outputs = convert_and_run(data.to_input(data.x_train[cal]) if cal is not None else calibration,
-                                                    **options)
-                parity = measure_parity(reference, outputs, data.y_test)
-                if parity.passes(target.budgets):
-                    exported.conversion["remedy"] = remedy
-                    break
-        if not parity.passes(target.budgets):
-            worst = conversion.converter.diagnose(model, path, calibration) if conversion.precision.calibrated else ""
-            tried_text = f"tried automatically: {', '.join(tried)}; " if tried else ""
-            enforce_parity({None: parity}, target.budgets, worst + tried_text + advice(attempts=attempts))
-        return exported, outputs, parity.as_dict()
 
     def _write_eval_files(self, out_dir: Path, data, objective, outputs, reference, metrics: dict[str, Any]) -> None:
         """The eval set (the device's accuracy check) and the test vectors; their figures into ``metrics``."""

@@ -1,4 +1,5 @@
-"""How the export stage drives a converter: its settings, the remedies it retries, the advice a refusal gives.
+"""How the export stage drives a converter: its settings, the parity gate with the remedies it retries
+first, the advice a refusal gives.
 
 Shared by the single-model export (``export.py``) and the multi-task one (``export_tasks.py``). What
 differs between formats is asked of the converter (``edgec.targets.converters``), what differs between
@@ -16,6 +17,9 @@ import numpy as np
 
 from edgec.calibration.samples import select_calibration_indices
 from edgec.targets.converters import Converter, Precision, converter_for
+
+from ..objectives import objective_for, refuse_on_mismatch
+from ..parity import enforce_parity, measure_parity
 
 # (calibration sample count or None, converter options) of each automatic remedy tried
 Attempt = tuple[int | None, dict[str, Any]]
@@ -50,6 +54,41 @@ class Conversion:
             return runner.run_model_input(x)
         finally:
             runner.close()
+
+    def gated(self, model, example, path: Path, calibration: np.ndarray, reference: np.ndarray, data, target,
+              qat=None) -> tuple[Any, np.ndarray, dict[str, Any]]:
+        """Convert, run the file in its runtime on the test split and gate it against ``reference``
+        (int8 classification: retrying the automatic remedies first). Returns (exported, outputs, metrics)."""
+        objective, x_test = objective_for(data), data.to_input(data.x_test)
+        advice = lambda **kw: self.advice(target, len(data.y_train), qat=qat is not None, **kw)
+
+        def convert_and_run(calibration: np.ndarray, **options):
+            exported = self.convert(model, example, path, calibration, qat=qat, **options)
+            objective.after_conversion(path, target.format, exported)  # regression: int8 output range covers the targets
+            return exported, self.run(path, exported, x_test)
+
+        exported, outputs = convert_and_run(calibration)
+        if data.task != "classification":
+            metrics = objective.export_metrics(reference, outputs)
+            refuse_on_mismatch(metrics, target, self.config.max_metric_drop, self.config.max_relative_error, advice())
+            return exported, outputs, metrics
+        parity, tried, attempts = measure_parity(reference, outputs, data.y_test), [], []
+        if self.precision.calibrated and qat is None and not parity.passes(target.budgets):
+            # Remedies that are safe to try (the gate still decides); the first that passes ships.
+            for remedy, cal, options in self.automatic_remedies(data.y_train):
+                tried.append(remedy)
+                attempts.append((len(cal) if cal is not None else None, options))
+                exported, outputs = convert_and_run(data.to_input(data.x_train[cal]) if cal is not None else calibration,
+                                                    **options)
+                parity = measure_parity(reference, outputs, data.y_test)
+                if parity.passes(target.budgets):
+                    exported.conversion["remedy"] = remedy
+                    break
+        if not parity.passes(target.budgets):
+            worst = self.converter.diagnose(model, path, calibration) if self.precision.calibrated else ""
+            tried_text = f"tried automatically: {', '.join(tried)}; " if tried else ""
+            enforce_parity({None: parity}, target.budgets, worst + tried_text + advice(attempts=attempts))
+        return exported, outputs, parity.as_dict()
 
     def automatic_remedies(self, train_labels: np.ndarray) -> Iterator[tuple[str, np.ndarray | None, dict[str, Any]]]:
         """(what, calibration indices or None, converter options) to try when int8 misses the gate: the
