@@ -9,8 +9,8 @@ from what names the code or the time (the lineage's cache keys hash the code, ``
 installed packages). Each side runs from its own copy of the sources (``git archive REV`` for the old
 one, the working tree for the new one) laid out as the installed ``edgec`` package, with its own fresh
 ``EDGEC_CACHE_DIR``, so nothing one side trained is reused by the other. ``--side old`` / ``new``
-builds one side only (the sides can be built at different times); the comparison runs when both
-exist. Exit 1 when any compared bundle differs.
+builds one side only (the sides can be built at different times), ``--side none`` compares what
+was built. Exit 1 when any compared bundle differs.
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", default=None, help="the old revision (default: /work/main's HEAD if present, else HEAD)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgec-bundles-identical"))
-    parser.add_argument("--side", choices=("old", "new", "both"), default="both")
+    parser.add_argument("--side", choices=("old", "new", "both", "none"), default="both",
+                        help="which side to build before comparing (none: compare what was built)")
     parser.add_argument("--config", action="append", choices=sorted(CONFIGS), help="default: every config")
     args = parser.parse_args()
     names = args.config or list(CONFIGS)
-    sides = ("old", "new") if args.side == "both" else (args.side,)
+    sides = {"both": ("old", "new"), "none": ()}.get(args.side, (args.side,))
     for side in sides:
         package = _package(side, args.old or _default_old(), args.work)
         for name in names:

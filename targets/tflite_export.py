@@ -9,8 +9,9 @@
   activations, symmetric per-channel int8 weights), extended so that the ops of mobile
   architectures (ReLU6, hardswish, hardsigmoid and sigmoid gates of squeeze-excite, SiLU, channel
   shuffle, explicit padding, global pooling) are quantized too (``int8_quantizer``, shared with
-  quantization-aware training), is calibrated by running the calibration samples through the prepared model; its lowering turns
-  the QDQ graph into int8 kernels and drops the quantize/dequantize at the model boundary, so the file's I/O is int8 directly: no
+  quantization-aware training), is calibrated by running the calibration samples through the
+  prepared model; its lowering turns the QDQ graph into int8 kernels and drops the
+  quantize/dequantize at the model boundary, so the file's I/O is int8 directly: no
   TensorFlow-converter ``inference_input_type`` step is needed. The quantizer also
   quantizes the graph's inputs and outputs themselves, so the I/O stays int8 when the first or
   last op has no int8 pattern (that op then runs in float between DEQUANTIZE/QUANTIZE, listed
