@@ -98,7 +98,8 @@ def test_the_gate_raises_a_typed_mismatch_naming_every_failing_task():
 
 def test_the_qat_route_does_not_import_the_tflite_exporter():
     """The int8 quantizer has its own module: QAT (and so the ONNX QAT route) needs no TFLite exporter."""
-    code = ("import sys, edgec.targets.qat, edgec.targets.onnx_export; "
-            "print('edgec.targets.tflite_export' in sys.modules)")
+    code = ("import sys, torch; from edgec.targets.qat import prepare_qat; import edgec.targets.onnx_export; "
+            "prepare_qat(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)), "
+            "torch.randn(1, 4)); print('edgec.targets.tflite_export' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
