@@ -29,7 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (edgec build arguments). The quick start and the digits/diabetes examples build in minutes
-# on a laptop CPU; the MNIST ones need the download and much longer.
+# on a laptop CPU; the MNIST ones need the download and much longer. examples/regression.toml stops at
+# the accuracy budget (exit 1, nothing published) on a9d4279: it has no bundle to compare there.
 CONFIGS = {
     "quick-start": ["--target", "rpi"],
     "quick-start-onnx-int8": ["--target", "desktop-gpu", "--precision", "int8"],
