@@ -28,6 +28,7 @@ from rich.console import Console
 
 from edgec.build_layout import REFERENCE_FILE, UNCOMPRESSED_FILE
 from edgec.errors import InputError
+from edgec.ondevice.integrity import MANIFEST_NAME, RECOMMENDED_NAME, SIGNATURE_NAME
 
 BENCH_SCHEMA = "edgec-bench"
 BASELINE_CALIBRATION_SAMPLES = 512
@@ -158,8 +159,7 @@ def baseline_bundle(bundle: Path, model, out: Path) -> dict[str, Any]:
         raise InputError(f"--baseline: {bundle} has no eval.npz to calibrate the uncompressed model with")
     x = preprocess_raw(evalset[0], manifest["preprocessing"], inp["shape"][1:], inp.get("layout"))
     calibration = x[np.linspace(0, len(x) - 1, min(len(x), BASELINE_CALIBRATION_SAMPLES)).astype(int)]
-    shutil.copytree(bundle, out, ignore=shutil.ignore_patterns("manifest.json", "manifest.sig", "recommended.json",
-                                                               "__pycache__"))
+    shutil.copytree(bundle, out, ignore=shutil.ignore_patterns(MANIFEST_NAME, SIGNATURE_NAME, RECOMMENDED_NAME, "__pycache__"))
     model_path = out / manifest["model_file"]
     model_path.unlink()
     example = torch.from_numpy(calibration[:1])

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from .build_layout import BUILD_FILE, BUNDLE_DIR, MODEL_FILE
 from .errors import InputError
+from .ondevice.integrity import MANIFEST_NAME
 
-BUNDLE_MANIFEST = (BUNDLE_DIR, "manifest.json")
+BUNDLE_MANIFEST = (BUNDLE_DIR, MANIFEST_NAME)
 
 
 def check_output_locations(out: Path, target: str, cache_dir: Path) -> None:

@@ -16,25 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import edgec
+from edgec.ondevice.integrity import MANIFEST_NAME as MANIFEST  # the one definition of the file's name
 from edgec.ondevice.manifest_seal import manifest_bytes
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 METRIC_TOLERANCE = 0.01  # verify: the eval set's AUC / R^2 within this of the manifest's (MSE: relative)
 VERSIONED_PACKAGES = ("edgec", "torch", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert", "numpy")
 
 
-def create_manifest(*, target, runtime_name: str, precision: str, model_file: str, extra_files: list[str], exported,
-                    data, metrics: dict[str, Any], size: dict[str, Any], tasks: dict[str, Any] | None = None) -> dict[str, Any]:
+def create_manifest(*, target, converter, precision: str, model_file: str, extra_files: list[str], exported,
+                    data, metrics: dict[str, Any], size: dict[str, Any], tasks: dict[str, Any] | None = None,
+                    labels: list[str] | None = None) -> dict[str, Any]:
+    """``converter``: the target format's (``edgec.targets.converters``), which names the runtime and
+    its settings; ``labels``: the output columns' names (default: the data's class names)."""
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "edgec_version": edgec.__version__,
         "target": {"name": target.name, "profile": target.model_dump(mode="json")},
         "runtime": {
-            "name": runtime_name,
+            "name": converter.runtime,
             "packages": target.requirements,
-            "min_version": _min_version(runtime_name),
-            "recommended": _recommended(target, runtime_name),
+            "min_version": converter.min_runtime_version,
+            "recommended": converter.recommended(target),
         },
         "precision": precision,
         "model_file": model_file,
@@ -48,14 +51,16 @@ def create_manifest(*, target, runtime_name: str, precision: str, model_file: st
             "offset": data.offset,
             "layout": "NCHW" if data.is_image else "NC",
         },
-        "labels": list(data.labels),
+        "labels": list(data.labels if labels is None else labels),
         "metrics": metrics,
         "size": size,
-        "tolerance": {"atol": _atol(exported.outputs[0]), "accuracy": 0.01},
+        "tolerance": {"atol": output_atol(exported.outputs[0]), "accuracy": 0.01},
         "conversion": exported.conversion,
         "lineage": [],  # filled in by the build, which knows the whole chain
         "versions": _versions(),
     }
+    if exported.mixed_precision is not None:  # the layers that stay float, for the device and the reader
+        manifest["mixed_precision"] = exported.mixed_precision
     if data.task != "classification":  # regression / reconstruction: "task", "postprocessing", tolerance.metric
         from .objectives import objective_for
 
@@ -94,23 +99,13 @@ def write_lineage(manifest_path: Path, stages: list[dict[str, Any]], configs: li
     manifest_path.write_bytes(manifest_bytes(manifest))
 
 
-def _atol(output: dict[str, Any]) -> float:
+def output_atol(output: dict[str, Any]) -> float:
     """Test-vector tolerance: one quantization step for int8 outputs (runtimes and kernels may
     round differently by one step), a small float tolerance otherwise."""
     q = output.get("quantization")
     if q:
         return float(q["scale"]) * 1.01
     return 1e-3 if output["dtype"] == "float16" else 1e-4
-
-
-def _recommended(target, runtime_name: str) -> dict[str, Any]:
-    if runtime_name == "tflite":
-        return {"threads": target.threads, "xnnpack": True}
-    return {"threads": target.threads, "provider": target.providers[0], "graph_optimization_level": "all"}
-
-
-def _min_version(runtime_name: str) -> str:
-    return "2.14.0" if runtime_name == "tflite" else "1.20.0"
 
 
 def _versions() -> dict[str, str]:

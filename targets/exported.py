@@ -41,6 +41,8 @@ class ExportedModelInfo:
     outputs: list[dict[str, Any]]
     runtime_versions: dict[str, str]
     conversion: dict[str, Any] = field(default_factory=dict)
+    # int8 with some layers kept float (targets/mixed_precision.py): the manifest's ``mixed_precision``
+    mixed_precision: dict[str, Any] | None = None
 
 
 def tensor_spec(

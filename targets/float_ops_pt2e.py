@@ -19,7 +19,7 @@ from collections.abc import Collection
 
 import torch
 
-from .tflite_export import _SAME_SCALE_OPS, _is_relu
+from .int8_quantizer import SAME_SCALE_OPS, is_relu
 
 _ANNOTATION = "quantization_annotation"  # the node.meta key PT2E quantizers write
 
@@ -57,7 +57,7 @@ def float_nodes(graph: torch.fx.Graph, names: Collection[str]) -> set[torch.fx.N
     while frontier:  # through ops that fuse into the op before them or only move its values (ReLU, reshape)
         users = {user for node in frontier for user in node.users if user.op == "call_function"} - readers - found
         readers |= users
-        frontier = {user for user in users if _is_relu(user) or user.target in _SAME_SCALE_OPS}
+        frontier = {user for user in users if is_relu(user) or user.target in SAME_SCALE_OPS}
     return found | readers
 
 

@@ -2,7 +2,7 @@
 
 Field reference (also in the README):
   name, description       shown by ``edgec targets``
-  format                  tflite | onnx
+  format                  tflite | onnx (the formats of the converter registry, ``converters.py``)
   precision               default precision of the shipped model (int8 | fp16 | fp32)
   precisions              precisions this target accepts for ``--precision``
   arch                    CPU architecture of the device (documentation; arm64 triggers the emulated check)
@@ -41,6 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from edgec.errors import ConfigError
 from edgec.suggest import did_you_mean
 from edgec.tomlfile import read_toml
+
+from .converters import FORMATS
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 # Where a built-in profile's requirements_file may live: the targets/ data folder (profiles/ and the
@@ -94,7 +96,7 @@ class TargetProfile(BaseModel):
 
     name: str
     description: str = ""
-    format: Literal["tflite", "onnx"]
+    format: str
     precision: Precision
     precisions: list[Precision]
     arch: str = "any"
@@ -115,6 +117,13 @@ class TargetProfile(BaseModel):
                 f"{v!r} is not a safe target name (it becomes the output folder <out>/<name>/): use 1 to 64 "
                 "lower-case letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'"
             )
+        return v
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in FORMATS:
+            raise ValueError(f"{v!r} is not a model format edgec converts to: use one of {', '.join(FORMATS)}")
         return v
 
     @field_validator("providers")

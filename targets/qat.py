@@ -1,7 +1,7 @@
 """Quantization-aware training graphs (PT2E) shared by the qat stage and the int8 exporters.
 
-The qat stage fine-tunes a model through the int8 quantization the TFLite exporter applies
-(litert-torch's PT2E quantizer with edgec's annotations, ``tflite_export._full_integer_quantizer``,
+The qat stage fine-tunes a model through the int8 quantization the exporters apply
+(litert-torch's PT2E quantizer with edgec's annotations, ``int8_quantizer.full_integer_quantizer``,
 in its QAT form), inserted by ``prepare_qat_pt2e`` as fake-quantize modules: weights per channel,
 activation ranges tracked by moving-average min/max, each conv + BatchNorm pair trained as it
 will be folded (Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
@@ -24,6 +24,7 @@ from torch import nn
 from edgec.errors import ExportError
 
 from .exported import strip_dropout
+from .int8_quantizer import capture_graph, full_integer_quantizer, load_litert
 
 _STATE_PREFIX = "activation_post_process_"  # what prepare_qat_pt2e names its fake-quantize modules
 
@@ -34,18 +35,16 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, per_channel: bool = Tru
 
     Raises ExportError when the model cannot be captured with a dynamic batch dimension (QAT
     trains on batches) or prepared."""
-    from .tflite_export import _capture, _full_integer_quantizer, _load_litert
-
-    _load_litert()
+    load_litert()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     model = strip_dropout(model).train()  # BatchNorm is captured in its training form, to fold it while training
-    graph, capture, _ = _capture(model, example)
+    graph, capture, _ = capture_graph(model, example)
     if capture != "strict, dynamic batch":
         raise ExportError(f"quantization-aware training needs a model torch.export captures with a dynamic batch "
                           f"dimension; this one was captured only as {capture!r}")
     try:
-        return prepare_qat_pt2e(graph, _full_integer_quantizer(per_channel, qat=True))
+        return prepare_qat_pt2e(graph, full_integer_quantizer(per_channel, qat=True))
     except Exception as e:
         raise ExportError(f"preparing the model for quantization-aware training failed: {type(e).__name__}: {e}") from e
 

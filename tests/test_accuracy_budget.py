@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from edgec.targets.profile import Budgets, load_target
-from edgec.pipeline.parity import parity_metrics, parity_problems
+from edgec.pipeline.parity import measure_parity
 
 from support import run_cli
 
@@ -98,10 +98,10 @@ def test_parity_accepts_near_ties_that_flip_under_rounding():
     outputs = reference + rng.uniform(-0.05, 0.05, reference.shape).astype(np.float32)  # int8-sized error
     outputs[tied, second] = reference[tied].max(1) + 0.1  # every near-tie flips
     labels = reference.argmax(1)
-    m = parity_metrics(reference, outputs, labels)
-    assert m["top1_agreement"] <= 0.965  # the old gate (0.99) would refuse this model
-    assert m["decided_agreement"] == 1.0 and m["decided_samples"] >= 900
-    assert parity_problems(m, Budgets()) == []
+    m = measure_parity(reference, outputs, labels)
+    assert m.top1_agreement <= 0.965  # the old gate (0.99) would refuse this model
+    assert m.decided_agreement == 1.0 and m.decided_samples >= 900
+    assert m.problems(Budgets()) == []
 
 
 def test_parity_refuses_conversion_faults():
@@ -115,10 +115,10 @@ def test_parity_refuses_conversion_faults():
         model.train()  # the fault: dropout active in the exported graph
         faulty = model(x).numpy() * 20
     labels = reference.argmax(1)
-    m = parity_metrics(reference, faulty, labels)
-    assert parity_problems(m, Budgets()), m
-    wrong = parity_metrics(reference, np.random.default_rng(0).normal(0, 5, reference.shape), labels)
-    problems = parity_problems(wrong, Budgets())
+    m = measure_parity(reference, faulty, labels)
+    assert m.problems(Budgets()), m
+    wrong = measure_parity(reference, np.random.default_rng(0).normal(0, 5, reference.shape), labels)
+    problems = wrong.problems(Budgets())
     assert any("SNR" in p for p in problems) and any("error bound" in p for p in problems)
 
 

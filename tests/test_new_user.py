@@ -39,12 +39,14 @@ def test_export_advice_names_only_untried_remedies():
     from edgec.targets.profile import load_target
     import edgec.pipeline.stages  # noqa: F401
 
-    export = Stage.registry["export"](Stage.registry["export"].Config(), "export")
+    from edgec.pipeline.stages.export_conversion import Conversion
+
+    config = Stage.registry["export"].Config(precision="int8")
     rpi, gpu = load_target("rpi"), load_target("desktop-gpu")
-    samples = export.config.calibration.samples
-    assert "calibration.samples" in export._remedies("int8", rpi, 10 * samples)
+    samples = config.calibration.samples
+    assert "calibration.samples" in Conversion.for_target(rpi, config).advice(rpi, 10 * samples)
     tried = [(4 * samples, {}), (None, {"calibration_method": "percentile"}), (None, {"calibration_method": "entropy"})]
-    text = export._remedies("int8", gpu, 4 * samples, attempts=tried)
+    text = Conversion.for_target(gpu, config).advice(gpu, 4 * samples, attempts=tried)
     assert "calibration.samples" not in text and "calibration.method" not in text
 
 

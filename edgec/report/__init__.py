@@ -31,6 +31,7 @@ from typing import Any
 
 from edgec.build_layout import BENCH_FILE, BUNDLE_DIR
 from edgec.errors import InputError
+from edgec.ondevice.integrity import MANIFEST_NAME
 
 from .accuracy_budget import IMAGES as BUDGET_IMAGES
 from .accuracy_budget import accuracy_budget_section
@@ -113,7 +114,7 @@ def _read_bench(build_dir: Path, bench: Path | None) -> tuple[dict[str, Any] | N
 
 
 def _read_manifest(bundle_dir: Path) -> dict[str, Any] | None:
-    path = bundle_dir / "manifest.json"
+    path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         return None
     try:

@@ -28,6 +28,7 @@ from rich.table import Table
 
 from edgec.build_layout import BUILD_FILE, BUNDLE_DIR, REFERENCE_FILE
 from edgec.errors import EdgecError
+from edgec.ondevice.integrity import MANIFEST_NAME
 
 from .pareto import baseline_accuracy, limits, pareto_front, select_best, violations
 from .runner import SearchOutcome
@@ -134,7 +135,7 @@ def _materialize_front(outcome: SearchOutcome, analysis: dict[str, dict[str, Any
             record = by_id[tid]
             dest = root / target / f"{record['number']:03d}-{tid}"
             build_dir = setup.out / BUILDS_DIR / tid / target
-            if not (build_dir / BUNDLE_DIR / "manifest.json").is_file():
+            if not (build_dir / BUNDLE_DIR / MANIFEST_NAME).is_file():
                 try:
                     build_dir = _rebuild(outcome, record, target, console)
                 except EdgecError as e:  # e.g. edgec changed since the trial ran and its export now refuses

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgec.errors import ConfigError, EdgecError, InputError
+from edgec.ondevice.integrity import MANIFEST_NAME
 
 RECORD_SCHEMA = "edgec-search-trial"
 BUILDS_DIR = "builds"  # OUT/builds/<trial id>/<target>/: each trial's build directories
@@ -208,7 +209,7 @@ def _measure(ctx: SearchContext, config, result, datasets, target: str) -> dict[
     from the manifest: what is reported), sizes, and the harness's p50 / p95 at batch 1 here."""
     from edgec.config import MAIN_DATA
 
-    manifest = json.loads((result.bundle / "manifest.json").read_text())
+    manifest = json.loads((result.bundle / MANIFEST_NAME).read_text())
     stages = [{"id": s.id, "kind": s.kind, "key": s.key, "cached": s.cached, "seconds": round(s.seconds, 3)}
               for s in result.stages]
     export = config.stages[-1]

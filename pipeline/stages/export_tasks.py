@@ -22,7 +22,7 @@ are class-stratified from every task's train split (PackNet: each task's model f
 
 from __future__ import annotations
 
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,15 @@ import numpy as np
 import torch
 
 from edgec.calibration.samples import calibration_digest, select_calibration_indices
-from edgec.errors import ConfigError, RunError
-from edgec.targets.onnx_export import export_onnx
+from edgec.errors import ConfigError
 
 from ..algorithms.continual import encode_task_models, task_model
 from ..algorithms.piggyback import encode_masked_models
-from ..algorithms.transport_codec import encode_transport
+from ..bundle import write_bundle, write_eval_set, write_fp32_fallback, write_test_vectors
 from ..extensions import PACKNET_EXT, PIGGYBACK_EXT, TASKS_EXT
-from ..manifest import create_manifest, write_manifest
-from ..parity import parity_problems
+from ..manifest import create_manifest, output_atol
+from ..parity import enforce_parity, measure_parity
+from .export_conversion import Conversion
 
 TASKS_TRANSPORT = "model.tasks.edgt"
 
@@ -79,135 +79,172 @@ def is_piggyback(extensions) -> bool:
     return bool(pg.get("tasks")) and list(pg["tasks"]) == list(state["order"])
 
 
-def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice: Path, runner_template: Path,
-              runtime_of_format: dict) -> dict[str, Any]:
-    cfg, target = stage.config, ctx.target
-    state = ckpt.extensions[TASKS_EXT]
-    order = state["order"]
-    datas = task_datasets(state, ctx.datasets, ctx.data)
-    first = datas[order[0]]
-    piggyback = is_piggyback(ckpt.extensions)
-    own_files = is_packnet(ckpt.extensions) or piggyback  # a model file per task
-    model = ckpt.build(ctx.trust)
-    fmt = target.format
-    runtime_name = runtime_of_format[fmt]
-    top_file = f"model.{fmt}"
+@dataclass(frozen=True)
+class _Tasks:
+    """The multi-task model to export: its tasks in order, their data, and which model file serves each."""
 
+    state: dict
+    datas: dict
+    model: torch.nn.Module  # the whole network (Piggyback: the unmasked backbone)
+    models: dict  # task -> the model that computes it (PackNet, Piggyback: the task's own; else the whole)
+    files: dict  # task -> its model file
+    top_file: str  # model.<ext>: the last task's model (Piggyback: the backbone)
+    own_files: bool  # a model file per task (PackNet, Piggyback)
+    piggyback: bool
+
+    @property
+    def order(self) -> list[str]:
+        return self.state["order"]
+
+    def columns(self, t: str) -> tuple[int, int]:
+        a, b = self.state["tasks"][t]["columns"]
+        return a, b
+
+    @property
+    def top_model(self) -> torch.nn.Module:
+        return self.model if self.piggyback else self.models[self.order[-1]]
+
+
+def _tasks(ckpt, ctx) -> _Tasks:
+    state = ckpt.extensions[TASKS_EXT]
+    order, fmt = state["order"], ctx.target.format
+    piggyback = is_piggyback(ckpt.extensions)
+    own_files = is_packnet(ckpt.extensions) or piggyback
+    model = ckpt.build(ctx.trust)
+    top_file = f"model.{fmt}"
+    return _Tasks(
+        state=state, datas=task_datasets(state, ctx.datasets, ctx.data), model=model,
+        models={t: (task_model(model, ckpt.extensions, t) if own_files else model) for t in order},
+        files={t: (top_file if (not own_files or (t == order[-1] and not piggyback)) else f"model.{t}.{fmt}")
+               for t in order},
+        top_file=top_file, own_files=own_files, piggyback=piggyback)
+
+
+def run_tasks(conversion: Conversion, ckpt, ctx, out_dir: Path) -> dict[str, Any]:
+    cfg, target = conversion.config, ctx.target
+    tasks = _tasks(ckpt, ctx)
+    order = tasks.order
     per_task = max(1, cfg.calibration.samples // len(order))
-    calib = {}
-    for name, d in datas.items():
-        idx = select_calibration_indices(d.y_train, min(per_task, len(d.y_train)), seed=0)
-        calib[name] = d.to_input(d.x_train[idx])
+    calib = {t: d.to_input(d.x_train[select_calibration_indices(d.y_train, min(per_task, len(d.y_train)), seed=0)])
+             for t, d in tasks.datas.items()}
     calibration = np.concatenate([calib[t] for t in order])
     example = torch.from_numpy(calibration[:1])
-
-    models = {t: (task_model(model, ckpt.extensions, t) if own_files else model) for t in order}
-    files = {t: (top_file if (not own_files or (t == order[-1] and not piggyback)) else f"model.{t}.{fmt}")
-             for t in order}
     exported = {}
-    if piggyback:  # the base of the payload: the backbone every mask selects from, calibrated on every task
-        exported[top_file] = stage._convert(model, example, out_dir / top_file, precision, calibration, fmt)
+    if tasks.piggyback:  # the base of the payload: the backbone every mask selects from, calibrated on every task
+        exported[tasks.top_file] = conversion.convert(tasks.model, example, out_dir / tasks.top_file, calibration)
     for t in order:
-        if files[t] in exported:
-            continue
-        exported[files[t]] = stage._convert(models[t], example, out_dir / files[t], precision,
-                                            calib[t] if own_files else calibration, fmt)
-    extra_files = []
-    if target.fp32_fallback and precision != "fp32":
-        export_onnx(model if piggyback else models[order[-1]], example, out_dir / "model.fp32.onnx", precision="fp32")
-        extra_files.append("model.fp32.onnx")
+        if tasks.files[t] not in exported:
+            exported[tasks.files[t]] = conversion.convert(tasks.models[t], example, out_dir / tasks.files[t],
+                                                          calib[t] if tasks.own_files else calibration)
+    extra_files = write_fp32_fallback(out_dir, tasks.top_model, example, target, conversion.precision)
+    metrics, outputs_of, refs_of = _evaluate(conversion, tasks, exported, out_dir, target)
+    tasks_meta = _write_eval_files(conversion, tasks, exported, out_dir, metrics, outputs_of, refs_of)
+    payload = _write_tasks_payload(tasks, out_dir)
+    column_labels = [f"{t}:{label}" for t in order for label in tasks.state["tasks"][t]["labels"]]
+    aggregate = _aggregate(metrics, order)
+    transport = {}
 
-    from edgec.ondevice.runtimes import open_model
+    def manifest(size: dict[str, Any]) -> dict[str, Any]:
+        if payload is not None:
+            transport.update(payload, total_bytes=size["transport_bytes"] + payload["bytes"])
+        return create_manifest(
+            target=target, converter=conversion.converter, precision=conversion.precision.name,
+            model_file=tasks.top_file, extra_files=extra_files, exported=exported[tasks.top_file],
+            data=tasks.datas[order[0]], metrics=aggregate, size=size, labels=column_labels,
+            tasks={"tasks": tasks_meta, "shared_model": not tasks.own_files, "transport": transport or None})
 
-    metrics, outputs_of, refs_of = {}, {}, {}
-    for t in order:
-        d, (a, b) = datas[t], state["tasks"][t]["columns"]
+    size = write_bundle(out_dir, target=target, labels=column_labels, model_file=tasks.top_file,
+                        codebooks=[c.detach().cpu().numpy() for c in ckpt.codebooks.values()],
+                        reference_fp32_bytes=4 * sum(p.numel() for p in tasks.model.parameters()), manifest=manifest)
+    info = {
+        **{k: aggregate[k] for k in ("accuracy", "reference_accuracy", "top1_agreement", "max_abs_diff")},
+        "precision": conversion.precision.name,
+        "params": sum(p.numel() for p in tasks.model.parameters()),
+        "nonzero_params": int(sum(int(torch.count_nonzero(p)) for p in tasks.model.parameters())),
+        "fp32_bytes": size["reference_fp32_bytes"],
+        "model_bytes": size["model_bytes"],
+        "transport_bytes": transport["total_bytes"] if transport else size["transport_bytes"],
+        "calibration_digest": calibration_digest(calibration),
+        "tasks": {t: {k: metrics[t][k] for k in ("accuracy", "reference_accuracy", "top1_agreement", "eval_accuracy")}
+                  for t in order},
+        "task_order": list(order),
+    }
+    if transport:
+        info["tasks_transport"] = transport
+    return info
+
+
+def _evaluate(conversion: Conversion, tasks: _Tasks, exported: dict, out_dir: Path, target):
+    """Every task on its own test split, in the real runtime, beside its torch reference (its own
+    columns, its own model); the parity gate applies to each. Returns (metrics, outputs, references)."""
+    parities, outputs_of, refs_of = {}, {}, {}
+    for t in tasks.order:
+        d, (a, b) = tasks.datas[t], tasks.columns(t)
         x_test = d.to_input(d.x_test)
         with torch.no_grad():
-            ref = models[t](torch.from_numpy(x_test)).numpy()
-        ex = exported[files[t]]
-        runner = open_model(str(out_dir / files[t]), runtime_name, io_meta={"input": ex.inputs[0], "output": ex.outputs[0]})
-        out = runner.run_model_input(x_test)
-        runner.close()
-        metrics[t] = compare(ref[:, a:b], out[:, a:b], d.y_test)
-        outputs_of[t], refs_of[t] = out, ref
-    problems = [f"task {t!r}: {p}" for t in order for p in parity_problems(metrics[t], target.budgets)]
-    if problems:
-        raise RunError("exported model does not match the reference for " + "; ".join(problems) + "; no bundle written; "
-                       + stage._remedies(precision, target, sum(len(d.y_train) for d in datas.values())))
+            refs_of[t] = tasks.models[t](torch.from_numpy(x_test)).numpy()
+        outputs_of[t] = conversion.run(out_dir / tasks.files[t], exported[tasks.files[t]], x_test)
+        parities[t] = measure_parity(refs_of[t][:, a:b], outputs_of[t][:, a:b], d.y_test)
+    enforce_parity(parities, target.budgets,
+                   conversion.advice(target, sum(len(d.y_train) for d in tasks.datas.values())))
+    return {t: p.as_dict() for t, p in parities.items()}, outputs_of, refs_of
 
-    tasks_meta = []
-    vec_inputs, vec_expected, vec_ref = [], [], []
+
+def _write_eval_files(conversion, tasks: _Tasks, exported, out_dir: Path, metrics, outputs_of, refs_of) -> list[dict]:
+    """Each task's eval set (and, with a model file per task, its test vectors), the bundle's test
+    vectors; each task's figures into ``metrics``. Returns the manifest's ``tasks`` entries."""
+    cfg, order = conversion.config, tasks.order
+    tasks_meta, vectors = [], []
     per_vectors = max(1, cfg.test_vectors // len(order))
     for t in order:
-        d, (a, b) = datas[t], state["tasks"][t]["columns"]
+        d, (a, b), spec = tasks.datas[t], tasks.columns(t), tasks.state["tasks"][t]
         eval_idx = select_calibration_indices(d.y_test, min(cfg.eval_samples, len(d.y_test)), seed=0)
-        eval_file = f"eval.{t}.npz"
-        np.savez_compressed(out_dir / eval_file, x=d.x_test[eval_idx], y=d.y_test[eval_idx])
+        write_eval_set(out_dir, f"eval.{t}.npz", d.x_test[eval_idx], d.y_test[eval_idx])
         m = metrics[t]
         m["eval_samples"] = int(len(eval_idx))
         m["eval_accuracy"] = float((outputs_of[t][eval_idx, a:b].argmax(1) == d.y_test[eval_idx]).mean())
-        x_test = d.to_input(d.x_test)
         vec_idx = eval_idx[:per_vectors]
-        entry = {"name": t, "labels": list(state["tasks"][t]["labels"]), "columns": [int(a), int(b)],
-                 "data": state["tasks"][t]["data"], "method": state["tasks"][t]["method"], "model_file": files[t],
-                 "eval_file": eval_file, "metrics": m}
-        if own_files:
-            # task t's own model: its own test vectors (the top-level ones are the last task's model)
-            vec_file = f"test_vectors.{t}.npz"
-            np.savez_compressed(out_dir / vec_file, inputs=x_test[vec_idx], expected=outputs_of[t][vec_idx],
-                                reference=refs_of[t][vec_idx])
-            ex = exported[files[t]]
-            entry.update(test_vectors_file=vec_file, outputs=ex.outputs, atol=_atol(ex.outputs[0]))
+        task_vectors = (d.to_input(d.x_test)[vec_idx], outputs_of[t][vec_idx], refs_of[t][vec_idx])
+        entry = {"name": t, "labels": list(spec["labels"]), "columns": [int(a), int(b)], "data": spec["data"],
+                 "method": spec["method"], "model_file": tasks.files[t], "eval_file": f"eval.{t}.npz", "metrics": m}
+        if tasks.own_files:  # task t's own model: its own test vectors (the top-level ones are the last task's model)
+            write_test_vectors(out_dir, f"test_vectors.{t}.npz", *task_vectors)
+            outputs = exported[tasks.files[t]].outputs
+            entry.update(test_vectors_file=f"test_vectors.{t}.npz", outputs=outputs, atol=output_atol(outputs[0]))
         tasks_meta.append(entry)
-        if not own_files or t == order[-1]:
-            vec_inputs.append(x_test[vec_idx])
-            vec_expected.append(outputs_of[t][vec_idx])
-            vec_ref.append(refs_of[t][vec_idx])
-    if own_files:  # the top-level model (the last task's; Piggyback's backbone) on inputs of every task
-        top = exported[top_file]
-        runner = open_model(str(out_dir / top_file), runtime_name, io_meta={"input": top.inputs[0], "output": top.outputs[0]})
-        vec_inputs, vec_expected, vec_ref = [], [], []
+        if not tasks.own_files or t == order[-1]:
+            vectors.append(task_vectors)
+    if tasks.own_files:  # the top-level model (the last task's; Piggyback's backbone) on inputs of every task
+        vectors = []
         for t in order:
-            d = datas[t]
+            d = tasks.datas[t]
             idx = select_calibration_indices(d.y_test, min(cfg.eval_samples, len(d.y_test)), seed=0)[:per_vectors]
             x = d.to_input(d.x_test[idx])
-            vec_inputs.append(x)
-            vec_expected.append(runner.run_model_input(x))
             with torch.no_grad():
-                vec_ref.append((model if piggyback else models[order[-1]])(torch.from_numpy(x)).numpy())
-        runner.close()
-    np.savez_compressed(out_dir / "test_vectors.npz", inputs=np.concatenate(vec_inputs),
-                        expected=np.concatenate(vec_expected), reference=np.concatenate(vec_ref))
-    column_labels = [f"{t}:{label}" for t in order for label in state["tasks"][t]["labels"]]
-    (out_dir / "labels.txt").write_text("\n".join(column_labels) + "\n")
-    (out_dir / "requirements.txt").write_text("\n".join(target.requirements) + "\n")
-    shutil.copytree(ondevice, out_dir / "edgec_ondevice", ignore=shutil.ignore_patterns("__pycache__", "run_bundle.py"))
-    shutil.copy2(runner_template, out_dir / "run.py")
+                reference = tasks.top_model(torch.from_numpy(x)).numpy()
+            vectors.append((x, conversion.run(out_dir / tasks.top_file, exported[tasks.top_file], x), reference))
+    write_test_vectors(out_dir, "test_vectors.npz", *(np.concatenate(part) for part in zip(*vectors)))
+    return tasks_meta
 
-    top_bytes = (out_dir / top_file).read_bytes()
-    transport = out_dir / f"{top_file}.edgt"
-    codebooks = [c.detach().cpu().numpy() for c in ckpt.codebooks.values()]
-    transport.write_bytes(encode_transport(top_bytes, codebooks))
-    size = {
-        "reference_fp32_bytes": 4 * sum(p.numel() for p in model.parameters()),
-        "model_bytes": len(top_bytes),
-        "transport_bytes": transport.stat().st_size,
-        "transport_file": transport.name,
-    }
-    tasks_transport = None
-    if piggyback or (own_files and len(order) > 1):
-        others = {files[t]: (out_dir / files[t]).read_bytes() for t in (order if piggyback else order[:-1])}
-        encode = encode_masked_models if piggyback else encode_task_models
-        payload = encode(top_bytes, top_file, others)
-        (out_dir / TASKS_TRANSPORT).write_bytes(payload)
-        tasks_transport = {"file": TASKS_TRANSPORT, "bytes": len(payload), "base_file": top_file,
-                           "model_files": list(others),
-                           "total_bytes": size["transport_bytes"] + len(payload),
-                           "models_bytes": len(top_bytes) + sum(len(v) for v in others.values())}
-    stage._refuse_on_budget(size, target)
 
-    aggregate = {
+def _write_tasks_payload(tasks: _Tasks, out_dir: Path) -> dict[str, Any] | None:
+    """PackNet's task levels / Piggyback's bit masks (``model.tasks.edgt``) rebuilding every task's model
+    file from ``model.<ext>``; its record for the manifest, less ``total_bytes`` (the bundle writer's)."""
+    order = tasks.order
+    if not (tasks.piggyback or (tasks.own_files and len(order) > 1)):
+        return None
+    top_bytes = (out_dir / tasks.top_file).read_bytes()
+    others = {tasks.files[t]: (out_dir / tasks.files[t]).read_bytes()
+              for t in (order if tasks.piggyback else order[:-1])}
+    payload = (encode_masked_models if tasks.piggyback else encode_task_models)(top_bytes, tasks.top_file, others)
+    (out_dir / TASKS_TRANSPORT).write_bytes(payload)
+    return {"file": TASKS_TRANSPORT, "bytes": len(payload), "base_file": tasks.top_file, "model_files": list(others),
+            "models_bytes": len(top_bytes) + sum(len(v) for v in others.values())}
+
+
+def _aggregate(metrics: dict[str, dict[str, Any]], order: list[str]) -> dict[str, Any]:
+    """The bundle's figures over its tasks: means of accuracies, the worst agreement, SNR and difference."""
+    return {
         "reference_accuracy": float(np.mean([metrics[t]["reference_accuracy"] for t in order])),
         "accuracy": float(np.mean([metrics[t]["accuracy"] for t in order])),
         "top1_agreement": float(min(metrics[t]["top1_agreement"] for t in order)),
@@ -218,34 +255,3 @@ def run_tasks(stage, ckpt, ctx, out_dir: Path, precision: str, compare, ondevice
         "eval_samples": int(sum(metrics[t]["eval_samples"] for t in order)),
         "eval_accuracy": float(np.mean([metrics[t]["eval_accuracy"] for t in order])),
     }
-    manifest = create_manifest(
-        target=target, runtime_name=runtime_name, precision=precision, model_file=top_file, extra_files=extra_files,
-        exported=exported[top_file], data=first, metrics=aggregate, size=size,
-        tasks={"tasks": tasks_meta, "shared_model": not own_files, "transport": tasks_transport})
-    manifest["labels"] = column_labels
-    write_manifest(out_dir, manifest)
-    info = {
-        "accuracy": aggregate["accuracy"],
-        "reference_accuracy": aggregate["reference_accuracy"],
-        "top1_agreement": aggregate["top1_agreement"],
-        "max_abs_diff": aggregate["max_abs_diff"],
-        "precision": precision,
-        "params": sum(p.numel() for p in model.parameters()),
-        "nonzero_params": int(sum(int(torch.count_nonzero(p)) for p in model.parameters())),
-        "fp32_bytes": size["reference_fp32_bytes"],
-        "model_bytes": size["model_bytes"],
-        "transport_bytes": size["transport_bytes"] if tasks_transport is None else tasks_transport["total_bytes"],
-        "calibration_digest": calibration_digest(calibration),
-        "tasks": {t: {k: metrics[t][k] for k in ("accuracy", "reference_accuracy", "top1_agreement", "eval_accuracy")}
-                  for t in order},
-        "task_order": list(order),
-    }
-    if tasks_transport is not None:
-        info["tasks_transport"] = tasks_transport
-    return info
-
-
-def _atol(output: dict[str, Any]) -> float:
-    from ..manifest import _atol as atol
-
-    return atol(output)
