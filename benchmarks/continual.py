@@ -181,7 +181,7 @@ def benchmark_target(folder: Path) -> Path:
     rpi = load_target("rpi")
     budgets = rpi.budgets.model_dump()
     budgets.update(GATE)
-    lines = [f'name = "rpi"', 'description = "rpi with the continual benchmark\'s export gate"', 'format = "tflite"',
+    lines = ['name = "rpi"', 'description = "rpi with the continual benchmark\'s export gate"', 'format = "tflite"',
              'precision = "int8"', 'precisions = ["int8", "fp32"]', f'arch = "{rpi.arch}"', f"threads = {rpi.threads}",
              "requirements = [" + ", ".join(json.dumps(r) for r in rpi.requirements) + "]", "", "[budgets]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in budgets.items() if v is not None]

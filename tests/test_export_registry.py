@@ -18,8 +18,8 @@ def test_an_unknown_format_is_a_one_line_error_naming_the_known_ones(tmp_path):
         converter_for("pte")
     assert "\n" not in str(err.value) and "'pte'" in str(err.value) and all(f in str(err.value) for f in FORMATS)
     board = tmp_path / "board.toml"
-    board.write_text(f'name = "board"\nformat = "pte"\nprecision = "fp32"\nprecisions = ["fp32"]\n'
-                     f'requirements = ["numpy"]\n')
+    board.write_text('name = "board"\nformat = "pte"\nprecision = "fp32"\nprecisions = ["fp32"]\n'
+                     'requirements = ["numpy"]\n')
     with pytest.raises(ConfigError, match=r"board.toml: format: 'pte' is not a model format edgec converts to"):
         load_target(str(board))
     proc = run_cli("build", "--target", board, "--epochs", "1", "--cache-dir", tmp_path / "cache", cwd=tmp_path, check=2)

@@ -4,7 +4,6 @@ plain fine-tuning, the exemplar memory kept out of the bundle, plan-time refusal
 Tiny data (scikit-learn digits), a tiny MLP, one torch thread, fixed seeds."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -129,7 +129,7 @@ def test_greedy_path_buys_the_most_latency_per_point_and_skips_groups_that_save_
 
 
 @pytest.mark.parametrize("keys, message", [
-    ({"mode": "layer", "target_speedup": 2.0}, 'needs mode = "channels"'),
+    ({"mode": "layer", "target_speedup": 2.0}, 'target_speedup applies to mode = "channels", not "layer"'),
     ({"mode": "channels", "target_speedup": 2.0, "max_p50_ms": 1.0}, "not both"),
     ({"mode": "channels", "target_speedup": 1.0}, "greater than 1"),
     ({"mode": "channels", "target_speedup": 2.0, "ratio": 0.5}, "remove ratio"),

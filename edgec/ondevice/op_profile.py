@@ -20,7 +20,6 @@ import json
 import os
 import re
 import tempfile
-import time
 
 import numpy as np
 

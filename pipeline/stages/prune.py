@@ -420,7 +420,7 @@ def _true_class_confidence(model: nn.Module, data: Dataset) -> float | None:
     """Classification: the mean probability the model gives the true class on validation (None otherwise)."""
     if data.task != "classification":
         return None
-    from ..training import predict
+    from ..inference import predict
 
     probabilities = torch.softmax(predict(model, data.x_val, data), dim=1)
     return float(probabilities[torch.arange(len(data.y_val)), torch.as_tensor(data.y_val)].mean())
