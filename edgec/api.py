@@ -22,7 +22,8 @@ from edgec.architecture import ModelTrust
 from edgec.pipeline.accuracy_budget import measure as measure_budget
 from edgec.pipeline.accuracy_budget import refuse_over_budget, resolve_budget
 from edgec.pipeline.artifact import BUNDLE, CHECKPOINT_FILE
-from edgec.pipeline.cache import StageCache, copy_artifact_verified, copy_verified
+from edgec.pipeline.artifact import copy_artifact_verified, copy_verified
+from edgec.pipeline.cache import StageCache
 from edgec.pipeline.manifest import MANIFEST, write_lineage
 from edgec.pipeline.publish import publish_directory
 from edgec.pipeline.runner import check_chain, plan_status, run_chain

@@ -15,7 +15,6 @@ never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import typing
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgec.pipeline.cache_auth import default_cache_dir
 from edgec.pipeline.stage import Stage, StageConfig, Strict
 from edgec.pipeline.stages import DEFAULT_STAGES
 
@@ -36,25 +36,6 @@ DEFAULT_CONFIG_FILE = Path("edgec.toml")
 DEFAULT_OUT = Path("edgec-out")
 MAIN_DATA = "main"
 _ID = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-
-
-def default_cache_dir() -> Path:
-    """$EDGEC_CACHE_DIR, else $XDG_CACHE_HOME/edgec, else $HOME/.cache/edgec. An empty or relative
-    XDG_CACHE_HOME is ignored (XDG spec), and an empty, relative or ``/`` HOME is no home: the cache
-    never lands under ``/`` or the current folder by accident."""
-    env = os.environ.get("EDGEC_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    from edgec.pipeline.cache_auth import home_base, usable_base
-
-    base = usable_base("XDG_CACHE_HOME")
-    if base is None:
-        home = home_base()
-        if home is None:
-            raise ConfigError("no place for the stage cache: HOME is not an absolute path; set EDGEC_CACHE_DIR or "
-                              "pass --cache-dir")
-        base = home / ".cache"
-    return base / "edgec"
 
 
 class DataSpec(Strict):

@@ -105,7 +105,7 @@ def lookup(name: str) -> FetchableDataset:
 def data_root(cache_dir: Path | None = None) -> Path:
     """``<cache_dir>/data`` (default cache: $EDGEC_CACHE_DIR or ~/.cache/edgec)."""
     if cache_dir is None:
-        from .config import default_cache_dir  # config imports the stage registry: not at import time
+        from edgec.pipeline.cache_auth import default_cache_dir
 
         cache_dir = default_cache_dir()
     return Path(cache_dir).expanduser() / "data"

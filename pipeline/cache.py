@@ -12,7 +12,7 @@ and entry.json carries a valid MAC (HMAC-SHA256 under a key kept outside the cac
 ``cache_auth``) of all it records: whoever can write the cache but lacks the key cannot make an
 entry that is served. An entry that fails this (an entry from an older edgec, without a MAC,
 included) is discarded (renamed aside, then deleted) and rebuilt, never served.
-The artifact served carries the authenticated file table: ``read_verified`` / ``copy_verified``
+The artifact served carries the authenticated file table: ``artifact.read_verified`` / ``copy_verified``
 check every byte read later against it, so a file swapped after ``get`` is never used.
 A read that fails for a transient reason (EACCES, EIO, a file vanishing because another process is
 replacing the entry) is a miss, never a deletion.
@@ -36,7 +36,6 @@ import stat
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from edgec.errors import RunError
 
 from .artifact import Artifact
 from .cache_auth import entry_mac, load_cache_key, mac_matches
@@ -65,14 +64,6 @@ def stable_hash(obj: Any) -> str:
 
 class CorruptEntry(ValueError):
     """An entry (or a build's output) that is not what the cache may serve."""
-
-
-class ChangedInCache(RunError):
-    """A served entry's file no longer has its authenticated content (someone wrote to the cache)."""
-
-    def __init__(self, artifact: Artifact, name: str):
-        super().__init__(f"{artifact.path / name} changed in the stage cache after it was checked (another process "
-                         "writes to the cache); it was not used: rerun the build")
 
 
 def _check_name(what: str, name: str) -> None:
@@ -194,42 +185,6 @@ def _verify(dir_fd: int, stage: str, key: str, path: Path, secret: bytes) -> Art
     if stable_hash({"kind": kind, "files": table}) != digest:
         raise CorruptEntry("recorded digest does not match the file table")
     return Artifact(kind, path, digest, info, files)
-
-
-def read_verified(artifact: Artifact, name: str) -> bytes:
-    """The bytes of ``artifact``'s file ``name``, checked against its authenticated sha256: a file
-    replaced in the cache after ``get`` is refused (CorruptEntry), never used."""
-    expected = artifact.files.get(name)
-    if expected is None:
-        raise ChangedInCache(artifact, name)
-    data = (artifact.path / name).read_bytes()
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise ChangedInCache(artifact, name)
-    return data
-
-
-def copy_verified(artifact: Artifact, name: str, dest: Path) -> None:
-    """Copy one authenticated file of ``artifact`` to ``dest``, checking each byte copied."""
-    expected = artifact.files.get(name)
-    if expected is None:
-        raise ChangedInCache(artifact, name)
-    h = hashlib.sha256()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with (artifact.path / name).open("rb") as src, dest.open("wb") as dst:
-        while block := src.read(1 << 20):
-            h.update(block)
-            dst.write(block)
-        mode = os.fstat(src.fileno()).st_mode
-    if h.hexdigest() != expected:
-        raise ChangedInCache(artifact, name)
-    if mode & stat.S_IXUSR:
-        os.chmod(dest, 0o755)
-
-
-def copy_artifact_verified(artifact: Artifact, dest: Path) -> None:
-    """Copy every authenticated file of ``artifact`` (and nothing else) under ``dest``."""
-    for name in artifact.files:
-        copy_verified(artifact, name, dest / name)
 
 
 class _Check(NamedTuple):

@@ -29,7 +29,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from edgec.errors import InputError
+from edgec.errors import ConfigError, InputError
 
 KEY_ENV = "EDGEC_CACHE_KEY_FILE"
 KEY_BYTES = 32
@@ -136,3 +136,20 @@ def entry_mac(key: bytes, body: dict[str, Any]) -> str:
 
 def mac_matches(key: bytes, body: dict[str, Any], mac: Any) -> bool:
     return isinstance(mac, str) and hmac.compare_digest(entry_mac(key, body), mac)
+
+
+def default_cache_dir() -> Path:
+    """$EDGEC_CACHE_DIR, else $XDG_CACHE_HOME/edgec, else $HOME/.cache/edgec. An empty or relative
+    XDG_CACHE_HOME is ignored (XDG spec), and an empty, relative or ``/`` HOME is no home: the cache
+    never lands under ``/`` or the current folder by accident."""
+    env = os.environ.get("EDGEC_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = usable_base("XDG_CACHE_HOME")
+    if base is None:
+        home = home_base()
+        if home is None:
+            raise ConfigError("no place for the stage cache: HOME is not an absolute path; set EDGEC_CACHE_DIR or "
+                              "pass --cache-dir")
+        base = home / ".cache"
+    return base / "edgec"

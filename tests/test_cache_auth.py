@@ -158,7 +158,7 @@ def test_an_entry_without_a_mac_is_a_miss(tmp_path):
 
 
 def test_a_file_swapped_after_get_is_never_read(tmp_path):
-    from edgec.pipeline.cache import ChangedInCache
+    from edgec.pipeline.artifact import ChangedInCache
 
     key = b"a" * KEY_BYTES
     _put(StageCache(tmp_path, key=key))

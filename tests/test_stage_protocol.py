@@ -148,49 +148,12 @@ def test_every_stage_module_registers_without_a_hand_list():
     assert not named & set(modules), f"stages/__init__.py lists modules by hand: {named & set(modules)}"
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """edgec.pipeline's import graph (every import statement, also those inside functions)."""
-    root = ROOT / "pipeline"
-    names = {}
-    for path in root.rglob("*.py"):
-        parts = [p for p in path.relative_to(root).with_suffix("").parts if p != "__init__"]
-        names[".".join(["edgec.pipeline", *parts])] = path
-    graph = {}
-    for module, path in names.items():
-        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([node.module] if node.module else []))
-                deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in names else base for a in node.names}
-        graph[module] = {d for d in deps if d in names and d != module}
-    return graph
+def test_stages_know_each_other_only_through_the_protocol():
+    """The generic runner reads no converter module; export_tasks does not import the learn stage
+    (no import cycle anywhere: tests/test_import_cycles.py)."""
+    from test_import_cycles import import_graph, package_modules
 
-
-def _reaches(graph, start: str, goal: str) -> bool:
-    seen, todo = set(), [start]
-    while todo:
-        node = todo.pop()
-        if node == goal:
-            return True
-        if node not in seen:
-            seen.add(node)
-            todo.extend(graph.get(node, ()))
-    return False
-
-
-def test_no_import_cycle_in_the_pipeline():
-    """objectives <-> training was a cycle (training imported objectives inside fit); the generic
-    runner reads no converter module; export_tasks does not import the learn stage."""
-    graph = _import_graph()
-    cyclic = {m for m in graph if any(_reaches(graph, d, m) for d in graph[m])}
-    # Artifact.checkpoint reads through the cache, which returns artifacts: not part of this change
-    assert cyclic <= {"edgec.pipeline.artifact", "edgec.pipeline.cache"}, f"modules on an import cycle: {sorted(cyclic)}"
+    graph = import_graph(package_modules())
     assert "edgec.pipeline.stages.learn" not in graph["edgec.pipeline.stages.export_tasks"]
     runner = (ROOT / "pipeline" / "runner.py").read_text()
     assert "targets" not in runner

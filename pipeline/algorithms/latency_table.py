@@ -160,7 +160,8 @@ def build_table(model: nn.Module, example: torch.Tensor, groups: Sequence[Channe
 
 def cached_table(cache, key_material: dict[str, Any], build: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
     """(table, served from the cache): ``build()`` once per key, kept in the build's stage cache."""
-    from ..cache import read_verified, stable_hash
+    from ..artifact import read_verified
+    from ..cache import stable_hash
 
     if cache is None:
         return build(), False
