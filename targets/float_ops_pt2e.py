@@ -37,7 +37,9 @@ def keep_ops_float(quantizer, float_ops: Collection[str]):
             self.float_layers = sorted({_module_path(n) for n in floats} - {""})  # "": the model's own forward
             return model
 
-    return FloatOpsQuantizer().set_global(quantizer.global_config)
+    wrapped = FloatOpsQuantizer()
+    wrapped.__dict__.update(quantizer.__dict__)  # the same settings: global config and edgec's own annotations
+    return wrapped
 
 
 def float_nodes(graph: torch.fx.Graph, names: Collection[str]) -> set[torch.fx.Node]:

@@ -41,10 +41,12 @@ class Conversion:
         return cls(converter, converter.precision(config.precision or target.precision), config)
 
     def convert(self, model, example, path: Path, calibration: np.ndarray, qat=None, **options):
-        """Write ``model`` to ``path`` (``options``: a remedy's converter options)."""
+        """Write ``model`` to ``path`` (``options``: a remedy's converter options, which override the
+        export config's, e.g. another calibration method)."""
+        settings = {"per_channel": self.config.per_channel, "calibration_method": self.config.calibration.method,
+                    **options}
         return self.converter.convert(model, example, path, precision=self.precision.name, calibration=calibration,
-                                      per_channel=self.config.per_channel,
-                                      calibration_method=self.config.calibration.method, qat=qat, **options)
+                                      qat=qat, **settings)
 
     def run(self, path: Path, exported, x: np.ndarray) -> np.ndarray:
         """The exported model's outputs in its real runtime (the on-device runner's code)."""
