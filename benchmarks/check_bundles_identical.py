@@ -48,7 +48,7 @@ VOLATILE_MANIFEST_KEYS = ("lineage", "versions", "edgec_version", "self_sha256")
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", default=None, help="the old revision (default: /work/main's HEAD if present, else HEAD)")
+    parser.add_argument("--old", default="HEAD", help="the old revision (default: HEAD, i.e. the working tree against the last commit)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgec-bundles-identical"))
     parser.add_argument("--side", choices=("old", "new", "both", "none"), default="both",
                         help="which side to build before comparing (none: compare what was built)")
@@ -57,16 +57,10 @@ def main() -> int:
     names = args.config or list(CONFIGS)
     sides = {"both": ("old", "new"), "none": ()}.get(args.side, (args.side,))
     for side in sides:
-        package = _package(side, args.old or _default_old(), args.work)
+        package = _package(side, args.old, args.work)
         for name in names:
             _build(side, package, name, args.work)
     return _compare(names, args.work)
-
-
-def _default_old() -> str:
-    main = Path("/work/main")
-    where = main if (main / ".git").exists() else REPO
-    return subprocess.check_output(["git", "-C", str(where), "rev-parse", "HEAD"], text=True).strip()
 
 
 def _package(side: str, old_rev: str, work: Path) -> Path:
