@@ -146,7 +146,7 @@ def baseline_bundle(bundle: Path, model, out: Path) -> dict[str, Any]:
     from edgec.ondevice.preprocess import preprocess_raw
     from edgec.ondevice.runtimes import open_model
     from edgec.pipeline.algorithms.transport_codec import encode_transport
-    from edgec.pipeline.manifest import write_manifest
+    from edgec.pipeline.manifest import output_tolerance, write_manifest
     from edgec.targets.onnx_export import export_onnx
     from edgec.targets.tflite_export import export_tflite
 
@@ -185,9 +185,9 @@ def baseline_bundle(bundle: Path, model, out: Path) -> dict[str, Any]:
     transport_file = (manifest.get("size") or {}).get("transport_file")
     if transport_file:
         (out / transport_file).write_bytes(encode_transport(model_path.read_bytes()))
-    q = exported.outputs[0].get("quantization")
     manifest.update(inputs=exported.inputs, outputs=exported.outputs, conversion=exported.conversion, lineage=[])
-    manifest["tolerance"]["atol"] = float(q["scale"]) * 1.01 if q else manifest["tolerance"]["atol"]
+    manifest["tolerance"] = {**output_tolerance(exported, source.runtime_name),
+                             **{k: v for k, v in manifest["tolerance"].items() if k not in ("atol", "runtimes")}}
     params = sum(p.numel() for p in model.parameters())
     manifest["size"] = {**manifest["size"], "reference_fp32_bytes": 4 * params, "model_bytes": model_path.stat().st_size,
                         **({"transport_bytes": (out / transport_file).stat().st_size} if transport_file else {})}

@@ -475,8 +475,9 @@ def verify(
 
 def _verify_emulated(bundle: Path, emulate: str, console: Console, public_key: Optional[Path] = None) -> list[dict]:
     """arm64: for int8 bundles ai-edge-litert must reproduce the build's outputs bit for bit;
-    tflite-runtime (whose kernels may round an int8 output one step differently) and float models
-    (whose last bits differ between x86 and Arm) are checked within the manifest's tolerance.
+    tflite-runtime (whose int8 kernels round some op families differently) within the manifest's
+    tolerance for it, and float models (whose last bits differ between x86 and Arm) within the
+    manifest's tolerance.
     Top-1 predictions must equal the build machine's in every case."""
     from edgec.emulation import DEFAULT_CACHE_DIR, verify_bundle_emulated
     from edgec.ondevice import load_bundle

@@ -31,9 +31,10 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cac
 
 # runtime (pip distribution) -> (requirements file in edgec.targets, module the runtime is imported as)
 RUNTIMES = {
-    "tflite-runtime": ("rpi-device-requirements.txt", "tflite_runtime.interpreter"),
-    "ai-edge-litert": ("rpi-device-requirements-litert.txt", "ai_edge_litert.interpreter"),
+    "ai-edge-litert": ("rpi-device-requirements.txt", "ai_edge_litert.interpreter"),
+    "tflite-runtime": ("rpi-device-requirements-tflite-runtime.txt", "tflite_runtime.interpreter"),
 }
+DEFAULT_RUNTIME = "ai-edge-litert"  # the rpi target's default device install (rpi-device-requirements.txt)
 
 # The Raspberry Pi 4's core. qemu's default CPU ("max", with SVE/SME) made XNNPACK's int8 kernels
 # in ai-edge-litert compute wrong outputs; a Pi never runs those code paths.
@@ -99,7 +100,7 @@ class Arm64Python:
         )
 
 
-def prepare_arm64_python(cache_dir: Path, runtime: str = "tflite-runtime",
+def prepare_arm64_python(cache_dir: Path, runtime: str = DEFAULT_RUNTIME,
                          progress: Progress | None = None, extras: tuple[str, ...] = ()) -> Arm64Python:
     """The emulated aarch64 Python with ``runtime``'s device packages (plus ``extras``, names from
     EXTRA_PACKAGES), built once under ``cache_dir``."""
@@ -132,7 +133,7 @@ def prepare_arm64_python(cache_dir: Path, runtime: str = "tflite-runtime",
     return Arm64Python(qemu, root, packages / "site", info)
 
 
-def verify_bundle_emulated(bundle_dir: Path, cache_dir: Path, runtime: str = "tflite-runtime",
+def verify_bundle_emulated(bundle_dir: Path, cache_dir: Path, runtime: str = DEFAULT_RUNTIME,
                            progress: Progress | None = None, exact: bool = True,
                            public_key: Path | None = None) -> dict:
     """Run the bundle's ``run.py verify [--exact] [--public-key KEY]`` on the emulated aarch64 Python;
@@ -140,8 +141,9 @@ def verify_bundle_emulated(bundle_dir: Path, cache_dir: Path, runtime: str = "tf
     wheel), and run.py checks the bundle's signature there first.
 
     ``exact`` demands outputs bit-identical to the build machine's; use it for the runtime that made
-    the bundle's expected outputs (ai-edge-litert). Another runtime's kernels may round an int8
-    output one step differently, so it is checked within the manifest's tolerance.
+    the bundle's expected outputs (ai-edge-litert). Another runtime's kernels may round int8 outputs
+    differently, so it is checked within the manifest's tolerance for that runtime (run.py picks it
+    by the runtime it loaded: ``tolerance.runtimes``).
 
     Returns the verify report plus ``emulation``: machine, cpu, python, runtime and versions, the
     exit code of ``run.py`` (0 passed, 1 mismatch) and the runtimes this run did not check, with why.

@@ -54,7 +54,7 @@ def create_manifest(*, target, converter, precision: str, model_file: str, extra
         "labels": list(data.labels if labels is None else labels),
         "metrics": metrics,
         "size": size,
-        "tolerance": {"atol": output_atol(exported.outputs[0]), "accuracy": 0.01},
+        "tolerance": {**output_tolerance(exported, converter.runtime), "accuracy": 0.01},
         "conversion": exported.conversion,
         "lineage": [],  # filled in by the build, which knows the whole chain
         "versions": _versions(),
@@ -97,6 +97,20 @@ def write_lineage(manifest_path: Path, stages: list[dict[str, Any]], configs: li
     if accuracy_budget is not None:
         manifest["accuracy_budget"] = accuracy_budget
     manifest_path.write_bytes(manifest_bytes(manifest))
+
+
+def output_tolerance(exported, runtime: str) -> dict[str, Any]:
+    """``{"atol"}``, plus for a TFLite model with an int8 output ``{"runtimes": {package: {"int8_steps",
+    "atol"}}}``: the tolerance each device runtime gets by its op families (targets/device_tolerance.py);
+    the runner applies the one of the runtime it loaded."""
+    tolerance: dict[str, Any] = {"atol": output_atol(exported.outputs[0])}
+    if runtime == "tflite":
+        from edgec.targets.device_tolerance import runtime_tolerances
+
+        runtimes = runtime_tolerances(exported.path, exported.outputs[0])
+        if runtimes:
+            tolerance["runtimes"] = runtimes
+    return tolerance
 
 
 def output_atol(output: dict[str, Any]) -> float:

@@ -162,7 +162,7 @@ def measure_setting(path, settings, runtime=None, warmup=10, warmup_seconds=0.5,
     out["rss_at_start_bytes"] = rss_start
     out["harness_overhead_ms"] = harness_overhead_ms()
     if tv is not None:
-        vec = check_vectors(model, tv, bundle.atol)
+        vec = check_vectors(model, tv, bundle.atol_for(rt.package))
         out["vectors"] = {k: vec.get(k) for k in ("count", "ok", "max_abs_diff", "top1_agreement", "n_failed",
                                                   "failed_indices")}
     else:

@@ -21,6 +21,7 @@ from .manifest_seal import check_seal
 from .metrics import TASKS
 from .recommend import machine_recommendation
 from .runtime_base import MAX_THREADS
+from . import runtime_onnx, runtime_tflite
 from .runtimes import RUNTIMES, import_runtime, normalize_settings, open_model, version_tuple
 
 SUPPORTED_SCHEMA_VERSION = 1
@@ -42,6 +43,8 @@ MAX_LABELS_BYTES = 16 << 20
 TEST_VECTORS_MAX_BYTES = 256 << 20  # decompressed arrays of test_vectors.npz
 EVAL_MAX_BYTES = 1 << 30  # decompressed arrays of eval.npz
 MAX_NPZ_MEMBERS = 64
+MAX_INT8_STEPS = 255  # tolerance.runtimes.*.int8_steps: the width of the int8 range
+RUNTIME_PACKAGES = runtime_tflite.PACKAGES + runtime_onnx.PACKAGES
 MAX_FLOAT_OPS = 256  # mixed_precision.float_ops: the layers an int8 model keeps in float
 LAYER_NAME = re.compile(r"[A-Za-z0-9_./:-]{1,200}")  # a torch module path or an ONNX node name
 NUMERIC_DTYPES = ("float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
@@ -272,6 +275,25 @@ def _validate_metrics(m):
     if not _is_num(atol) or atol < 0:
         raise ManifestError("manifest.json: tolerance.atol must be >= 0", _REEXPORT)
     _opt(m, "tolerance.accuracy", lambda v: _is_num(v) and 0 <= v <= 1, "a fraction between 0 and 1")
+    _validate_runtime_tolerances(m)
+
+
+def _validate_runtime_tolerances(m):
+    """``tolerance.runtimes``: per runtime package its int8 step allowance and atol (at most
+    MAX_INT8_STEPS steps, the width of the int8 range)."""
+    runtimes = _opt(m, "tolerance.runtimes", lambda v: isinstance(v, dict) and len(v) <= len(RUNTIME_PACKAGES),
+                    "an object keyed by runtime package")
+    for package, entry in (runtimes or {}).items():
+        if package not in RUNTIME_PACKAGES:
+            raise _bad("tolerance.runtimes", "keyed by " + ", ".join(RUNTIME_PACKAGES), package)
+        where = "tolerance.runtimes.%s." % package
+        if not isinstance(entry, dict):
+            raise _bad(where[:-1], "an object with int8_steps and atol", entry)
+        steps, atol = entry.get("int8_steps"), entry.get("atol")
+        if not (_is_int(steps) and 0 <= steps <= MAX_INT8_STEPS):
+            raise _bad(where + "int8_steps", "a whole number of steps from 0 to %d" % MAX_INT8_STEPS, steps)
+        if not (_is_num(atol) and atol >= 0):
+            raise _bad(where + "atol", "a number >= 0", atol)
 
 
 def _validate_mixed_precision(m):
@@ -483,6 +505,12 @@ class Bundle:
     @property
     def atol(self):
         return float(self.manifest["tolerance"]["atol"])
+
+    def atol_for(self, package):
+        """The test-vector tolerance for runtime ``package`` (the pip name of the runtime loaded):
+        its entry in ``tolerance.runtimes`` when the build measured one, else ``tolerance.atol``."""
+        entry = (self.manifest["tolerance"].get("runtimes") or {}).get(package)
+        return float(entry["atol"]) if entry else self.atol
 
     @property
     def recommended_settings(self):

@@ -219,7 +219,8 @@ def _check_test_vectors(res, bundle, model, exact):
         res["checks"].append(_check("test_vectors", False, "%s missing" % TEST_VECTORS_NAME))
         return
     try:
-        tv = check_vectors(model, vectors, bundle.atol, exact=exact)
+        tv = check_vectors(model, vectors, bundle.atol_for(model.runtime.package), exact=exact)
+        tv["atol_runtime"] = model.runtime.package
     except Exception as e:  # wrong input shape, runtime failure at invoke, ...: one line, named
         msg = " ".join(str(e).split())[:300] or type(e).__name__
         tv = {"ok": False, "error": "%s: %s" % (TEST_VECTORS_NAME, msg), "count": int(len(vectors["inputs"]))}
