@@ -58,11 +58,12 @@ def test_every_target_yields_a_verified_bundle(bundles, workdir, name, model_fil
     assert {c["name"] for c in result["checks"] if c["ok"]} >= {"integrity", "transport", "load", "test_vectors", "accuracy"}
 
 
-def test_rpi_bundle_is_full_integer_and_installs_tflite_runtime(bundles):
+def test_rpi_bundle_is_full_integer_and_installs_ai_edge_litert(bundles):
     manifest = json.loads((bundles["rpi"] / "manifest.json").read_text())
     assert manifest["inputs"][0]["dtype"] == manifest["outputs"][0]["dtype"] == "int8"
     assert manifest["inputs"][0]["quantization"]["scale"] > 0
-    assert "tflite-runtime==2.14.0" in (bundles["rpi"] / "requirements.txt").read_text()
+    assert "ai-edge-litert==2.3.0" in (bundles["rpi"] / "requirements.txt").read_text().splitlines()
+    assert set(manifest["tolerance"]["runtimes"]) == {"ai-edge-litert", "tflite-runtime"}
 
 
 def test_desktop_gpu_ships_fp16_with_fp32_fallback(bundles):
