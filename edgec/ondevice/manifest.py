@@ -14,6 +14,7 @@ import zipfile
 
 import numpy as np
 
+from . import runtime_onnx, runtime_tflite
 from .errors import ManifestError, ModelLoadError, NotABundleError, SchemaTooNewError, SettingsError
 from .integrity import (MANIFEST_NAME, PYCACHE, UNLISTED_OK, FileRefused, check_files, check_name,
                         open_bundle_file, read_bundle_file, require_intact, safe_join)
@@ -21,7 +22,6 @@ from .manifest_seal import check_seal
 from .metrics import TASKS
 from .recommend import machine_recommendation
 from .runtime_base import MAX_THREADS
-from . import runtime_onnx, runtime_tflite
 from .runtimes import RUNTIMES, import_runtime, normalize_settings, open_model, version_tuple
 
 SUPPORTED_SCHEMA_VERSION = 1
