@@ -164,6 +164,23 @@ def emulated_bench(python, bundle: Path, work: Path, quick: bool) -> dict:
             "vectors_ok": (r.get("vectors") or {}).get("ok"), "exit_code": done.returncode}
 
 
+def emulated_rounds(python, bundles: dict, work: Path, quick: bool, console, label: str, rounds: int = 2) -> dict:
+    """Each bundle's emulated ``run.py bench`` in ``rounds`` alternating rounds (A B, B A, ...), the lower
+    p50 of each: a load spike on this shared machine inflates one round, not both.
+    Returns ``{variant: {"runs": [...], "p50_ms": lowest p50 or None}}``."""
+    out = {variant: {"runs": [], "p50_ms": None} for variant in bundles}
+    for round_ in range(rounds):
+        order = list(bundles.items())
+        for variant, bundle in (order if round_ % 2 == 0 else order[::-1]):
+            console.rule(f"{label}: emulated Pi 4 run.py bench {variant} (round {round_ + 1})")
+            emu = emulated_bench(python, bundle, work, quick)
+            console.print(emu)
+            out[variant]["runs"].append(emu)
+            p50s = [r["p50_ms"] for r in out[variant]["runs"] if r.get("p50_ms")]
+            out[variant]["p50_ms"] = min(p50s) if p50s else None
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mnist",
@@ -265,17 +282,8 @@ def main() -> None:
                                   "min_speedup": MIN_SPEEDUP, "speedup_p50": row["actual"], "ok": row["ok"],
                                   "p50_ms": row.get("p50_ms"), "baseline_best_setting": bench["baseline"].get("best_setting")}
             if python is not None:
-                # Two rounds over the bundles, the lower p50 of each: a load spike on this shared machine
-                # inflates one round, not both.
-                for round_ in (1, 2):
-                    for variant, bundle in bundles.items():
-                        console.rule(f"{key}: emulated Pi 4 run.py bench {variant} (round {round_})")
-                        emu = emulated_bench(python, bundle, work, args.quick)
-                        console.print(emu)
-                        runs = rows[variant].setdefault("pi4_emulated", [])
-                        runs.append(emu)
-                        p50s = [r["p50_ms"] for r in runs if r.get("p50_ms")]
-                        rows[variant]["p50_ms_pi4_emulated"] = min(p50s) if p50s else None
+                for variant, emu in emulated_rounds(python, bundles, work, args.quick, console, key).items():
+                    rows[variant].update(pi4_emulated=emu["runs"], p50_ms_pi4_emulated=emu["p50_ms"])
             dense, ch = rows["dense"], rows["channels"]
             for row in rows.values():
                 row["p50_vs_dense"] = row["p50_ms"] / dense["p50_ms"] if dense["p50_ms"] else None

@@ -133,6 +133,47 @@ def prepare_arm64_python(cache_dir: Path, runtime: str = DEFAULT_RUNTIME,
     return Arm64Python(qemu, root, packages / "site", info)
 
 
+# Times one TFLite model on the emulated core: argv = interpreter module (from RUNTIMES), model path,
+# threads, warm-up runs, timed runs; prints the p50 in ms as JSON.
+_TIME_MODEL = """
+import importlib, json, sys, time
+import numpy as np
+module, path, threads, warmup, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+it = importlib.import_module(module).Interpreter(model_path=path, num_threads=threads)
+it.allocate_tensors()
+for d in it.get_input_details():
+    it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+for _ in range(warmup):
+    it.invoke()
+times = []
+for _ in range(runs):
+    t = time.perf_counter_ns()
+    it.invoke()
+    times.append(time.perf_counter_ns() - t)
+print(json.dumps({"p50_ms": float(np.median(times)) / 1e6}))
+"""
+
+
+def emulated_p50_ms(python: Arm64Python, model_path: Path, threads: int = 1, warmup: int = 2, runs: int = 10) -> float:
+    """p50 in ms of one TFLite model (batch 1, zero input) on the emulated Pi 4 core. Relative figures
+    only: qemu translates every instruction, so the ratio of two models is what carries over."""
+    module = RUNTIMES[python.info["runtime"]][1]
+    done = python.run(["-c", _TIME_MODEL, module, str(Path(model_path).resolve()), str(int(threads)), str(int(warmup)),
+                       str(int(runs))])
+    if done.returncode != 0:
+        raise RunError(f"timing {Path(model_path).name} on the emulated arm64 core failed: {_reason(done)}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["p50_ms"])
+
+
+def emulated_identity(python: Arm64Python) -> dict:
+    """What decides an emulated timing: the emulated core, qemu, the runtime and the host running qemu."""
+    from edgec.ondevice.machine import machine_info
+
+    qemu = subprocess.run([python.qemu, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    return {"cpu": f"emulated {QEMU_CPU} ({qemu[0] if qemu else 'qemu-aarch64'})", "machine": "aarch64",
+            "emulator_host_cpu": machine_info()["cpu"], "python": python.info.get("python")}
+
+
 def verify_bundle_emulated(bundle_dir: Path, cache_dir: Path, runtime: str = DEFAULT_RUNTIME,
                            progress: Progress | None = None, exact: bool = True,
                            public_key: Path | None = None) -> dict:

@@ -50,8 +50,9 @@ def test_table_key_names_shape_profile_and_threads_and_the_table_is_served_from_
     others = [table_key(model, (1, 16, 16), RPI, 1, [0.5], **args),  # input shape
               table_key(model, (1, 8, 8), desktop, 1, [0.5], **{**args, "runtime": runtime_identity(desktop)}),  # profile
               table_key(model, (1, 8, 8), RPI, 2, [0.5], **args),  # threads
-              table_key(model, (1, 8, 8), RPI, 1, [0.5], **{**args, "host": {**args["host"], "cpu": "another CPU"}})]
-    assert len({base, *map(stable_hash, others)}) == 5
+              table_key(model, (1, 8, 8), RPI, 1, [0.5], **{**args, "host": {**args["host"], "cpu": "another CPU"}}),
+              table_key(model, (1, 8, 8), RPI, 1, [0.5], **args, device="emulated-arm64")]  # the emulated Pi core
+    assert len({base, *map(stable_hash, others)}) == 6
     cache, built = StageCache(tmp_path / "cache"), []
 
     def build():
@@ -126,6 +127,67 @@ def test_greedy_path_buys_the_most_latency_per_point_and_skips_groups_that_save_
     # the furthest point within the allowance: the end first, then a binary search over the rest
     index, best, tried = furthest_within(path, lambda keep: (sum(1 - w for w in keep.values()), keep), 0.6)
     assert index == 0 and best == path[0]["keep"] and [t["step"] for t in tried] == [1, 0]
+
+
+def _overshooting_table():
+    """Three groups each saving 3 ms of 10 alone: the additive estimate says two of them make 4 ms."""
+    return {"dense_ms": 10.0, "widths": [0.5], "groups": {g: {"ms": {"0.5": 7.0}} for g in "abc"}}
+
+
+def _measured(keep):
+    """What the runtime says: each narrowed group saves only 2 ms (the fixed per-operator cost stays)."""
+    return 10.0 - 2.0 * sum(w < 1.0 for w in keep.values())
+
+
+def test_greedy_path_goes_on_until_the_measured_latency_meets_the_target_when_the_estimate_overshoots():
+    drops = {g: {"0.5": 0.1} for g in "abc"}
+    estimated_only = greedy_path(_overshooting_table(), drops, target_ms=5.0)
+    assert len(estimated_only) == 2 and _measured(estimated_only[-1]["keep"]) == 6.0  # the estimate alone stops short
+    path = greedy_path(_overshooting_table(), drops, target_ms=5.0, measure=_measured)
+    assert len(path) == 3 and path[-1]["measured_ms"] == 4.0 and path[-1]["estimated_ms"] == pytest.approx(1.0)
+    assert [p.get("measured_ms") for p in path] == [None, 6.0, 4.0]  # timed from where the estimate reached the target
+
+
+def test_greedy_path_ends_honestly_at_its_best_measured_point_when_the_target_is_out_of_reach():
+    drops = {g: {"0.5": 0.1} for g in "abc"}
+    path = greedy_path(_overshooting_table(), drops, target_ms=3.0, measure=_measured)
+    assert len(path) == 3 and path[-1]["keep"] == {"a": 0.5, "b": 0.5, "c": 0.5}
+    assert path[-1]["measured_ms"] == 4.0 > 3.0  # every group narrowed: the measured 4 ms is what there is
+
+
+def test_latency_measured_on_the_emulated_pi_core_sees_width(tmp_path):
+    """latency_device = "emulated-arm64": the int8 TFLite model timed under qemu as a Cortex-A72 (the
+    Pi 4's core, where compute, not per-operator overhead, decides): 8x the channels is much slower."""
+    import os
+    import shutil
+
+    import torch
+    from torch import nn
+
+    from edgec.pipeline.algorithms.latency_table import measure_p50_ms
+    from edgec.pipeline.stages.prune_latency import emulated_python
+
+    if os.environ.get("EDGEC_SKIP_EMULATION") == "1" or shutil.which("qemu-aarch64-static") is None:
+        pytest.skip("no qemu-aarch64-static (or EDGEC_SKIP_EMULATION=1)")
+    torch.manual_seed(0)
+    calibration = np.random.default_rng(0).random((8, 3, 32, 32), dtype=np.float32)
+    example = torch.from_numpy(calibration[:1])
+    python = emulated_python(RPI)
+
+    def conv_net(width):
+        return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
+
+    narrow, wide = (measure_p50_ms(conv_net(w), example, calibration, RPI, 1, emulated=python) for w in (16, 128))
+    assert 0 < narrow and wide > 4 * narrow, (narrow, wide)
+
+
+def test_emulated_latency_device_is_refused_for_a_target_that_does_not_export_tflite():
+    cfg = parse_config({"stages": [{"kind": "prune", "mode": "channels", "target_speedup": 2.0,
+                                    "latency_device": "emulated-arm64"}]}).stages[0].config
+    with pytest.raises(ConfigError, match='latency_device = "emulated-arm64" times TFLite models') as e:
+        latency_key_material(cfg, load_target("desktop-gpu"))
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("keys, message", [

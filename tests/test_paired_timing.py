@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from edgec.ondevice.paired import lower_bound_rank, summarize_ratios
@@ -40,4 +41,6 @@ def test_a_bundle_timed_against_itself_is_about_one(tmp_path):
     bundle = load_bundle(str(result.bundle))
     out = paired_speedup(bundle, {"threads": 1}, bundle, {"threads": 1}, rounds=5, runs=20, min_seconds=0.02)
     assert out["rounds"] == 5 and len(out["slow_p50_ms"]) == 5 and len(out["fast_p50_ms"]) == 5
+    assert out["slow_median_p50_ms"] == pytest.approx(float(np.median(out["slow_p50_ms"])))
+    assert out["fast_median_p50_ms"] == pytest.approx(float(np.median(out["fast_p50_ms"])))
     assert out["lower_bound"] <= out["median"] and 0.3 < out["median"] < 3.0

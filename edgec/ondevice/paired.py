@@ -69,7 +69,8 @@ def _step_for(bundle, settings, runtime):
 def paired_speedup(slow_bundle, slow_settings, fast_bundle, fast_settings, runtime=None, rounds=DEFAULT_ROUNDS,
                    runs=50, min_seconds=0.2, max_seconds=10.0, warmup=10, confidence=DEFAULT_CONFIDENCE):
     """Time ``slow`` and ``fast`` (loaded Bundle objects) in interleaved rounds; the speedup is slow
-    p50 / fast p50 per round. Returns ``summarize_ratios`` plus each side's p50 per round (ms)."""
+    p50 / fast p50 per round. Returns ``summarize_ratios`` plus each side's p50 per round (ms) and
+    the median of those."""
     slow_model, slow_step = _step_for(slow_bundle, slow_settings, runtime)
     fast_model, fast_step = _step_for(fast_bundle, fast_settings, runtime)
     try:
@@ -86,6 +87,7 @@ def paired_speedup(slow_bundle, slow_settings, fast_bundle, fast_settings, runti
         fast_model.close()
     ratios = [s / f for s, f in zip(p50["slow"], p50["fast"]) if f > 0]
     out = summarize_ratios(ratios, confidence)
-    out.update(slow_p50_ms=p50["slow"], fast_p50_ms=p50["fast"], runs_per_round=int(runs),
+    out.update(slow_p50_ms=p50["slow"], fast_p50_ms=p50["fast"], slow_median_p50_ms=float(np.median(p50["slow"])),
+               fast_median_p50_ms=float(np.median(p50["fast"])), runs_per_round=int(runs),
                min_seconds_per_round=float(min_seconds), order="alternating (A B, B A, ...)")
     return out

@@ -4,7 +4,8 @@ NetAdapt (Yang et al., ECCV 2018) chooses where to remove channels by latency *m
 target platform, not by FLOPs: on a CPU whose int8 kernels are bound by per-operator overhead, half
 the MACs can cost the same time. The table here holds, for one model, input shape, target and
 thread count, the p50 of the whole model exported for the target (TFLite int8 for rpi, ONNX Runtime
-for desktop: the bundle's own format, precision and runtime) and timed in that runtime on this host:
+for desktop: the bundle's own format, precision and runtime) and timed in that runtime on this host,
+or (``latency_device = "emulated-arm64"``, TFLite) on an emulated Raspberry Pi 4 core under qemu:
 
 - ``dense_ms``: the model as it is;
 - ``groups[g]["ms"][w]``: only channel group ``g`` (the layers Torch-Pruning couples: a residual
@@ -13,7 +14,8 @@ for desktop: the bundle's own format, precision and runtime) and timed in that r
 
 Conversions take seconds each, so the table is cached in the build's stage cache under a key of
 everything that decides it: the architecture, the input shape, the target's format and precision,
-the runtime and its version, this CPU's model and the thread count (:func:`table_key`).
+the runtime and its version, the device (this CPU's model, or the emulated core) and the thread
+count (:func:`table_key`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from edgec.errors import ConfigError
 from .channels import ChannelPruner, ChannelSpec
 from .pruning import prunable_layers
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: the device (host or emulated-arm64) is part of the key
 TABLE_FILE = "latency_table.json"
 CACHE_STAGE = "latency-table"
 RUNTIME_OF_FORMAT = {"tflite": "tflite", "onnx": "onnxruntime"}
@@ -103,18 +105,21 @@ def host_identity() -> dict[str, Any]:
 
 
 def table_key(model: nn.Module, input_shape: Sequence[int], target, threads: int, widths: Sequence[float], *,
-              importance: str, round_to: int | None, runtime: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
+              importance: str, round_to: int | None, runtime: dict[str, Any], host: dict[str, Any],
+              device: str = "host") -> dict[str, Any]:
     """Everything that decides the table (hashed into its cache key). The weights are not in it:
     latency depends on shapes, and ``importance`` only picks which channels go."""
     return {"version": TABLE_VERSION, "architecture": repr(model),
             "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
             "input_shape": [int(d) for d in input_shape], "target": {"format": target.format, "precision": target.precision},
-            "runtime": runtime, "host": host, "threads": int(threads), "widths": [float(w) for w in widths],
+            "runtime": runtime, "host": host, "device": device, "threads": int(threads), "widths": [float(w) for w in widths],
             "round_to": round_to, "importance": importance}
 
 
-def measure_p50_ms(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, target, threads: int) -> float:
-    """p50 in ms of ``model`` exported as the target's bundles are and timed in their runtime, batch 1."""
+def measure_p50_ms(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, target, threads: int,
+                   emulated=None) -> float:
+    """p50 in ms of ``model`` exported as the target's bundles are and timed in their runtime, batch 1:
+    on this host, or on ``emulated`` (an ``edgec.emulation.Arm64Python``; TFLite only)."""
     from edgec.ondevice.runtimes import open_model
     from edgec.ondevice.timing import summarize, timed_loop
     from edgec.quiet import native_logs_captured
@@ -126,6 +131,10 @@ def measure_p50_ms(model: nn.Module, example: torch.Tensor, calibration: np.ndar
         path = Path(tmp) / f"model.{target.format}"
         with native_logs_captured():
             exported = export(model, example, path, precision=target.precision, calibration=calibration)
+        if emulated is not None:
+            from edgec.emulation import emulated_p50_ms
+
+            return emulated_p50_ms(emulated, path, threads)
         runner = open_model(str(path), RUNTIME_OF_FORMAT[target.format], {"threads": threads},
                             io_meta={"input": exported.inputs[0], "output": exported.outputs[0]})
         try:

@@ -147,6 +147,9 @@ class ChannelPruneConfig(PruneConfig):
         "group's channels at which the latency table is measured (the widths the search may choose)")
     latency_threads: int = Field(1, ge=1, le=256, description="target_speedup / max_p50_ms: runtime threads of the "
                                  "latency measurements")
+    latency_device: Literal["host", "emulated-arm64"] = Field(
+        "host", description="target_speedup / max_p50_ms: where latency is measured: this host's CPU, or (TFLite "
+        "targets) an emulated Raspberry Pi 4 core (Cortex-A72 under qemu-aarch64, ai-edge-litert; slower to measure)")
 
     @field_validator("ratio")
     @classmethod
@@ -168,8 +171,8 @@ class ChannelPruneConfig(PruneConfig):
             raise ValueError("give target_speedup or max_p50_ms, not both")
         if wanted and {"ratio", "scope"} & self.model_fields_set:
             raise ValueError(f"{wanted[0]} chooses each layer's width itself: remove ratio/scope")
-        if not wanted and {"latency_widths", "latency_threads"} & self.model_fields_set:
-            raise ValueError("latency_widths / latency_threads need target_speedup or max_p50_ms")
+        if not wanted and {"latency_widths", "latency_threads", "latency_device"} & self.model_fields_set:
+            raise ValueError("latency_widths / latency_threads / latency_device need target_speedup or max_p50_ms")
         return self
 
     @property

@@ -5,9 +5,11 @@
    with every group at its narrowest; cached in the build's stage cache.
 2. When even the narrowest widths are not :data:`MIN_USEFUL_SPEEDUP` faster here, one line says so
    and the model passes through unpruned: no accuracy is spent on speed this host does not give.
-3. Otherwise NetAdapt's greedy path (``algorithms/netadapt.py``) towards the target, then the
-   furthest point of it whose validation drop after a recovery (``retrain``) stays within the
-   stage's share of the accuracy budget; its latency is measured once more and reported.
+3. Otherwise NetAdapt's greedy path (``algorithms/netadapt.py``) towards the target: the table
+   ranks the steps, and each candidate the table says is fast enough is exported and timed again,
+   so the path ends where the *measured* latency meets the target. Then the furthest point of it
+   whose validation drop after a recovery (``retrain``) stays within the stage's share of the
+   accuracy budget; its latency is measured once more and that figure is the one reported.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from ..algorithms.latency_table import (
 )
 from ..algorithms.netadapt import furthest_within, greedy_path
 from ..algorithms.pruning import MaskEnforcer, apply_masks
+from edgec.emulation import emulated_identity
+from edgec.errors import ConfigError
+
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..compression_info import compressed_model_info
 from ..stage import StageContext
@@ -36,9 +41,26 @@ CALIBRATION_SAMPLES = 32  # the table's int8 conversions: ranges do not change t
 
 
 def latency_key_material(cfg, target) -> dict[str, Any]:
-    """What besides the model decides the stage's output: the runtime, this CPU and the threads."""
-    return {"target": {"format": target.format, "precision": target.precision}, "runtime": runtime_identity(target),
-            "host": host_identity(), "threads": cfg.latency_threads}
+    """What besides the model decides the stage's output: the runtime, the device (this CPU or the
+    emulated core) and the threads."""
+    target_id = {"format": target.format, "precision": target.precision}
+    if cfg.latency_device == "host":
+        return {"target": target_id, "runtime": runtime_identity(target), "host": host_identity(),
+                "device": "host", "threads": cfg.latency_threads}
+    python = emulated_python(target)
+    return {"target": target_id, "runtime": {"name": "tflite", "package": python.info["runtime"],
+                                             "version": python.info["runtime_version"]},
+            "host": emulated_identity(python), "device": cfg.latency_device, "threads": cfg.latency_threads}
+
+
+def emulated_python(target):
+    """The emulated Pi 4 core's Python with ai-edge-litert (built once, cached)."""
+    from edgec.emulation import DEFAULT_CACHE_DIR, prepare_arm64_python
+
+    if target.format != "tflite":
+        raise ConfigError(f'prune: latency_device = "emulated-arm64" times TFLite models; target {target.name!r} '
+                          f'exports {target.format}: use latency_device = "host"')
+    return prepare_arm64_python(DEFAULT_CACHE_DIR, "ai-edge-litert")
 
 
 def run_latency_pruning(stage, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
@@ -51,10 +73,12 @@ def run_latency_pruning(stage, source: Artifact, ctx: StageContext, out_dir: Pat
     groups = channel_groups(model, example)
     identity = latency_key_material(cfg, ctx.target)
     key = table_key(model, example.shape[1:], ctx.target, cfg.latency_threads, cfg.latency_widths,
-                    importance=cfg.importance, round_to=cfg.round_to, runtime=identity["runtime"], host=identity["host"])
+                    importance=cfg.importance, round_to=cfg.round_to, runtime=identity["runtime"], host=identity["host"],
+                    device=identity["device"])
+    emulated = emulated_python(ctx.target) if cfg.latency_device == "emulated-arm64" else None
 
     def measure(m: nn.Module) -> float:
-        return measure_p50_ms(m, example, calibration, ctx.target, cfg.latency_threads)
+        return measure_p50_ms(m, example, calibration, ctx.target, cfg.latency_threads, emulated=emulated)
 
     table, cached = cached_table(ctx.cache, key, lambda: build_table(
         model, example, groups, cfg.latency_widths, measure, importance=cfg.importance, round_to=cfg.round_to,
@@ -97,7 +121,7 @@ def _prune_along_path(stage, ckpt, model, example, groups, table, measure, ctx: 
                         masks=dict(ckpt.masks))
 
     drops = {g.name: {str(w): drop_of(narrow({g.name: w})[0]) for w in cfg.latency_widths} for g in groups}
-    path = greedy_path(table, drops, target_ms(cfg, table))
+    path = greedy_path(table, drops, target_ms(cfg, table), measure=lambda keep: measure(narrow(keep)[0]))
     share = allowance_pt("prune", ctx.budget_pt)
 
     def trial(keep: dict[str, float]):
