@@ -113,11 +113,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "why_cases.json")
+    parser.add_argument("--work", type=Path, help="keep the data, the stage cache and the outputs here (default: a "
+                        "temporary folder); a rerun with the same folder reuses the cached stages")
     args = parser.parse_args()
     start = time.perf_counter()
     rows = json.loads(args.json.read_text())["cases"] if args.json.is_file() else {}  # a partial rerun keeps the rest
     with tempfile.TemporaryDirectory(prefix="edgec-why-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if args.work is None else args.work.resolve()
+        work.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "EDGEC_CACHE_DIR": str(work / "cache"),
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         write_digits(work)

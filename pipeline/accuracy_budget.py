@@ -80,6 +80,20 @@ def model_headline(model: nn.Module, data: Dataset, split: str) -> tuple[str, fl
     return headline(data, predict(model, getattr(data, f"x_{split}"), data).numpy(), split)
 
 
+def true_class_confidence(model: nn.Module, data: Dataset) -> float | None:
+    """Classification: the mean probability the model gives the true class on validation (None
+    otherwise). Budgeted stages guard it beside accuracy, which a small or saturated validation split
+    cannot see damage in (algorithms/sensitivity.py)."""
+    if data.task != "classification":
+        return None
+    import torch
+
+    from .inference import predict
+
+    probabilities = torch.softmax(predict(model, data.x_val, data), dim=1)
+    return float(probabilities[torch.arange(len(data.y_val)), torch.as_tensor(data.y_val)].mean())
+
+
 def reference_headline(reference, data: Dataset, trust) -> tuple[str, float | None, bool]:
     """The trained reference's (an Artifact's) validation headline: what budgeted stages are judged against."""
     return model_headline(reference.checkpoint().build(trust), data, "val")

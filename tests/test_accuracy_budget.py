@@ -308,7 +308,8 @@ def test_budgeted_share_allocates_bits_within_its_share(tmp_path):
     search = share["bit_search"]
     assert search["allowance_pt"] == 0.75 and search["reference_val"] == pytest.approx(recorded["reference"])
     assert search["met"] and search["drop_pt"] <= 0.75
-    assert all(t["drop_pt"] <= 0.75 for t in search["trials"] if t["accepted"])
+    accepted = [t for t in search["trials"] if t["accepted"]]
+    assert all(t["drop_pt"] <= 0.75 and t["confidence_drop_pt"] <= search["confidence_guard_pt"] for t in accepted)
     assert search["chosen"] == search["levels"][max(t["level"] for t in search["trials"] if t["accepted"])]["bits"]
     assert share["bits"] == {f"{name}.weight": bits for name, bits in search["chosen"].items()}
     assert sum(share["bits"].values()) < 8 * len(share["bits"])  # the budget was spent, not left at 8 bits

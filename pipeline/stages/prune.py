@@ -31,7 +31,7 @@ from ..extensions import PER_WEIGHT
 from ..algorithms.channels import (
     ChannelPruner, ChannelSpec, accumulate_gradients, channel_report, channel_widths, model_cost,
 )
-from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline
+from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline, true_class_confidence
 from ..algorithms.pruning import (
     GlobalSparsity, LayerSparsity, MaskEnforcer, ThresholdPruning, apply_masks, compute_masks, per_layer,
     prunable_layers, sparsity_schedule,
@@ -320,7 +320,7 @@ class PruneStage(Stage):
         curves = sensitivity_curves(model, masks, lambda candidate: drop_from(entering, candidate))
         levels = sparsity_levels(curves)
 
-        confidence = _true_class_confidence(model, ctx.data)
+        confidence = true_class_confidence(model, ctx.data)
 
         def trial(sparsity: dict[str, float]):
             candidate = copy.deepcopy(model)
@@ -329,7 +329,7 @@ class PruneStage(Stage):
             figures = {"drop_pt": round(drop_from(reference, candidate), 4)}
             accepted = figures["drop_pt"] <= share + 1e-9
             if confidence is not None:
-                lost = confidence - _true_class_confidence(candidate, ctx.data)
+                lost = confidence - true_class_confidence(candidate, ctx.data)
                 figures["confidence_drop_pt"] = round(100 * lost, 4)
                 accepted = accepted and figures["confidence_drop_pt"] <= CONFIDENCE_GUARD_PT
             return {**figures, "accepted": accepted}, (candidate, got)
@@ -413,7 +413,7 @@ class PruneStage(Stage):
         _, entering, higher = model_headline(model, ctx.data, "val")
         reference = entering if ctx.reference is None else reference_headline(ctx.reference, ctx.data, ctx.trust)[1]
         share = allowance_pt("prune", ctx.budget_pt)
-        confidence = _true_class_confidence(model, ctx.data)
+        confidence = true_class_confidence(model, ctx.data)
 
         def trial(ratio: float):
             candidate = copy.deepcopy(model)
@@ -423,7 +423,7 @@ class PruneStage(Stage):
                                                                     higher), 4)}
             accepted = figures["drop_pt"] <= share + 1e-9
             if confidence is not None:
-                figures["confidence_drop_pt"] = round(100 * (confidence - _true_class_confidence(candidate, ctx.data)), 4)
+                figures["confidence_drop_pt"] = round(100 * (confidence - true_class_confidence(candidate, ctx.data)), 4)
                 accepted = accepted and figures["confidence_drop_pt"] <= CONFIDENCE_GUARD_PT
             return {**figures, "accepted": accepted}, (candidate, report, got)
 
@@ -472,16 +472,6 @@ class PruneStage(Stage):
         y = torch.from_numpy(objective.train_targets(data)[idx])
         size = self.config.retrain.batch_size
         accumulate_gradients(model, [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)], objective.loss)
-
-
-def _true_class_confidence(model: nn.Module, data: Dataset) -> float | None:
-    """Classification: the mean probability the model gives the true class on validation (None otherwise)."""
-    if data.task != "classification":
-        return None
-    from ..inference import predict
-
-    probabilities = torch.softmax(predict(model, data.x_val, data), dim=1)
-    return float(probabilities[torch.arange(len(data.y_val)), torch.as_tensor(data.y_val)].mean())
 
 
 def _shown(sparsity: dict[str, float]) -> str:

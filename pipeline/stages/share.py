@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import Field
 from torch import nn
 
-from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline
-from ..algorithms.bit_allocation import BITS, bit_curves, bit_levels
+from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline, true_class_confidence
+from ..algorithms.bit_allocation import BITS, CONFIDENCE_GUARD_PT, bit_curves, bit_levels
 from ..algorithms.sensitivity import search_level
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..compression_info import compressed_model_info
@@ -23,7 +23,7 @@ from ..algorithms.sharing import CentroidTrainer, apply_sharing, cluster_weights
 from ..stage import Probe, StageConfig, StageContext
 from ..training import OptimConfig, TrainingStage, fit
 
-BIT_SEARCH_VERSION = 1  # bump when the bit allocation chooses differently for the same inputs
+BIT_SEARCH_VERSION = 2  # bump when the bit allocation chooses differently for the same inputs
 
 
 class ShareConfig(StageConfig, OptimConfig):
@@ -111,14 +111,19 @@ class ShareStage(TrainingStage):
 
         curves = bit_curves(model, lambda candidate: drop_from(entering, candidate))
         levels = bit_levels(curves)
+        confidence = true_class_confidence(model, ctx.data)
         results = {}
 
         def trial(bits: dict[str, int]):
             candidate = copy.deepcopy(model)
             codebooks = self._share(candidate, bits, ctx, label=f" trial {_shown(bits)}")
-            drop = round(drop_from(reference, candidate), 4)
-            results[str(bits)] = (candidate, codebooks, drop)
-            return {"drop_pt": drop, "accepted": drop <= allowance + 1e-9}, None
+            figures = {"drop_pt": round(drop_from(reference, candidate), 4)}
+            accepted = figures["drop_pt"] <= allowance + 1e-9
+            if confidence is not None:
+                figures["confidence_drop_pt"] = round(100 * (confidence - true_class_confidence(candidate, ctx.data)), 4)
+                accepted = accepted and figures["confidence_drop_pt"] <= CONFIDENCE_GUARD_PT
+            results[str(bits)] = (candidate, codebooks, figures["drop_pt"])
+            return {**figures, "accepted": accepted}, None
 
         index, _, tried = search_level(levels, trial, key="bits")
         chosen = levels[0 if index is None else index]["bits"]
@@ -127,7 +132,7 @@ class ShareStage(TrainingStage):
         model, codebooks, drop = results[str(chosen)]
         ctx.console.print(f"{self.id}: bits per layer {_shown(chosen)} ({0.0 - drop:+.1f} pt from the trained model; "
                           f"share {allowance:.2g} pt){'' if index is not None else ' - no level within it, 8 bits kept'}")
-        record = {"allowance_pt": allowance, "reference_val": reference, "candidates": list(BITS), "curves": curves,
+        record = {"allowance_pt": allowance, "confidence_guard_pt": CONFIDENCE_GUARD_PT, "reference_val": reference, "candidates": list(BITS), "curves": curves,
                   "levels": levels, "trials": tried, "chosen": chosen, "drop_pt": drop, "met": index is not None}
         return model, codebooks, resolve_bits(model, chosen), record
 
