@@ -15,7 +15,8 @@ the build exits 1 with the one line ``error: accuracy budget not met: ...`` (not
     mobilenet-v2-32    MobileNetV2-style user factory, same data and epochs
 
 Per case: ``exit_code``, ``passed``, the trained and bundle validation / test figures from build.json
-(exit 0) or the refusal line (exit 1), the chain's stage seconds, and what the budgeted stages chose.
+(exit 0) or the refusal line (exit 1), the chain's stage seconds (stages taken from the cache, listed
+in ``cached_stages``, count 0), and what the budgeted stages chose.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def run_case(name: str, work: Path, env) -> dict:
         "float_ops": (export.get("mixed_precision") or {}).get("float_ops"),
         "transport_bytes": export.get("transport_bytes"),
         "stage_seconds": round(sum(s["seconds"] for s in build["stages"]), 1),
+        "cached_stages": [s["stage"] for s in build["stages"] if s["cached"]],  # their seconds count 0 here
         "after_stage": {s["stage"]: s["val"] for s in budget["stages"]},
         "chosen": _chosen(build["stages"]),
     })
