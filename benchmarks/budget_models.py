@@ -1,4 +1,5 @@
-"""User model factories for benchmarks/accuracy_budget.py and benchmarks/why_cases.py, named as ``benchmarks.budget_models:NAME``.
+"""User model factories for benchmarks/accuracy_budget.py and benchmarks/why_cases.py, named as
+``benchmarks.budget_models:NAME``.
 
 They reach edgec the way a user's own model does (``--model package.module:factory``: no zoo entry, no
 width argument, so distillation derives its student by structured pruning). ``resnet8`` and ``ds_cnn``

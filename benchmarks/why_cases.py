@@ -75,7 +75,8 @@ def run_case(name: str, work: Path, env) -> dict:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "edgec", "build", "--target", "rpi", *args, "--out", str(out)],
                           capture_output=True, text=True, env=env, cwd=work)
-    row = {"command": "edgec build --target rpi " + " ".join(args).replace(str(work), "WORK").replace(str(ROOT) + "/", ""),
+    shown = " ".join(args).replace(str(work), "WORK").replace(str(ROOT) + "/", "")
+    row = {"command": f"edgec build --target rpi {shown}",
            "exit_code": proc.returncode, "wall_seconds": round(time.perf_counter() - start, 1)}
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     if proc.returncode != 0:
@@ -87,7 +88,8 @@ def run_case(name: str, work: Path, env) -> dict:
     row.update({
         "trained_val": budget["reference"], "trained_test": budget["reference_test"],
         "bundle_val": budget["bundle_val"], "bundle_test": budget["bundle_test"],
-        "val_drop_pt": budget["drop_pt"], "test_drop_pt": round(100 * (budget["reference_test"] - budget["bundle_test"]), 2),
+        "val_drop_pt": budget["drop_pt"],
+        "test_drop_pt": round(100 * (budget["reference_test"] - budget["bundle_test"]), 2),
         "budget_pt": budget["budget_pt"], "met": budget["met"], "precision": export.get("precision"),
         "float_ops": (export.get("mixed_precision") or {}).get("float_ops"),
         "transport_bytes": export.get("transport_bytes"),

@@ -395,7 +395,8 @@ class PruneStage(Stage):
         if self.budgeted:
             model, report, masks, search = self._budgeted_channels(model, dict(ckpt.masks), ctx)
         else:
-            report, _, masks = self._prune_channels(model, ctx.data, ctx.seed, dict(ckpt.masks), retrain_with=ctx.console)
+            report, _, masks = self._prune_channels(model, ctx.data, ctx.seed, dict(ckpt.masks),
+                                                    retrain_with=ctx.console)
         pruned = ckpt.with_model(model, ctx.trust)
         pruned.masks = masks  # sliced with their weights (with_model would drop them)
         if self.config.steps > 1 or (search or {}).get("chosen") is not None:
@@ -419,8 +420,8 @@ class PruneStage(Stage):
             candidate = copy.deepcopy(model)
             report, _, got = self._prune_channels(candidate, ctx.data, ctx.seed, dict(masks), retrain_with=ctx.console,
                                                   ratio=ratio, recover=True)
-            figures = {"ratio": ratio, "drop_pt": round(drop_points(reference, model_headline(candidate, ctx.data, "val")[1],
-                                                                    higher), 4)}
+            value = model_headline(candidate, ctx.data, "val")[1]
+            figures = {"ratio": ratio, "drop_pt": round(drop_points(reference, value, higher), 4)}
             accepted = figures["drop_pt"] <= share + 1e-9
             if confidence is not None:
                 figures["confidence_drop_pt"] = round(100 * (confidence - true_class_confidence(candidate, ctx.data)), 4)

@@ -130,10 +130,12 @@ class ShareStage(TrainingStage):
         if str(chosen) not in results:  # no level met the share and the gentlest was not tried
             trial(chosen)
         model, codebooks, drop = results[str(chosen)]
+        missed = "" if index is not None else " - no level within it, 8 bits kept"
         ctx.console.print(f"{self.id}: bits per layer {_shown(chosen)} ({0.0 - drop:+.1f} pt from the trained model; "
-                          f"share {allowance:.2g} pt){'' if index is not None else ' - no level within it, 8 bits kept'}")
-        record = {"allowance_pt": allowance, "confidence_guard_pt": CONFIDENCE_GUARD_PT, "reference_val": reference, "candidates": list(BITS), "curves": curves,
-                  "levels": levels, "trials": tried, "chosen": chosen, "drop_pt": drop, "met": index is not None}
+                          f"share {allowance:.2g} pt){missed}")
+        record = {"allowance_pt": allowance, "confidence_guard_pt": CONFIDENCE_GUARD_PT, "reference_val": reference,
+                  "candidates": list(BITS), "curves": curves, "levels": levels, "trials": tried, "chosen": chosen,
+                  "drop_pt": drop, "met": index is not None}
         return model, codebooks, resolve_bits(model, chosen), record
 
 
