@@ -1,4 +1,5 @@
-"""User model factories for benchmarks/accuracy_budget.py, named as ``benchmarks.budget_models:NAME``.
+"""User model factories for benchmarks/accuracy_budget.py and benchmarks/why_cases.py, named as
+``benchmarks.budget_models:NAME``.
 
 They reach edgec the way a user's own model does (``--model package.module:factory``: no zoo entry, no
 width argument, so distillation derives its student by structured pruning). ``resnet8`` and ``ds_cnn``
@@ -34,6 +35,17 @@ def mobilenet_v2(*, input_shape, num_classes):
 
 def mobilenet_v3(*, input_shape, num_classes):
     return _fixtures().mobilenet_v3_block(input_shape=input_shape, num_classes=num_classes)
+
+
+def small_cnn(*, input_shape, num_classes):
+    """A user's own small CNN: two conv + ReLU + max-pool blocks and a linear classifier."""
+    from torch import nn
+
+    channels, size = input_shape[0], input_shape[1] // 4
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * size * (input_shape[2] // 4), num_classes))
 
 
 def _fixtures():

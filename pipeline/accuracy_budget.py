@@ -27,8 +27,9 @@ DEFAULT_MAX_DROP_PT = 1.0
 # counted from the trained model: after a budgeted stage the model may have lost its own share plus
 # every earlier one (:func:`allowance_pt`), so what an earlier stage left unused (or gained) passes
 # on. A distill stage without an explicit width picks the narrowest student within its share; a
-# prune stage without an explicit sparsity the largest level that recovers within its own;
-# weight sharing and int8 quantization keep their settings and the rest of the budget covers them.
+# prune stage without an explicit sparsity (or channel ratio) the largest level that recovers within
+# its own; a share stage without explicit bits the fewest bits per layer within its own; an int8
+# export over the whole budget keeps its worst layers float where that meets it.
 ALLOCATION = {"distill": 0.25, "prune": 0.25, "share": 0.25, "quantization": 0.25}
 
 
@@ -77,6 +78,20 @@ def model_headline(model: nn.Module, data: Dataset, split: str) -> tuple[str, fl
     from .inference import predict
 
     return headline(data, predict(model, getattr(data, f"x_{split}"), data).numpy(), split)
+
+
+def true_class_confidence(model: nn.Module, data: Dataset) -> float | None:
+    """Classification: the mean probability the model gives the true class on validation (None
+    otherwise). Budgeted stages guard it beside accuracy, which a small or saturated validation split
+    cannot see damage in (algorithms/sensitivity.py)."""
+    if data.task != "classification":
+        return None
+    import torch
+
+    from .inference import predict
+
+    probabilities = torch.softmax(predict(model, data.x_val, data), dim=1)
+    return float(probabilities[torch.arange(len(data.y_val)), torch.as_tensor(data.y_val)].mean())
 
 
 def reference_headline(reference, data: Dataset, trust) -> tuple[str, float | None, bool]:

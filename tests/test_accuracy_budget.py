@@ -270,3 +270,55 @@ def test_budgeted_distill_passes_the_teacher_on_when_no_student_meets_it(tmp_pat
             "--set", "budget.enforce=false", cwd=tmp_path)
     explicit = _stage_info(out, "distill")["info"]
     assert "width_search" not in explicit and explicit["params"] < train["params"]
+
+
+# --- budgeted weight sharing: bits per layer by sensitivity ------------------------------------------
+
+def test_bit_levels_give_insensitive_layers_fewer_bits_first():
+    from edgec.pipeline.algorithms.bit_allocation import BITS, bit_levels
+
+    def curve(*drops):
+        return [{"bits": b, "drop_pt": d} for b, d in zip(BITS, drops)]
+
+    # "robust" loses nothing down to 3 bits; "sensitive" loses from 6 bits down; "noisy" dips after a loss
+    curves = {"robust": curve(0, 0, 0, 0, 0, 0, 1.5), "sensitive": curve(0, 0.5, 3, 9, 20, 40, 70),
+              "noisy": curve(0, 2, 0, 0, 0, 0, 0)}
+    levels = bit_levels(curves)
+    assert levels[0]["bits"] == {"robust": 8, "sensitive": 8, "noisy": 8}  # the gentlest: nothing shared below 8
+    assert levels[1]["bits"] == {"robust": 3, "sensitive": 8, "noisy": 8}  # tolerance 0: only what loses nothing
+    totals = [sum(level["bits"].values()) for level in levels]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
+    for wider, narrower in zip(levels, levels[1:]):
+        assert all(narrower["bits"][name] <= bits for name, bits in wider["bits"].items())
+        assert narrower["bits"]["robust"] <= narrower["bits"]["sensitive"]
+    assert levels[-1]["bits"] == {"robust": 2, "sensitive": 2, "noisy": 2}
+
+
+SHARE = [*TINY, "--stages", "train,share,export"]
+
+
+def test_budgeted_share_allocates_bits_within_its_share(tmp_path):
+    """No bits set: each layer's bits come from its sensitivity curve, the chosen level is judged
+    after fine-tuning against the trained model, and build.json records the bits per layer."""
+    proc = run_cli("build", *SHARE, cwd=tmp_path)
+    out = tmp_path / "edgec-out" / "desktop-gpu"
+    recorded, _ = _budget(out)
+    assert recorded["met"]
+    share = _stage_info(out, "share")["info"]
+    search = share["bit_search"]
+    assert search["allowance_pt"] == 0.75 and search["reference_val"] == pytest.approx(recorded["reference"])
+    assert search["met"] and search["drop_pt"] <= 0.75
+    accepted = [t for t in search["trials"] if t["accepted"]]
+    assert all(t["drop_pt"] <= 0.75 and t["confidence_drop_pt"] <= search["confidence_guard_pt"] for t in accepted)
+    assert search["chosen"] == search["levels"][max(t["level"] for t in search["trials"] if t["accepted"])]["bits"]
+    assert share["bits"] == {f"{name}.weight": bits for name, bits in search["chosen"].items()}
+    assert sum(share["bits"].values()) < 8 * len(share["bits"])  # the budget was spent, not left at 8 bits
+    for name, bits in share["bits"].items():  # each layer keeps at most 2**bits distinct values
+        assert share["distinct_values"][name] <= 2 ** bits
+    assert "share: bits per layer" in proc.stdout
+
+
+def test_explicit_share_bits_are_used_as_given(tmp_path):
+    run_cli("build", *SHARE, "--set", "share.bits=2", "--set", "budget.enforce=false", cwd=tmp_path)
+    share = _stage_info(tmp_path / "edgec-out" / "desktop-gpu", "share")["info"]
+    assert "bit_search" not in share and set(share["bits"].values()) == {2}

@@ -135,3 +135,24 @@ def test_a_float_conv_stays_float_past_its_fused_relu_and_the_io_stays_int8(tmp_
     assert {"conv1.0", "conv1.2"} <= set(exported.conversion["float_layers"])
     assert any("CONV_2D" in op for op in exported.conversion["float_ops"])
     assert {t["dtype"] for t in exported.inputs + exported.outputs} == {"int8"}
+
+
+def test_int8_within_the_gate_but_over_the_budget_keeps_layers_float(tmp_path):
+    """An undertrained MLP: its int8 file passes the parity gate (the flips are near-ties) but loses
+    validation accuracy. With a budget below that loss the export spends it on float layers instead
+    of shipping under budget (on main: plain int8, refused by the budget); with room, plain int8."""
+    args = ["--model", "mlp", "--target", "desktop-gpu", "--precision", "int8", "--epochs", "1",
+            "--stages", "train,export"]
+
+    def manifest(*extra):
+        run_cli("build", *args, *extra, cwd=tmp_path)
+        return json.loads((tmp_path / "edgec-out" / "desktop-gpu" / "bundle" / "manifest.json").read_text())
+
+    plain = manifest("--max-drop", "100")
+    lost = plain["accuracy_budget"]["drop_pt"]
+    assert "mixed_precision" not in plain and lost > 0
+    mixed = manifest("--max-drop", f"{lost / 2:.4f}")
+    assert mixed["conversion"]["remedy"] == "mixed precision (accuracy budget)"
+    assert mixed["mixed_precision"]["float_ops"]
+    assert mixed["accuracy_budget"]["met"] and mixed["accuracy_budget"]["drop_pt"] <= lost / 2
+    run_cli("verify", tmp_path / "edgec-out" / "desktop-gpu" / "bundle", cwd=tmp_path)

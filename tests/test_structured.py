@@ -277,3 +277,43 @@ def test_build_keeps_the_uncompressed_model_and_bench_baseline_gates_the_speedup
     run_cli("check", result.bundle, "--bench", bench, "--min-speedup", "0.001", "--max-drop", "100", cwd=tmp_path)
     report = (write_report(build_dir, bench=bench)["markdown"]).read_text()
     assert "Uncompressed model" in report and "same run" in report
+
+
+# --- channels mode without a ratio: the ratio chosen by the accuracy budget --------------------------
+
+CHANNELS = ["--model", "mlp", "--target", "desktop-gpu", "--precision", "fp32", "--epochs", "6",
+            "--stages", "train,prune,export", "--set", "prune.mode=channels", "--set", "prune.steps=1"]
+
+
+def _prune_info(tmp_path):
+    build = json.loads((tmp_path / "edgec-out" / "desktop-gpu" / "build.json").read_text())
+    return next(s["info"] for s in build["stages"] if s["kind"] == "prune"), build["accuracy_budget"]
+
+
+def test_channel_ratio_is_chosen_by_the_budget(tmp_path):
+    """No ratio: the largest ratio whose recovered model stays within the prune's share ships (before:
+    a fixed 0.5 whatever the model)."""
+    from edgec.pipeline.stages.prune import CHANNEL_RATIOS
+    from support import run_cli
+
+    run_cli("build", *CHANNELS, cwd=tmp_path)
+    prune, budget = _prune_info(tmp_path)
+    search = prune["ratio_search"]
+    assert budget["met"] and search["share_pt"] == 0.5
+    accepted = [t for t in search["trials"] if t["accepted"]]
+    assert accepted and all(t["drop_pt"] <= 0.5 for t in accepted)
+    assert search["chosen"] == max(t["ratio"] for t in accepted)
+    # every larger ratio tried failed: the chosen one is the largest within the share
+    assert all(not t["accepted"] for t in search["trials"] if t["ratio"] > search["chosen"])
+    assert search["chosen"] in CHANNEL_RATIOS and prune["channels"]["macs_removed"] > 0
+
+
+def test_explicit_channel_ratio_is_used_as_given(tmp_path):
+    from support import run_cli
+
+    run_cli("build", *CHANNELS, "--set", "prune.ratio=0.75", "--set", "budget.enforce=false", cwd=tmp_path)
+    prune, _ = _prune_info(tmp_path)
+    assert "ratio_search" not in prune
+    assert all(after <= before // 4 + 1 for before, after in
+               (widths for name, widths in prune["channels"]["layers"].items() if name != "out"))
+

@@ -63,15 +63,15 @@ def sparsity_levels(curves: Curves) -> list[dict[str, Any]]:
     return levels
 
 
-def search_level(levels: list[dict[str, Any]], trial: Callable[[dict[str, float]], tuple[dict[str, Any], Any]]
-                 ) -> tuple[int | None, Any, list[dict[str, Any]]]:
+def search_level(levels: list[dict[str, Any]], trial: Callable[[dict[str, Any]], tuple[dict[str, Any], Any]],
+                 key: str = "sparsity") -> tuple[int | None, Any, list[dict[str, Any]]]:
     """(index of the largest accepted level or None, that trial's result, every trial tried).
-    ``trial(sparsity)`` prunes and recovers a copy and returns (its figures: ``drop_pt`` and
-    ``accepted`` at least, its result)."""
+    ``trial(level[key])`` compresses and recovers a copy (prune: the sparsities; share: the bits)
+    and returns (its figures: ``drop_pt`` and ``accepted`` at least, its result)."""
     lo, hi, best, tried = -1, len(levels), None, []
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        figures, result = trial(levels[mid]["sparsity"])
+        figures, result = trial(levels[mid][key])
         accepted = bool(figures["accepted"])
         tried.append({"level": mid, **figures})
         if accepted:

@@ -103,21 +103,32 @@ def cluster_weights(
     codebooks, assignments = {}, {}
     resolved = resolve_bits(model, bits)
     for name, weight in prunable_parameters(model).items():
-        w = weight.detach().cpu().numpy().astype(np.float64).ravel()
-        nonzero = w != 0
-        values = w[nonzero]
-        distinct = np.unique(values)
-        k = 2 ** resolved[name]
-        if len(distinct) <= k:
-            centroids = distinct
-        else:
-            centroids = _lloyd_1d(values, np.linspace(distinct[0], distinct[-1], k), max_iter)
-        codebook = np.sort(centroids.astype(np.float32))
-        index = np.full(w.shape, -1, dtype=np.int64)
-        index[nonzero] = _nearest(values, codebook)
-        codebooks[name] = torch.from_numpy(codebook)
-        assignments[name] = torch.from_numpy(index).view(weight.shape)
+        codebooks[name], assignments[name] = cluster_layer(weight, resolved[name], max_iter)
     return codebooks, assignments
+
+
+@torch.no_grad()
+def cluster_layer(weight: torch.Tensor, bits: int, max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight's ``(codebook, assignment)`` with at most ``2**bits`` shared values (see cluster_weights)."""
+    w = weight.detach().cpu().numpy().astype(np.float64).ravel()
+    nonzero = w != 0
+    values = w[nonzero]
+    distinct = np.unique(values)
+    k = 2 ** bits
+    if len(distinct) <= k:
+        centroids = distinct
+    else:
+        centroids = _lloyd_1d(values, np.linspace(distinct[0], distinct[-1], k), max_iter)
+    codebook = np.sort(centroids.astype(np.float32))
+    index = np.full(w.shape, -1, dtype=np.int64)
+    index[nonzero] = _nearest(values, codebook)
+    return torch.from_numpy(codebook), torch.from_numpy(index).view(weight.shape)
+
+
+def shared_values(codebook: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a codebook and assignment stand for: each weight's centroid, +0.0 where unassigned (-1)."""
+    values = codebook.to(dtype)[index.clamp(min=0)]
+    return torch.where(index >= 0, values, torch.zeros((), dtype=dtype))
 
 
 @torch.no_grad()
@@ -165,9 +176,7 @@ def apply_sharing(
 ) -> None:
     """Set each shared weight to its centroid and each unassigned (-1) weight to +0.0, in place."""
     for name, param in _check_sharing(model, codebooks, assignments).items():
-        index = assignments[name]
-        values = codebooks[name].to(param.dtype)[index.clamp(min=0)]
-        param.copy_(torch.where(index >= 0, values, torch.zeros((), dtype=param.dtype)))
+        param.copy_(shared_values(codebooks[name], assignments[name], param.dtype))
 
 
 class CentroidTrainer:

@@ -20,7 +20,7 @@ from edgec.errors import ConfigError
 from edgec.quiet import native_logs_captured
 from edgec.targets.qat import restore_qat
 
-from ..accuracy_budget import headline
+from ..accuracy_budget import allowance_pt, drop_points, headline, reference_headline
 from ..artifact import BUNDLE, Artifact
 from ..bundle import shaping_sources, write_bundle, write_eval_set, write_fp32_fallback, write_test_vectors
 from ..cache import sha256_file
@@ -78,7 +78,9 @@ class ExportStage(Stage):
     def key_material(self, ctx: StageContext) -> dict[str, Any]:
         # The on-device runner and the transport encoder shape the bundle: a change to them is a new bundle.
         runner = {p.name: sha256_file(p) for p in shaping_sources()}
-        return {**super().key_material(ctx), "runner": runner}
+        # an int8 file over the budget keeps layers float (export_conversion.float_ops_for_budget)
+        budget = {"budget_pt": ctx.budget_pt, "reference": ctx.reference.digest if ctx.reference is not None else None}
+        return {**super().key_material(ctx), "runner": runner, "budget": budget}
 
     def run(self, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         with native_logs_captured():
@@ -105,7 +107,7 @@ class ExportStage(Stage):
                 torch.from_numpy(data.to_input(data.x_test))).numpy()
         model_path = out_dir / f"model.{target.format}"
         exported, outputs, metrics = conversion.gated(model, example, model_path, calibration, reference, data, target,
-                                                      qat)
+                                                      qat, within_budget=self._budget_judge(conversion, ctx))
         # The bundle on the validation split: what the accuracy budget is judged on (accuracy_budget.py)
         val_name, val_value, _ = headline(data, conversion.run(model_path, exported, data.to_input(data.x_val)),
                                           "val")
@@ -134,6 +136,24 @@ class ExportStage(Stage):
             "transport_bytes": size["transport_bytes"],
             **({} if qat is not None else {"calibration_digest": calibration_digest(calibration)}),
         }
+
+    @staticmethod
+    def _budget_judge(conversion: Conversion, ctx: StageContext):
+        """``within_budget(path, exported)`` for the conversion: the file's validation figure within
+        the budget's quantization allowance of the trained reference (None without a reference)."""
+        if ctx.reference is None:
+            return None
+        data, trained = ctx.data, None
+        allowance = allowance_pt("quantization", ctx.budget_pt)
+
+        def within_budget(path: Path, exported) -> bool:
+            nonlocal trained
+            if trained is None:  # measured once, and only for a file that needs judging
+                trained = reference_headline(ctx.reference, data, ctx.trust)
+            _, value, _ = headline(data, conversion.run(path, exported, data.to_input(data.x_val)), "val")
+            return drop_points(trained[1], value, trained[2]) <= allowance + 1e-9
+
+        return within_budget
 
     def _write_eval_files(self, out_dir: Path, data, objective, outputs, reference, metrics: dict[str, Any]) -> None:
         """The eval set (the device's accuracy check) and the test vectors; their figures into ``metrics``."""

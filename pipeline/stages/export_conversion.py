@@ -9,7 +9,7 @@ precisions of :class:`~edgec.targets.converters.Precision`: nothing here compare
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,10 +60,13 @@ class Conversion:
             runner.close()
 
     def gated(self, model, example, path: Path, calibration: np.ndarray, reference: np.ndarray, data, target,
-              qat=None) -> tuple[Any, np.ndarray, dict[str, Any]]:
+              qat=None, within_budget: Callable[[Path, Any], bool] | None = None
+              ) -> tuple[Any, np.ndarray, dict[str, Any]]:
         """Convert, run the file in its runtime on the test split and gate it against ``reference``
         (int8 classification: retrying the automatic remedies first, then keeping the worst layers float
-        where the target allows mixed precision). Returns (exported, outputs, metrics)."""
+        where the target allows mixed precision). ``within_budget(path, exported)``: whether the file
+        keeps the accuracy budget; an int8 file that passes the gate but not the budget gets the same
+        mixed-precision search (:meth:`float_ops_for_budget`). Returns (exported, outputs, metrics)."""
         objective, x_test = objective_for(data), data.to_input(data.x_test)
         advice = lambda **kw: self.advice(target, len(data.y_train), qat=qat is not None, **kw)
 
@@ -73,6 +76,7 @@ class Conversion:
             return exported, self.run(path, exported, x_test)
 
         exported, outputs = convert_and_run(calibration)
+        accepted = (calibration, {})  # the arguments of the file that ships (a remedy's, once one passes)
         if data.task != "classification":
             metrics = objective.export_metrics(reference, outputs)
             refuse_on_mismatch(metrics, target, self.config.max_metric_drop, self.config.max_relative_error, advice())
@@ -88,6 +92,7 @@ class Conversion:
                 parity = measure_parity(reference, outputs, data.y_test)
                 if parity.passes(target.budgets):
                     exported.conversion["remedy"] = remedy
+                    accepted = (data.to_input(data.x_train[cal]) if cal is not None else calibration, options)
                     break
         if not parity.passes(target.budgets) and self.precision.calibrated and qat is None:  # before refusing
             mixed = mixed_precision(
@@ -99,11 +104,37 @@ class Conversion:
                 exported.conversion["remedy"] = "mixed precision"
                 exported = dataclasses.replace(exported, mixed_precision=mixed.record(exported))
                 parity = measure_parity(reference, outputs, data.y_test)
+        elif (within_budget is not None and parity.passes(target.budgets) and self.precision.calibrated and qat is None
+              and not within_budget(path, exported)):
+            exported, outputs = self.float_ops_for_budget(
+                target, model, path, accepted, convert_and_run,
+                passes=lambda run: (measure_parity(reference, run[1], data.y_test).passes(target.budgets)
+                                    and within_budget(path, run[0])))
+            parity = measure_parity(reference, outputs, data.y_test)
         if not parity.passes(target.budgets):
             worst = self.converter.diagnose(model, path, calibration) if self.precision.calibrated else ""
             tried_text = f"tried automatically: {', '.join(tried)}; " if tried else ""
             enforce_parity({None: parity}, target.budgets, worst + tried_text + advice(attempts=attempts))
         return exported, outputs, parity.as_dict()
+
+    def float_ops_for_budget(self, target, model, path: Path, accepted: tuple[np.ndarray, dict[str, Any]],
+                             convert_and_run, passes) -> tuple[Any, np.ndarray]:
+        """int8 passed the gate but lost more than the accuracy budget allows: keep its worst layers
+        float (the gate's search, judged by the gate and the budget) and ship the first that meets
+        both; else the plain int8 file is written again, recording what was tried, and the budget
+        (accuracy_budget.refuse_over_budget) decides."""
+        calibration, options = accepted
+        tried: list[str] = []
+        mixed = mixed_precision(target, model, path, calibration, tried,
+                                convert=lambda layers: convert_and_run(calibration, **options, float_ops=layers),
+                                passes=passes)
+        if mixed is None:
+            exported, outputs = convert_and_run(calibration, **options)
+            exported.conversion["over_budget_tried"] = tried
+            return exported, outputs
+        exported, outputs = mixed.result
+        exported.conversion["remedy"] = "mixed precision (accuracy budget)"
+        return dataclasses.replace(exported, mixed_precision=mixed.record(exported)), outputs
 
     def automatic_remedies(self, train_labels: np.ndarray) -> Iterator[tuple[str, np.ndarray | None, dict[str, Any]]]:
         """(what, calibration indices or None, converter options) to try when int8 misses the gate: the

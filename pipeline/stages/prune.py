@@ -31,7 +31,7 @@ from ..extensions import PER_WEIGHT
 from ..algorithms.channels import (
     ChannelPruner, ChannelSpec, accumulate_gradients, channel_report, channel_widths, model_cost,
 )
-from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline
+from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline, true_class_confidence
 from ..algorithms.pruning import (
     GlobalSparsity, LayerSparsity, MaskEnforcer, ThresholdPruning, apply_masks, compute_masks, per_layer,
     prunable_layers, sparsity_schedule,
@@ -123,7 +123,9 @@ class ChannelPruneConfig(PruneConfig):
     mode: Literal["channels"] = "channels"
     ratio: float | dict[str, float] = Field(
         0.5, description="channels mode: fraction of output channels removed from every layer, or per layer name/type "
-        "(layers named by neither keep theirs); with scope = \"global\" the fraction of all channels")
+        "(layers named by neither keep theirs); with scope = \"global\" the fraction of all channels; not set: the "
+        "largest of CHANNEL_RATIOS whose model after the rounds and a recovery stays within the stage's share of the "
+        "accuracy budget")
     importance: Literal["l2", "l1", "taylor", "bn", "lamp", "fpgm"] = Field(
         "l2", description="channels mode: which channels go first: l2/l1 norm of the channel's weights, taylor "
         "(|w x dloss/dw|), bn (BatchNorm scale), lamp, fpgm")
@@ -205,6 +207,8 @@ def _flat_key_config(config: PruneConfig) -> dict[str, Any]:
 
 
 SENSITIVITY_VERSION = 3  # bump when the sensitivity analysis chooses differently for the same inputs
+# channels mode without a ratio: the ratios the budget chooses from (binary search, sensitivity.search_level)
+CHANNEL_RATIOS = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75)
 
 
 class PruneStage(Stage):
@@ -231,12 +235,18 @@ class PruneStage(Stage):
 
     @property
     def budgeted(self) -> bool:
-        """No sparsity set: the stage chooses per-layer sparsities by validation sensitivity."""
-        return self.config.mode == "layer" and self.config.sparsity is None
+        """No sparsity (layer mode) or channel ratio (channels mode, not latency-driven) set: the stage
+        chooses it by validation within its share of the accuracy budget."""
+        cfg = self.config
+        if cfg.mode == "channels":
+            return not cfg.latency_driven and "ratio" not in cfg.model_fields_set
+        return cfg.mode == "layer" and cfg.sparsity is None
 
     def key_material(self, ctx: StageContext) -> dict[str, Any]:
         budget = {"allowance_pt": allowance_pt("prune", ctx.budget_pt), "sensitivity": SENSITIVITY_VERSION,
                   "reference": ctx.reference.digest if ctx.reference is not None else None} if self.budgeted or self.config.latency_driven else {}
+        if self.budgeted and self.config.mode == "channels":
+            budget["ratios"] = list(CHANNEL_RATIOS)
         latency = {"latency": latency_key_material(self.config, ctx.target)} if self.config.latency_driven else {}
         material = {**super().key_material(ctx), "config": _flat_key_config(self.config)}
         return {**material, "device": resolve_device(self.config.retrain.device), **budget, **latency}
@@ -313,7 +323,7 @@ class PruneStage(Stage):
         curves = sensitivity_curves(model, masks, lambda candidate: drop_from(entering, candidate))
         levels = sparsity_levels(curves)
 
-        confidence = _true_class_confidence(model, ctx.data)
+        confidence = true_class_confidence(model, ctx.data)
 
         def trial(sparsity: dict[str, float]):
             candidate = copy.deepcopy(model)
@@ -322,7 +332,7 @@ class PruneStage(Stage):
             figures = {"drop_pt": round(drop_from(reference, candidate), 4)}
             accepted = figures["drop_pt"] <= share + 1e-9
             if confidence is not None:
-                lost = confidence - _true_class_confidence(candidate, ctx.data)
+                lost = confidence - true_class_confidence(candidate, ctx.data)
                 figures["confidence_drop_pt"] = round(100 * lost, 4)
                 accepted = accepted and figures["confidence_drop_pt"] <= CONFIDENCE_GUARD_PT
             return {**figures, "accepted": accepted}, (candidate, got)
@@ -344,11 +354,12 @@ class PruneStage(Stage):
 
     # --- channels mode -----------------------------------------------------------------------
 
-    def _channel_spec(self) -> ChannelSpec:
+    def _channel_spec(self, ratio: float | dict[str, float] | None = None) -> ChannelSpec:
         cfg = self.config
-        if cfg.scope == "global" and isinstance(cfg.ratio, dict):
+        ratio = cfg.ratio if ratio is None else ratio
+        if cfg.scope == "global" and isinstance(ratio, dict):
             raise ConfigError("prune.ratio: scope = \"global\" takes one number, not a per-layer table")
-        return ChannelSpec(cfg.ratio, importance=cfg.importance, global_ranking=cfg.scope == "global",
+        return ChannelSpec(ratio, importance=cfg.importance, global_ranking=cfg.scope == "global",
                            round_to=cfg.round_to, max_ratio=cfg.max_ratio)
 
     def _check_channels(self, probe: Probe) -> Probe:
@@ -362,7 +373,13 @@ class PruneStage(Stage):
                 raise ConfigError(f"prune: {type(probe.model).__name__} has no channel group to narrow (only output layers)")
             return probe
         model = copy.deepcopy(probe.model)
-        _, groups, _ = self._prune_channels(model, probe.data, seed=0, masks={}, taylor_samples=16)
+        ratio = CHANNEL_RATIOS[-1] if self.budgeted else self.config.ratio
+        _, groups, _ = self._prune_channels(model, probe.data, seed=0, masks={}, taylor_samples=16, ratio=ratio)
+        if self.budgeted:  # the ratio is chosen at run time, by validation; later stages plan with today's shapes
+            if groups == 0:
+                raise ConfigError(f"prune: channel pruning would remove no channel of {type(probe.model).__name__} even "
+                                  f"at ratio {ratio}; lower round_to or prune weights (mode = \"layer\")")
+            return probe
         ratios = self.config.ratio.values() if isinstance(self.config.ratio, dict) else [self.config.ratio]
         if groups == 0 and any(r > 0 for r in ratios):
             raise ConfigError(
@@ -377,31 +394,73 @@ class PruneStage(Stage):
         ckpt = source.checkpoint()
         model = ckpt.build(ctx.trust)
         apply_masks(model, ckpt.masks)  # pruned weights are exactly zero, so importance sees them as such
-        report, _, masks = self._prune_channels(model, ctx.data, ctx.seed, dict(ckpt.masks), retrain_with=ctx.console)
+        search = None
+        if self.budgeted:
+            model, report, masks, search = self._budgeted_channels(model, dict(ckpt.masks), ctx)
+        else:
+            report, _, masks = self._prune_channels(model, ctx.data, ctx.seed, dict(ckpt.masks),
+                                                    retrain_with=ctx.console)
         pruned = ckpt.with_model(model, ctx.trust)
         pruned.masks = masks  # sliced with their weights (with_model would drop them)
-        if self.config.steps > 1:
-            pruned.codebooks = {}  # retraining between steps moved the weights off their shared values
+        if self.config.steps > 1 or (search or {}).get("chosen") is not None:
+            pruned.codebooks = {}  # retraining between steps (or the recovery) moved the weights off their shared values
         pruned.save(out_dir / CHECKPOINT_FILE)
-        return {**compressed_model_info(model, pruned, ctx.data), "channels": report}
+        info = {**compressed_model_info(model, pruned, ctx.data), "channels": report}
+        return info if search is None else {**info, "ratio_search": search}
+
+    def _budgeted_channels(self, model: nn.Module, masks: dict[str, torch.Tensor], ctx: StageContext):
+        """(model, report, masks, record): the largest of CHANNEL_RATIOS whose model after the rounds and
+        a recovery stays within the prune's allowance counted from the trained reference (and, for
+        classification, within the confidence guard, as for budgeted weight pruning); the model
+        unpruned when none does."""
+        model.eval()
+        _, entering, higher = model_headline(model, ctx.data, "val")
+        reference = entering if ctx.reference is None else reference_headline(ctx.reference, ctx.data, ctx.trust)[1]
+        share = allowance_pt("prune", ctx.budget_pt)
+        confidence = true_class_confidence(model, ctx.data)
+
+        def trial(ratio: float):
+            candidate = copy.deepcopy(model)
+            report, _, got = self._prune_channels(candidate, ctx.data, ctx.seed, dict(masks), retrain_with=ctx.console,
+                                                  ratio=ratio, recover=True)
+            value = model_headline(candidate, ctx.data, "val")[1]
+            figures = {"ratio": ratio, "drop_pt": round(drop_points(reference, value, higher), 4)}
+            accepted = figures["drop_pt"] <= share + 1e-9
+            if confidence is not None:
+                figures["confidence_drop_pt"] = round(100 * (confidence - true_class_confidence(candidate, ctx.data)), 4)
+                accepted = accepted and figures["confidence_drop_pt"] <= CONFIDENCE_GUARD_PT
+            return {**figures, "accepted": accepted}, (candidate, report, got)
+
+        index, best, tried = search_level([{"ratio": r} for r in CHANNEL_RATIOS], trial, key="ratio")
+        if best is None:
+            report, _, masks = self._prune_channels(model, ctx.data, ctx.seed, masks, ratio=0.0)
+            best = (model, report, masks)
+        chosen = None if index is None else CHANNEL_RATIOS[index]
+        ctx.console.print(f"{self.id}: channel ratio within {share:.2g} pt of the trained model after recovery: "
+                          f"{chosen if chosen is not None else 'none (no ratio recovered within the budget)'}")
+        record = {"share_pt": share, "reference_val": reference, "ratios": list(CHANNEL_RATIOS), "trials": tried,
+                  "chosen": chosen,
+                  "recovery": {"rounds": self.config.steps, "epochs_per_round": self.config.retrain.epochs}}
+        return (*best, record)
 
     def _prune_channels(self, model: nn.Module, data: Dataset, seed: int, masks: dict[str, torch.Tensor], *,
-                        retrain_with=None, taylor_samples: int | None = None
+                        retrain_with=None, taylor_samples: int | None = None, ratio=None, recover: bool = False
                         ) -> tuple[dict[str, Any], int, dict[str, torch.Tensor]]:
-        """Prune ``model`` in place over ``steps`` rounds; with ``retrain_with`` (a console) it is
-        retrained between rounds, masks fixed (at plan time it is not). Returns the report, how many
+        """Prune ``model`` in place over ``steps`` rounds at ``ratio`` (default: the configured one);
+        with ``retrain_with`` (a console) it is retrained between rounds, masks fixed, and with
+        ``recover`` after the last one too (at plan time it is not). Returns the report, how many
         channel groups lost channels and the masks sliced to the new shapes."""
         cfg = self.config
         example = torch.from_numpy(data.to_input(data.x_train[:2]))
         widths, cost = channel_widths(model), model_cost(model, example)
-        pruner = ChannelPruner(model, example, self._channel_spec(), steps=cfg.steps, schedule=cfg.schedule, masks=masks,
-                               setting="prune.ratio")
+        pruner = ChannelPruner(model, example, self._channel_spec(ratio), steps=cfg.steps, schedule=cfg.schedule,
+                               masks=masks, setting="prune.ratio")
         groups = 0
         for step in range(cfg.steps):
             if cfg.importance == "taylor":
                 self._gradients(model, data, seed + step, taylor_samples or cfg.taylor_samples)
             groups += pruner.step()
-            if retrain_with is not None and step < cfg.steps - 1:
+            if retrain_with is not None and (step < cfg.steps - 1 or recover):
                 with MaskEnforcer(model, pruner.masks) as enforcer:
                     fit(model, data, cfg.retrain, seed + step, retrain_with, label=f"{self.id} {step + 1}/{cfg.steps}",
                         after_step=enforcer.reapply)
@@ -417,16 +476,6 @@ class PruneStage(Stage):
         y = torch.from_numpy(objective.train_targets(data)[idx])
         size = self.config.retrain.batch_size
         accumulate_gradients(model, [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)], objective.loss)
-
-
-def _true_class_confidence(model: nn.Module, data: Dataset) -> float | None:
-    """Classification: the mean probability the model gives the true class on validation (None otherwise)."""
-    if data.task != "classification":
-        return None
-    from ..inference import predict
-
-    probabilities = torch.softmax(predict(model, data.x_val, data), dim=1)
-    return float(probabilities[torch.arange(len(data.y_val)), torch.as_tensor(data.y_val)].mean())
 
 
 def _shown(sparsity: dict[str, float]) -> str:
