@@ -212,6 +212,7 @@ def summarize(result, order: list[str]) -> dict:
         "avg_accuracy": avg,
         "forgetting": sum(forgetting) / len(forgetting),
         "transport_bytes": int(transport),
+        "tasks_payload_bytes": (manifest.get("tasks_transport") or {}).get("bytes"),
         "accuracy_per_task": final,
         "top1_agreement_per_task": agreement,
         "default_gate": all(agreement[t] >= 0.99 and drop[t] <= 0.01 for t in order),

@@ -103,6 +103,16 @@ def test_earlier_tasks_are_exactly_unchanged_by_a_new_task(steps, data):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_mask_keep_keeps_more_weights(tmp_path, data, steps):
+    """The keep penalty pulls pushed-down scores back to mask_init: the mask drops fewer weights."""
+    cache = StageCache(tmp_path / "cache")
+    source = make_source("mlp", {"widths": [32]}, None, data["main"], 0, cache, ModelTrust())
+    stages = [TrainStage(TrainConfig(epochs=15, patience=15, lr=3e-3), "train"), learn("a", mask_keep=1e-3)]
+    kept = run_chain(stages, source, context(data), cache, datasets=data)[-1].artifact.info["piggyback"]["kept"]
+    plain = steps[1].artifact.info["piggyback"]["kept"]
+    assert 1 - kept < (1 - plain) / 2, (kept, plain)
+
+
 def test_the_threshold_is_a_straight_through_estimator():
     scores = torch.tensor([0.0, 0.004, 0.006, 0.02], requires_grad=True)
     keep = torch.tensor([True, False, False, False])

@@ -38,6 +38,13 @@ def binary_mask(scores: torch.Tensor, threshold: float, keep: torch.Tensor) -> t
     return hard + scores - scores.detach()
 
 
+def keep_penalty(scores, init: float) -> torch.Tensor:
+    """``sum(max(0, init - score))`` over every score: a pull back up on the scores that training pushed
+    below their initial value, so a mask drops only the weights its task keeps pushing down (each
+    dropped weight costs transport bytes: the bundle ships the weights a mask drops)."""
+    return sum(torch.relu(init - s).sum() for s in scores)
+
+
 class MaskedTaskView(nn.Module):
     """The model with the named backbone weights masked by this task's learned scores, seen through
     the task's output columns. The scores are this module's parameters (so the training loop's
