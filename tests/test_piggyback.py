@@ -217,14 +217,18 @@ def test_cli_bundle_rebuilds_every_task_model_byte_for_byte(tmp_path):
     # a damaged payload is caught by verify
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)
-    damaged = bytearray(payload)
-    damaged[-3] ^= 0xFF
-    (broken / tt["file"]).write_bytes(bytes(damaged))
     from edgec.pipeline.manifest import write_manifest
 
-    write_manifest(broken, json.loads((broken / "manifest.json").read_text()))
-    report = json.loads(run_cli("verify", broken, "--json", "-", cwd=tmp_path, check=1).stdout)
-    assert not report["ok"] and any("tasks transport" in e for e in report["errors"])
+    damaged = bytearray(payload)
+    damaged[-3] ^= 0xFF
+    oversize = _with_header(payload, lambda h: h["files"][0].update(flip_count=10 ** 9))
+    for hostile in (bytes(damaged), payload[:len(payload) // 2], oversize):
+        (broken / tt["file"]).write_bytes(hostile)
+        write_manifest(broken, json.loads((broken / "manifest.json").read_text()))
+        proc = run_cli("verify", broken, "--json", "-", cwd=tmp_path, check=1)
+        report = json.loads(proc.stdout)
+        assert not report["ok"] and any("tasks transport" in e for e in report["errors"])
+        assert "Traceback" not in proc.stderr
 
 
 def test_bitmask_payload_round_trips_and_refuses_hostile_entries():
