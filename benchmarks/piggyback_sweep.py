@@ -77,6 +77,7 @@ def main() -> None:
     torch.set_num_threads(1)
     mnist = load_dataset(f"mnist:{args.data.resolve()}", 0.1)
     first = permute_features(mnist, 1)
+    torch.manual_seed(0)  # the backbone's initial weights (fit seeds only the training itself)
     model = MLP(first.input_shape, 10, widths=(256, 256))
     fit(model, first, TRAIN, 0, Console(quiet=True), label="backbone")
     backbone = {k: v.clone() for k, v in model.state_dict().items()}
