@@ -103,6 +103,16 @@ def test_earlier_tasks_are_exactly_unchanged_by_a_new_task(steps, data):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_mask_keep_keeps_more_weights(tmp_path, data, steps):
+    """The keep penalty pulls pushed-down scores back to mask_init: the mask drops fewer weights."""
+    cache = StageCache(tmp_path / "cache")
+    source = make_source("mlp", {"widths": [32]}, None, data["main"], 0, cache, ModelTrust())
+    stages = [TrainStage(TrainConfig(epochs=15, patience=15, lr=3e-3), "train"), learn("a", mask_keep=1e-3)]
+    kept = run_chain(stages, source, context(data), cache, datasets=data)[-1].artifact.info["piggyback"]["kept"]
+    plain = steps[1].artifact.info["piggyback"]["kept"]
+    assert 1 - kept < (1 - plain) / 2, (kept, plain)
+
+
 def test_the_threshold_is_a_straight_through_estimator():
     scores = torch.tensor([0.0, 0.004, 0.006, 0.02], requires_grad=True)
     keep = torch.tensor([True, False, False, False])
@@ -207,14 +217,18 @@ def test_cli_bundle_rebuilds_every_task_model_byte_for_byte(tmp_path):
     # a damaged payload is caught by verify
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)
-    damaged = bytearray(payload)
-    damaged[-3] ^= 0xFF
-    (broken / tt["file"]).write_bytes(bytes(damaged))
     from edgec.pipeline.manifest import write_manifest
 
-    write_manifest(broken, json.loads((broken / "manifest.json").read_text()))
-    report = json.loads(run_cli("verify", broken, "--json", "-", cwd=tmp_path, check=1).stdout)
-    assert not report["ok"] and any("tasks transport" in e for e in report["errors"])
+    damaged = bytearray(payload)
+    damaged[-3] ^= 0xFF
+    oversize = _with_header(payload, lambda h: h["files"][0].update(flip_count=10 ** 9))
+    for hostile in (bytes(damaged), payload[:len(payload) // 2], oversize):
+        (broken / tt["file"]).write_bytes(hostile)
+        write_manifest(broken, json.loads((broken / "manifest.json").read_text()))
+        proc = run_cli("verify", broken, "--json", "-", cwd=tmp_path, check=1)
+        report = json.loads(proc.stdout)
+        assert not report["ok"] and any("tasks transport" in e for e in report["errors"])
+        assert "Traceback" not in proc.stderr
 
 
 def test_bitmask_payload_round_trips_and_refuses_hostile_entries():
@@ -243,3 +257,119 @@ def test_bitmask_payload_round_trips_and_refuses_hostile_entries():
     hostile = struct.pack("<8sII", fmt.TASKS_MAGIC, len(zhead), len(head)) + zhead + payload[16 + zlen:]
     with pytest.raises(TransportError, match="bitmask file entry is malformed"):
         decode_task_models(hostile, base.tobytes())
+
+
+# --- the mask codec: flips against all ones or the previous mask --------------------------------------
+
+
+def _payload_header(payload):
+    import lzma
+    import struct
+
+    from edgec.ondevice import tasks as fmt
+
+    _, zlen, _ = struct.unpack_from("<8sII", payload)
+    header = json.loads(lzma.decompress(payload[16:16 + zlen], format=lzma.FORMAT_RAW, filters=fmt.header_filters()))
+    return header, payload[16 + zlen:]
+
+
+def _with_header(payload, edit):
+    """``payload`` with its header changed by ``edit(header)`` (sections kept as they are)."""
+    import lzma
+    import struct
+
+    from edgec.ondevice import tasks as fmt
+
+    header, sections = _payload_header(payload)
+    edit(header)
+    head = json.dumps(header).encode()
+    zhead = lzma.compress(head, format=lzma.FORMAT_RAW, filters=fmt.header_filters())
+    return struct.pack("<8sII", fmt.TASKS_MAGIC, len(zhead), len(head)) + zhead + sections
+
+
+def _masked_files(rng, base, drop, tasks=3):
+    """Task files that zero a random ``drop`` share of the base's weight bytes 1000..end-1000."""
+    files = {}
+    for i in range(tasks):
+        f = base.copy()
+        body = f[1000:-1000]
+        body[rng.random(len(body)) < drop] = 0
+        f[10 + i] ^= 0x55  # a byte masking does not explain (an activation scale)
+        files[f"model.t{i}.tflite"] = f.tobytes()
+    return files
+
+
+@pytest.mark.parametrize("coding", ["bits", "runs"])
+def test_mask_codec_round_trips_every_density(coding):
+    from edgec.ondevice import mask_codec
+
+    rng = np.random.default_rng(1)
+    for length, p in [(0, 0.0), (1, 1.0), (9, 0.5), (1000, 0.0), (1000, 1.0), (5001, 0.01), (5001, 0.4)]:
+        flips = rng.random(length) < p
+        flips[:1] = length > 0 and p == 1.0 or flips[:1]
+        raw, count = mask_codec.encode(flips, coding)
+        assert count == int(flips.sum()) and len(raw) <= mask_codec.max_coded_bytes(coding, count, length)
+        assert np.array_equal(mask_codec.decode(raw, coding, count, length), flips)
+    runs = mask_codec.encode(np.arange(3000) == 2999, "runs")[0]
+    assert len(runs) == 12  # one flip after 2,999 kept positions: 11 full runs of 255 and the rest
+
+
+def test_sparse_masks_cost_far_less_than_a_bit_per_weight():
+    """Masks that drop 2% of 60,000 weight bytes: the coded flips take under 0.16 bit per weight
+    (entropy 0.141; one raw bit per weight, LZMA-compressed, takes 0.199), and a task whose mask
+    equals the previous task's costs a few bytes."""
+    rng = np.random.default_rng(2)
+    base = rng.integers(1, 256, 62000, dtype=np.uint8)
+    files = _masked_files(rng, base, 0.02)
+    files["model.t3.tflite"] = files["model.t2.tflite"]  # the same mask again
+    payload = pb.encode_masked_models(base.tobytes(), "model.tflite", files)
+    assert decode_task_models(payload, base.tobytes()) == files
+    header, _ = _payload_header(payload)
+    entries = [f for f in header["files"] if f["mode"] == "bitmask"]
+    assert [e["ref"] for e in entries][:3] == ["ones"] * 3 and entries[3]["ref"] == "previous"
+    assert entries[3]["flip_count"] == 0 and entries[3]["flips"][1] < 16
+    weights = 60000
+    for e in entries[:3]:
+        assert e["flips"][1] * 8 / weights < 0.16, e  # compressed bytes of the coded flips
+    assert len(payload) * 8 / (3 * weights) < 0.18
+
+
+def test_hostile_mask_entries_are_one_line_errors():
+    rng = np.random.default_rng(3)
+    base = rng.integers(1, 256, 12000, dtype=np.uint8)
+    files = _masked_files(rng, base, 0.05, tasks=2)
+    payload = pb.encode_masked_models(base.tobytes(), "model.tflite", files)
+    positions = sum(b - a for a, b in _payload_header(payload)[0]["regions"])  # bits in each mask
+
+    def entry(**keys):
+        def edit(header):
+            header["files"][0].update(keys)
+        return edit
+
+    def section(raw, coding, count, ref="ones"):
+        """A payload whose first file's flips are ``raw`` (an extra section appended)."""
+        from edgec.pipeline.algorithms.transport_codec import compress_section
+
+        header, sections = _payload_header(payload)
+        z, spec = compress_section(raw)
+        return _with_header(payload, entry(flips=[len(sections), *spec], coding=coding, flip_count=count, ref=ref)) + z
+
+    cases = {
+        "malformed": [_with_header(payload, entry(flip_count=positions + 1)),  # more flips than positions
+                      _with_header(payload, entry(flip_count=-1)),
+                      _with_header(payload, entry(flip_count=True)),
+                      _with_header(payload, entry(coding="zstd")),
+                      _with_header(payload, entry(ref="previous")),  # no earlier mask
+                      _with_header(payload, entry(ref=["ones"]))],
+        "too large": [section(b"\0" * (positions + 100), "runs", 5)],  # longer than 5 flips can be
+        "flip runs do not give": [section(bytes(6), "runs", 5),  # 6 flips declared as 5
+                                  section(b"\xff" * (positions // 255) + bytes([positions % 255]), "runs", 1)],  # outside the mask
+        "packed mask has the wrong length": [section(bytes(positions // 8 - 1), "bits", 0)],
+        "does not hold its declared": [section(np.packbits(np.arange(positions) < 3).tobytes(), "bits", 2)],
+        "tasks payload|damaged|outside the payload": [payload[:len(payload) // 2], payload[:20]],
+    }
+    for why, payloads in cases.items():
+        for hostile in payloads:
+            with pytest.raises(TransportError, match=why) as err:
+                decode_task_models(hostile, base.tobytes())
+            assert "\n" not in str(err.value)

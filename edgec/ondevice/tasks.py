@@ -26,10 +26,12 @@ byte-wise modulo 256, its residual the L-th base-sized slice of ``residuals``; a
 ``data`` section.
 
 Piggyback ships the unmasked backbone as ``model_file`` (its test vectors are the backbone's) and
-every task's file as ``{..., "mode": "bitmask", "index": i}``: the header's ``bits`` section holds,
-per file, ``ceil(P / 8)`` bytes (``np.packbits``, P = bytes inside ``regions``) saying which bytes
-of the base the file keeps (the others are 0), and ``bit_residuals`` one base-sized residual per
-file added byte-wise modulo 256.
+every task's file as ``{..., "mode": "bitmask", "index": i, "ref": "ones" | "previous", "coding":
+"bits" | "runs", "flip_count": n, "flips": section}``: its mask has one bit per byte of the base
+inside ``regions`` (set: the file keeps the base's byte, else 0), coded as the ``n`` positions where
+it differs from all ones or from the previous bitmask file's mask (``mask_codec``); the header's
+``bit_residuals`` section holds one base-sized residual per file (the i-th), added byte-wise modulo
+256.
 """
 
 import hashlib
@@ -39,6 +41,7 @@ import struct
 
 import numpy as np
 
+from . import mask_codec
 from .errors import BundleError, ManifestError, SettingsError
 from .transport import TransportError, decompress_section
 
@@ -366,26 +369,31 @@ def decode_task_models(payload, base, sizes=None):
 
 
 class _BitmaskSections(object):
-    """The ``bits`` and ``bit_residuals`` sections of a payload (Piggyback: one bit per byte of the
-    base inside ``regions``, per file), decoded once for every ``bitmask`` file."""
+    """Piggyback's ``bitmask`` files: each keeps the base's bytes where its mask (one bit per byte
+    of the base inside ``regions``) is set, decoded from its coded flips (``mask_codec``) against
+    all ones or the previous ``bitmask`` file's mask, plus its slice of ``bit_residuals``."""
 
     def __init__(self, header, payload, start, base_arr):
         n = sum(1 for e in header["files"] if isinstance(e, dict) and e.get("mode") == "bitmask")
         self.positions = region_positions(header.get("regions"), len(base_arr))
-        self.stride = (len(self.positions) + 7) // 8
-        self.bits = _section(payload, start, header.get("bits"), n * self.stride)
         self.residuals = _section(payload, start, header.get("bit_residuals"), n * len(base_arr))
-        self.count, self.base = n, base_arr
-        if len(self.bits) != n * self.stride or len(self.residuals) != n * len(base_arr):
-            raise TransportError("the bit masks or their residuals have the wrong length")
+        if len(self.residuals) != n * len(base_arr):
+            raise TransportError("the bit mask residuals have the wrong length")
+        self.count, self.base, self.payload, self.start = n, base_arr, payload, start
+        self.previous = None
 
     def file(self, entry):
-        i, size = entry.get("index"), len(self.base)
-        if entry["bytes"] != size or not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.count:
+        i, size, ref = entry.get("index"), len(self.base), entry.get("ref")
+        if entry["bytes"] != size or not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.count \
+                or ref not in ("ones", "previous") or (ref == "previous" and self.previous is None):
             raise TransportError("a bitmask file entry is malformed")
-        packed = np.frombuffer(self.bits[i * self.stride:(i + 1) * self.stride], dtype=np.uint8)
+        coding, count, length = entry.get("coding"), entry.get("flip_count"), len(self.positions)
+        coded = _section(self.payload, self.start, entry.get("flips"), mask_codec.max_coded_bytes(coding, count, length))
+        flips = mask_codec.decode(coded, coding, count, length)
+        kept = ~flips if ref == "ones" else self.previous ^ flips
+        self.previous = kept
         keep = np.ones(size, dtype=bool)
-        keep[self.positions] = np.unpackbits(packed, count=len(self.positions)).astype(bool)
+        keep[self.positions] = kept
         residual = np.frombuffer(self.residuals[i * size:(i + 1) * size], dtype=np.uint8)
         return (np.where(keep, self.base, 0).astype(np.uint8) + residual).astype(np.uint8).tobytes()
 

@@ -9,8 +9,9 @@ is one bit per weight (``np.packbits``).
 
 Difference from the paper: the weight of largest |w| in each output channel is always kept, so every
 task's int8 model has the backbone's per-channel (and per-tensor) weight scales and its weight bytes
-are the backbone's bytes or zero; that is what lets the bundle ship the backbone once plus one bit
-per weight per task (``encode_masked_models``; decoder: ``edgec.ondevice.tasks``).
+are the backbone's bytes or zero; that is what lets the bundle ship the backbone once plus each
+task's mask, coded as the weights it drops (``encode_masked_models``; decoder:
+``edgec.ondevice.tasks``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def binary_mask(scores: torch.Tensor, threshold: float, keep: torch.Tensor) -> t
     """``(scores > threshold) | keep`` as 0/1 in the forward pass, the identity in the backward pass."""
     hard = ((scores > threshold) | keep).to(scores.dtype)
     return hard + scores - scores.detach()
+
+
+def keep_penalty(scores, init: float) -> torch.Tensor:
+    """``sum(max(0, init - score))`` over every score: a pull back up on the scores that training pushed
+    below their initial value, so a mask drops only the weights its task keeps pushing down (each
+    dropped weight costs transport bytes: the bundle ships the weights a mask drops)."""
+    return sum(torch.relu(init - s).sum() for s in scores)
 
 
 class MaskedTaskView(nn.Module):
@@ -102,10 +110,11 @@ def mask_density(packed: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.
 def encode_masked_models(base: bytes, base_name: str, files: Mapping[str, bytes]) -> bytes:
     """The tasks transport payload (format and decoder: ``edgec.ondevice.tasks``) of ``files``, each
     rebuilt from ``base`` (the unmasked backbone's model file) as ``mode = "bitmask"``: inside the
-    byte ranges where some file zeroes a byte of the base (the masked weight buffers), one bit per
-    byte says whether the file keeps the base's byte; the rest (biases, activation scales that
-    differ between the files) is a byte-wise residual per file, nearly all zeros. The payload is
-    decoded again before it is kept."""
+    byte ranges where some file zeroes a byte of the base (the masked weight buffers), a mask says
+    whether the file keeps the base's byte, coded as its flips against all ones or the previous
+    file's mask, in whichever coding compresses smallest (``edgec.ondevice.mask_codec``); the rest
+    (biases, activation scales that differ between the files) is a byte-wise residual per file,
+    nearly all zeros. The payload is decoded again before it is kept."""
     from edgec.ondevice import tasks as fmt
 
     from .tasks_payload import TasksPayloadWriter, level_regions
@@ -118,15 +127,30 @@ def encode_masked_models(base: bytes, base_name: str, files: Mapping[str, bytes]
     regions = level_regions(zeroed)
     positions = fmt.region_positions(regions, len(base))
     writer = TasksPayloadWriter(base, base_name)
+    rebuilt, residuals, previous = {}, [], None
+    for i, (name, data) in enumerate(same.items()):
+        arr = np.frombuffer(data, dtype=np.uint8)
+        keep = np.ones(len(base), dtype=bool)
+        keep[positions] = arr[positions] == base_arr[positions]
+        residuals.append((arr - np.where(keep, base_arr, 0)).astype(np.uint8).tobytes())
+        rebuilt[name] = {"mode": "bitmask", "index": i, **_coded_mask(writer, keep[positions], previous)}
+        previous = keep[positions]
     if same:
-        bits, residuals = [], []
-        for data in same.values():
-            arr = np.frombuffer(data, dtype=np.uint8)
-            keep = np.ones(len(base), dtype=bool)
-            keep[positions] = arr[positions] == base_arr[positions]
-            bits.append(np.packbits(keep[positions]).tobytes())
-            residuals.append((arr - np.where(keep, base_arr, 0)).astype(np.uint8).tobytes())
         writer.header["regions"] = regions
-        writer.header["bits"] = writer.add(b"".join(bits))
         writer.header["bit_residuals"] = writer.add(b"".join(residuals))
-    return writer.finish(files, {name: {"mode": "bitmask", "index": i} for i, name in enumerate(same)})
+    return writer.finish(files, rebuilt)
+
+
+def _coded_mask(writer, kept: np.ndarray, previous: np.ndarray | None) -> dict:
+    """``kept``'s smallest coding (its flips against all ones or ``previous``) as a payload section;
+    the file entry's keys that describe it."""
+    from edgec.ondevice import mask_codec
+
+    refs = {"ones": ~kept, **({} if previous is None else {"previous": kept ^ previous})}
+    candidates = []
+    for ref, flips in refs.items():
+        for coding in mask_codec.CODINGS:
+            raw, count = mask_codec.encode(flips, coding)
+            candidates.append(({"ref": ref, "coding": coding, "flip_count": count}, raw))
+    meta, section = writer.add_smallest(candidates)
+    return {**meta, "flips": section}

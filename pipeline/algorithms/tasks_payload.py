@@ -34,11 +34,17 @@ class TasksPayloadWriter:
 
     def add(self, raw: bytes) -> list[int]:
         """Append ``raw`` as a compressed section; its header entry ``[offset, *compression spec]``."""
-        z, spec = compress_section(raw)
+        return self.add_smallest([({}, raw)])[1]
+
+    def add_smallest(self, candidates: list[tuple[dict[str, Any], bytes]]) -> tuple[dict[str, Any], list[int]]:
+        """Of ``(meta, raw)`` candidates coding the same thing, append the one that compresses
+        smallest; its ``meta`` and section entry."""
+        packed = [(meta, compress_section(raw)) for meta, raw in candidates]
+        meta, (z, spec) = min(packed, key=lambda c: len(c[1][0]))
         self._sections.append(z)
         entry = [self._offset, *spec]
         self._offset += len(z)
-        return entry
+        return meta, entry
 
     def finish(self, files: Mapping[str, bytes], rebuilt: Mapping[str, dict[str, Any]]) -> bytes:
         """The payload: each of ``files`` either rebuilt from the base (``rebuilt[name]``: its mode and

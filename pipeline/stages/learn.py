@@ -74,7 +74,7 @@ METHOD_KEYS = {
     "ewc_lambda": "ewc", "ewc_mode": "ewc", "ewc_decay": "ewc", "fisher_samples": "ewc",
     "prune": "packnet", "retrain_epochs": "packnet",
     "old_samples": "joint",
-    "mask_init": "piggyback", "mask_threshold": "piggyback", "mask_lr": "piggyback",
+    "mask_init": "piggyback", "mask_threshold": "piggyback", "mask_lr": "piggyback", "mask_keep": "piggyback",
     "class_steps": "icarl", "memory": "icarl", "distill": "icarl", "classifier": "icarl",
 }
 # methods that keep every earlier task exactly: each later task must use the same method
@@ -128,6 +128,8 @@ class LearnConfig(StageConfig, OptimConfig):
     mask_init: float = Field(1e-2, description="piggyback: initial mask score of every weight (Mallya et al.: 1e-2)")
     mask_threshold: float = Field(5e-3, description="piggyback: a weight is kept while its score is above this (5e-3)")
     mask_lr: float = Field(1e-4, gt=0, description="piggyback: Adam learning rate of the mask scores (the head uses lr)")
+    mask_keep: float = Field(0.0, ge=0, description="piggyback: weight of the penalty sum(max(0, mask_init - score)) that "
+                             "keeps weights in the mask (fewer dropped weights: a smaller bundle, lower accuracy)")
     # icarl (class-incremental)
     class_steps: list[list[int]] | None = Field(None, description="icarl: the task's classes in the order they arrive, "
                                                 "e.g. [[0, 1], [2, 3]]; disjoint, covering every class")
@@ -481,7 +483,8 @@ class LearnStage(Stage):
 
         def loss_fn(logits, x, y):
             scale.before()
-            return F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y)
+            return loss + cfg.mask_keep * pb.keep_penalty(scores, cfg.mask_init) if cfg.mask_keep else loss
 
         result = self._fit(view, data, ctx, scores + new_head, loss_fn=loss_fn, after_step=scale.after)
         masks = view.masks()

@@ -1,0 +1,93 @@
+"""Piggyback settings on Permuted-MNIST, judged on the VALIDATION split only (BENCHMARKS.md).
+
+    python benchmarks/piggyback_sweep.py [--data ../shared/data/mnist] p2:1e-3:1e-2:2e-5:5e-3 ...
+
+The benchmark's backbone (MLP 784-256-256 trained on task p1 with its recipe: 4 epochs, Adam 2e-3,
+cosine) is trained once; then each setting ``task:mask_lr:mask_init:mask_keep:lr`` learns that
+task's mask and a new head over it with the learn stage's own pieces (``MaskedTaskView``, the keep
+penalty, the scores' Adam step scaled to ``mask_lr``, ``fit``'s best validation epoch). Printed per
+setting, one JSON line: the best validation accuracy, the share of weights the mask drops (per
+layer too) and the bytes its coded flips take in the bundle (``mask_codec``, LZMA as the tasks
+payload compresses them). Test accuracy is never looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from edgec.data import load_dataset
+from edgec.data_views import permute_features
+from edgec.ondevice import mask_codec
+from edgec.pipeline.algorithms import continual as cl
+from edgec.pipeline.algorithms import piggyback as pb
+from edgec.pipeline.algorithms.transport_codec import compress_section
+from edgec.pipeline.training import OptimConfig, fit
+from edgec.zoo import MLP
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = OptimConfig(epochs=4, batch_size=64, lr=2e-3, patience=4, device="cpu")  # continual.py's TRAIN
+MASKED = ["hidden.0.weight", "hidden.1.weight"]
+
+
+def coded_bytes(flips: np.ndarray) -> int:
+    return min(len(compress_section(mask_codec.encode(flips, c)[0])[0]) for c in mask_codec.CODINGS)
+
+
+def learn_mask(backbone: dict, data, mask_lr: float, init: float, keep: float, lr: float, new_head: bool) -> dict:
+    model = MLP(data.input_shape, 10, widths=(256, 256))
+    model.load_state_dict(backbone)
+    if new_head:
+        torch.manual_seed(1)
+        model.out.reset_parameters()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = list(model.out.parameters())
+    for p in head:
+        p.requires_grad_(True)
+    view = pb.MaskedTaskView(model, (0, 10), MASKED, init, 5e-3)
+    scores = list(view.scores)
+    scale = cl.UpdateScale(scores, mask_lr / lr)
+
+    def loss_fn(logits, x, y):
+        scale.before()
+        return F.cross_entropy(logits, y) + keep * pb.keep_penalty(scores, init)
+
+    r = fit(view, data, TRAIN.model_copy(update={"lr": lr}), 0, Console(quiet=True), label="mask",
+            loss_fn=loss_fn, after_step=scale.after, parameters=scores + head)
+    masks = view.masks()
+    flips = np.concatenate([(~masks[n]).numpy().reshape(-1) for n in MASKED])
+    return {"val_accuracy": round(r.best_val_accuracy, 4), "dropped": round(float(flips.mean()), 4),
+            "dropped_per_layer": [round(float((~masks[n]).float().mean()), 4) for n in MASKED],
+            "coded_bytes": coded_bytes(flips)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    parser.add_argument("settings", nargs="+", help="task:mask_lr:mask_init:mask_keep:lr, e.g. p2:1e-3:1e-2:2e-5:5e-3")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    mnist = load_dataset(f"mnist:{args.data.resolve()}", 0.1)
+    first = permute_features(mnist, 1)
+    torch.manual_seed(0)  # the backbone's initial weights (fit seeds only the training itself)
+    model = MLP(first.input_shape, 10, widths=(256, 256))
+    fit(model, first, TRAIN, 0, Console(quiet=True), label="backbone")
+    backbone = {k: v.clone() for k, v in model.state_dict().items()}
+    for setting in args.settings:
+        task, *values = setting.split(":")
+        mask_lr, init, keep, lr = map(float, values)
+        start = time.perf_counter()
+        row = learn_mask(backbone, permute_features(mnist, int(task[1:])), mask_lr, init, keep, lr, task != "p1")
+        print(json.dumps({"setting": setting, **row, "seconds": round(time.perf_counter() - start)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
