@@ -1,7 +1,7 @@
 """Build example configs with an old revision and with the working tree; compare the bundles' bytes.
 
     .venv/bin/python benchmarks/check_bundles_identical.py --old REV [--work DIR] [--side old|new|both]
-                                                           [--config NAME ...]
+                                                           [--config NAME ...] [--mnist DIR] [--list]
 
 A refactoring that claims "behaviour unchanged" must leave every bundle byte-identical: the model
 file, the transport payload, the test vectors and eval sets, the runner copy, and the manifest apart
@@ -28,9 +28,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# name -> (edgec build arguments). The quick start and the digits/diabetes examples build in minutes
-# on a laptop CPU; the MNIST ones need the download and much longer. examples/regression.toml stops at
-# the accuracy budget (exit 1, nothing published) on a9d4279: it has no bundle to compare there.
+# name -> edgec build arguments: every examples/*.toml that builds a bundle, plus the quick start on
+# each target. "{mnist}" is replaced by --mnist DIR's ``mnist:DIR`` (default ``mnist``: the folder
+# `edgec data fetch mnist` fills). The digits ones build in minutes on a laptop CPU; the MNIST ones
+# train for longer (lenet-300-100 and distill the longest). examples/regression.toml stops at the
+# accuracy budget (exit 1, nothing published) on a9d4279: it has no bundle to compare there.
 CONFIGS = {
     "quick-start": ["--target", "rpi"],
     "quick-start-onnx-int8": ["--target", "desktop-gpu", "--precision", "int8"],
@@ -41,6 +43,17 @@ CONFIGS = {
     "stage-instances": ["--config", "examples/stage-instances.toml", "--target", "rpi"],
     "anomaly-autoencoder": ["--config", "examples/anomaly-autoencoder.toml", "--target", "rpi"],
     "grow-new-classes": ["--config", "examples/grow-new-classes.toml", "--target", "rpi"],
+    "structured-resnet8": ["--config", "examples/structured-resnet8.toml", "--data", "{mnist}", "--target", "rpi"],
+    "mnist-lenet-5": ["--config", "examples/mnist-lenet-5.toml", "--data", "{mnist}", "--target", "rpi"],
+    "mnist-lenet-300-100": ["--config", "examples/mnist-lenet-300-100.toml", "--data", "{mnist}", "--target", "rpi"],
+    "mnist-distill": ["--config", "examples/mnist-distill.toml", "--data", "{mnist}", "--target", "rpi"],
+    "latency-resnet18": ["--config", "examples/latency-resnet18.toml", "--data", "{mnist}", "--target", "rpi"],
+}
+# Examples with no bundle to compare here, and why (printed by --list).
+NOT_BUILT = {
+    "search-lenet-300-100": "an `edgec search` config (12 MNIST trials), not a build; its trials build bundles "
+                            "the same way as mnist-lenet-300-100",
+    "structured-mobilenet-v1": "needs an image folder (--data folder:DIR, visual wake words); none ships here",
 }
 PACKAGE_DIRS = {"pipeline": "pipeline", "targets": "targets", "calibration": "calibration"}  # as pyproject maps them
 VOLATILE_MANIFEST_KEYS = ("lineage", "versions", "edgec_version", "self_sha256")
@@ -53,13 +66,20 @@ def main() -> int:
     parser.add_argument("--side", choices=("old", "new", "both", "none"), default="both",
                         help="which side to build before comparing (none: compare what was built)")
     parser.add_argument("--config", action="append", choices=sorted(CONFIGS), help="default: every config")
+    parser.add_argument("--mnist", type=Path, help="MNIST folder for the MNIST examples (default: edgec's own)")
+    parser.add_argument("--list", action="store_true", help="list the configs and the examples left out, then exit")
     args = parser.parse_args()
+    if args.list:
+        print("\n".join([f"{n}: {' '.join(a)}" for n, a in CONFIGS.items()]
+                        + [f"{n}: not built ({why})" for n, why in NOT_BUILT.items()]))
+        return 0
+    data = f"mnist:{args.mnist.resolve()}" if args.mnist else "mnist"
     names = args.config or list(CONFIGS)
     sides = {"both": ("old", "new"), "none": ()}.get(args.side, (args.side,))
     for side in sides:
         package = _package(side, args.old, args.work)
         for name in names:
-            _build(side, package, name, args.work)
+            _build(side, package, name, args.work, [a.replace("{mnist}", data) for a in CONFIGS[name]])
     return _compare(names, args.work)
 
 
@@ -84,13 +104,13 @@ def _package(side: str, old_rev: str, work: Path) -> Path:
     return package
 
 
-def _build(side: str, package: Path, name: str, work: Path) -> None:
+def _build(side: str, package: Path, name: str, work: Path, build_args: list[str]) -> None:
     out = work / side / "out" / name
     shutil.rmtree(out, ignore_errors=True)
     cache = work / side / "cache"  # one per side, emptied when the side's sources are laid out
     env = {**os.environ, "PYTHONPATH": str(package), "EDGEC_CACHE_DIR": str(cache)}
     src = work / side / "src"
-    command = [sys.executable, "-m", "edgec", "build", *CONFIGS[name], "--out", str(out)]
+    command = [sys.executable, "-m", "edgec", "build", *build_args, "--out", str(out)]
     start = time.monotonic()
     proc = subprocess.run(command, cwd=src, env=env, capture_output=True, text=True)
     print(f"{side} {name}: exit {proc.returncode} in {time.monotonic() - start:.0f} s", flush=True)

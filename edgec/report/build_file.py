@@ -100,7 +100,7 @@ class _Info(_Checked):
     params: Count = None
     nonzero_params: Count = None
     fp32_bytes: Count = None
-    packed_weights_bytes: Count = None
+    deep_compression_bytes: Count = None
     model_bytes: Count = None
     transport_bytes: Count = None
     precision: Optional[StrictStr] = None
