@@ -110,7 +110,10 @@ def _build(side: str, package: Path, name: str, work: Path, build_args: list[str
     cache = work / side / "cache"  # one per side, emptied when the side's sources are laid out
     env = {**os.environ, "PYTHONPATH": str(package), "EDGEC_CACHE_DIR": str(cache)}
     src = work / side / "src"
-    command = [sys.executable, "-m", "edgec", "build", *build_args, "--out", str(out)]
+    # -P: the build runs in src/ (for the examples' relative paths), whose edgec/ lacks pipeline/ and
+    # targets/; on sys.path it would shadow the laid-out package, and the worktree's editable install
+    # would then supply edgec.pipeline: the old side would run the new pipeline.
+    command = [sys.executable, "-P", "-m", "edgec", "build", *build_args, "--out", str(out)]
     start = time.monotonic()
     proc = subprocess.run(command, cwd=src, env=env, capture_output=True, text=True)
     print(f"{side} {name}: exit {proc.returncode} in {time.monotonic() - start:.0f} s", flush=True)

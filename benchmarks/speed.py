@@ -95,7 +95,7 @@ def resnet18(*, input_shape=(3, 64, 64), num_classes=10, widths=(32, 64, 128, 25
     """ResNet-18-style (basic blocks 2-2-2-2) for 64x64 inputs: a stride-2 3x3 stem, no max pool."""
     from torch import nn
 
-    from edgec.zoo import _BasicBlock  # the zoo's ResNet basic block
+    from edgec.base.zoo import _BasicBlock  # the zoo's ResNet basic block
 
     layers = [nn.Conv2d(input_shape[0], widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
     c = widths[0]
@@ -114,7 +114,7 @@ def resized_mnist(data_dir: Path, shape, train: int, test: int, out: Path) -> st
     import torch
     import torch.nn.functional as F
 
-    from edgec.data import load_dataset
+    from edgec.base.data import load_dataset
 
     mnist = load_dataset(f"mnist:{data_dir}")
     rng = np.random.default_rng(0)
@@ -174,7 +174,7 @@ def macs_of(compressed, shape) -> tuple[int, int]:
     """(dense, compressed) multiply-accumulates: the uncompressed model the build keeps, and the prune stage's count."""
     import torch
 
-    from edgec.architecture import ModelTrust, build
+    from edgec.base.architecture import ModelTrust, build
     from edgec.pipeline.algorithms.channels import model_cost
 
     arch = torch.load(compressed.build_dir / "uncompressed.pt", weights_only=True)["arch"]

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgec.checkpoint import Checkpoint
-from edgec.data import Dataset
+from edgec.base.checkpoint import Checkpoint
+from edgec.base.data import Dataset
 
 from .modelinfo import model_info
 from .algorithms.pruning import prunable_parameters, sparsity_report

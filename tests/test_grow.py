@@ -10,13 +10,13 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from edgec import architecture
-from edgec.architecture import ModelTrust
-from edgec.checkpoint import Checkpoint, load_checkpoint
+from edgec.base import architecture
+from edgec.base.architecture import ModelTrust
+from edgec.base.checkpoint import Checkpoint, load_checkpoint
 from edgec.config import parse_config
-from edgec.data import load_dataset
+from edgec.base.data import load_dataset
 from edgec.data_views import select_classes
-from edgec.errors import ConfigError, RunError
+from edgec.base.errors import ConfigError, RunError
 from edgec.pipeline.algorithms import net2net
 from edgec.pipeline.artifact import CHECKPOINT_FILE, MODEL
 from edgec.pipeline.cache import StageCache
@@ -24,7 +24,7 @@ from edgec.pipeline.runner import check_chain, run_chain
 from edgec.pipeline.stage import StageContext
 from edgec.pipeline.stages.grow import GrowConfig, GrowStage
 from edgec.pipeline.stages.train import TrainConfig, TrainStage
-from edgec.zoo import MLP, CNNSmall
+from edgec.base.zoo import MLP, CNNSmall
 from support import run_cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grow-new-classes.toml"

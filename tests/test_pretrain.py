@@ -14,9 +14,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from edgec.checkpoint import load_checkpoint
-from edgec.data import load_dataset
-from edgec.errors import ConfigError
+from edgec.base.checkpoint import load_checkpoint
+from edgec.base.data import load_dataset
+from edgec.base.errors import ConfigError
 from edgec.pipeline.algorithms.denoising import (Decoder, corrupt, hidden_stack, reconstruction_loss,
                                                  train_layer)
 from edgec.pipeline.artifact import CHECKPOINT_FILE
@@ -26,7 +26,7 @@ from edgec.pipeline.stage import StageContext
 from edgec.pipeline.stages.pretrain import RECONSTRUCTIONS_FILE, PretrainConfig, PretrainStage
 from edgec.report.document import Doc
 from edgec.report.pretrain import BadReconstructions, pretrain_section, read_reconstructions
-from edgec.zoo import MLP
+from edgec.base.zoo import MLP
 from support import run_cli, zoo_source
 
 TOML = """

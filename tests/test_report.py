@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgec.errors import InputError
+from edgec.base.errors import InputError
 from edgec.report import ASSETS_DIR, IMAGES, REPORT_HTML, REPORT_MD, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import edgec
-from edgec.errors import ConfigError, InputError
+from edgec.base.errors import ConfigError, InputError
 from edgec.pipeline.algorithms.pruning import LayerSparsity, apply_masks, compute_masks
 from edgec.pipeline.algorithms.sharing import apply_sharing, cluster_weights
 from edgec.pipeline.algorithms.storage import (
@@ -17,7 +17,7 @@ from edgec.pipeline.algorithms.storage import (
     huffman_code_lengths,
     relative_index,
 )
-from edgec.zoo import LeNet300100
+from edgec.base.zoo import LeNet300100
 
 
 def lenet_300_100_compressed(bits: int = 6):

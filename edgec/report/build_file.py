@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from edgec.build_layout import BUILD_FILE
-from edgec.errors import InputError
+from edgec.base.errors import InputError
 
 MAX_BUILD_FILE_BYTES = 64 << 20
 

@@ -268,7 +268,7 @@ def sharing_section(doc: Doc, summary: dict) -> None:
                           f"({_cache_dir(summary)}); rebuild to bring them back")
         return
     try:
-        from edgec.checkpoint import load_checkpoint
+        from edgec.base.checkpoint import load_checkpoint
 
         before, after = load_checkpoint(paths[0]), load_checkpoint(paths[1])
         layer = _pick_shared_layer(after)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgec.errors import ConfigError, InputError
+from edgec.base.errors import ConfigError, InputError
 
 DEFAULT_INDEX_BITS = {"conv": 8, "linear": 5}
 

@@ -17,7 +17,7 @@
     method = "lwf"          # finetune | features | joint | lwf | ewc | packnet | piggyback | icarl
 
 Each task gets its own output head: the first learn stage replaces the model's output layer by
-``ConcatHeads({task: head})`` (``edgec.modules``), later ones append a head, so one invoke computes
+``ConcatHeads({task: head})`` (``edgec.base.modules``), later ones append a head, so one invoke computes
 every task and each task owns a range of output columns. The per-task state (columns, labels, data
 set, method; EWC Fishers and anchors; PackNet weight owners; Piggyback masks) lives in the checkpoint's
 ``extensions`` (namespaces ``tasks``, ``ewc``, ``packnet``, ``piggyback``); the export stage reads it to evaluate
@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from edgec.checkpoint import Checkpoint
-from edgec.data import Dataset
-from edgec.errors import ConfigError
+from edgec.base.checkpoint import Checkpoint
+from edgec.base.data import Dataset
+from edgec.base.errors import ConfigError
 
 from ..algorithms import continual as cl
 from ..algorithms import icarl
