@@ -34,8 +34,9 @@ LZMA2 stream. Tensors, each filling one or two cut ranges:
   rows without weights, "x": section of (u32 row, u32 bits) pairs overriding predictions or -1}``
   when they are recomputed. Exceptions ``x`` are u32 positions then int8 values.
 
-Zero runs (the zeros before each stored value) are bytes in base 255 (``encode_runs``): each 255 adds
-255 to the run, the first byte below 255 ends it.
+Zero runs (the zeros before each stored value) are bytes in base 255 (``encode_runs``, also used by the
+host's packed-weights size accounting, ``weightcodec``): each 255 adds 255 to the run, the first byte
+below 255 ends it.
 """
 
 import json
