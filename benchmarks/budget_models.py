@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def resnet8(*, input_shape, num_classes):
-    from edgec.base.zoo import ResNet8
+    from edgec.zoo import ResNet8
 
     return ResNet8(input_shape, num_classes)
 
 
 def ds_cnn(*, input_shape, num_classes):
-    from edgec.base.zoo import DSCNN
+    from edgec.zoo import DSCNN
 
     return DSCNN(input_shape, num_classes)
 

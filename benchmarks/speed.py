@@ -95,7 +95,7 @@ def resnet18(*, input_shape=(3, 64, 64), num_classes=10, widths=(32, 64, 128, 25
     """ResNet-18-style (basic blocks 2-2-2-2) for 64x64 inputs: a stride-2 3x3 stem, no max pool."""
     from torch import nn
 
-    from edgec.base.zoo import _BasicBlock  # the zoo's ResNet basic block
+    from edgec.zoo import _BasicBlock  # the zoo's ResNet basic block
 
     layers = [nn.Conv2d(input_shape[0], widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
     c = widths[0]

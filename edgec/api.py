@@ -30,7 +30,7 @@ from edgec.pipeline.runner import check_chain, plan_status, run_chain
 from edgec.pipeline.source import make_source
 from edgec.pipeline.stage import Stage, StageContext
 from edgec.targets.profile import TargetProfile, load_target
-from edgec.base.zoo import ZOO, default_model
+from edgec.zoo import ZOO, default_model
 
 from .build_layout import BUILD_FILE, BUNDLE_DIR, MODEL_FILE, REFERENCE_FILE, UNCOMPRESSED_FILE
 from .config import MAIN_DATA, BuildConfig, DataSpec, parse_config

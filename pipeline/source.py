@@ -11,7 +11,7 @@ from edgec.base.architecture import ModelTrust
 from edgec.base.checkpoint import Checkpoint, load_weights
 from edgec.base.data import Dataset, physical_memory
 from edgec.base.errors import ConfigError, InputError
-from edgec.base.zoo import ZOO
+from edgec.zoo import ZOO
 
 from .artifact import CHECKPOINT_FILE, MODEL, Artifact
 from .cache import StageCache, sha256_file, stable_hash

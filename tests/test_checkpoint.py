@@ -9,7 +9,7 @@ from edgec.base import architecture
 from edgec.base.architecture import ModelTrust
 from edgec.base.checkpoint import Checkpoint, load_checkpoint, load_weights
 from edgec.base.errors import ConfigError, InputError
-from edgec.base.zoo import ZOO
+from edgec.zoo import ZOO
 
 TRUST = ModelTrust()
 

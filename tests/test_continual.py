@@ -20,7 +20,7 @@ from edgec.base.architecture import ModelTrust
 from edgec.base.data import load_dataset
 from edgec.data_views import permute_features, select_classes
 from edgec.base.errors import ConfigError
-from edgec.base.modules import ConcatHeads
+from edgec.modules import ConcatHeads
 from edgec.pipeline.algorithms import continual as cl
 from edgec.pipeline.cache import StageCache
 from edgec.pipeline.runner import check_chain, run_chain

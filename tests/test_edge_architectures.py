@@ -34,7 +34,7 @@ from edgec.targets.diagnose import int8_layer_errors
 from edgec.targets.exported import dropout_ops, remove_dropout_nodes, strip_dropout
 from edgec.targets.onnx_export import export_onnx
 from edgec.targets.tflite_export import export_tflite
-from edgec.base.zoo import ZOO
+from edgec.zoo import ZOO
 
 MIN_AGREEMENT = 0.99
 SIZE = 16  # digits are 8x8: upsampled so that three strided stages still leave a feature map

@@ -24,7 +24,7 @@ from edgec.pipeline.runner import check_chain, run_chain
 from edgec.pipeline.stage import StageContext
 from edgec.pipeline.stages.grow import GrowConfig, GrowStage
 from edgec.pipeline.stages.train import TrainConfig, TrainStage
-from edgec.base.zoo import MLP, CNNSmall
+from edgec.zoo import MLP, CNNSmall
 from support import run_cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grow-new-classes.toml"

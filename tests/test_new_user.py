@@ -56,7 +56,7 @@ def test_config_errors_never_repeat_the_value(tmp_path):
 
 
 def test_build_help_lists_come_from_the_registries(tmp_path):
-    from edgec.base.zoo import ZOO
+    from edgec.zoo import ZOO
 
     text = " ".join(run_cli("build", "--help", cwd=tmp_path, env={"COLUMNS": "400"}).stdout.split())
     assert all(name in text for name in ZOO) and "diabetes" in text

@@ -12,7 +12,7 @@ from edgec.base.errors import ConfigError, InputError
 from edgec.ondevice import metrics as M
 from edgec.pipeline.algorithms.output_range import covering, representable
 from edgec.pipeline.objectives import objective_for
-from edgec.base.zoo import ZOO
+from edgec.zoo import ZOO
 
 
 # --- metrics.py (numpy only, shipped in the bundle) ------------------------------------------------

@@ -26,7 +26,7 @@ from edgec.pipeline.stage import StageContext
 from edgec.pipeline.stages.pretrain import RECONSTRUCTIONS_FILE, PretrainConfig, PretrainStage
 from edgec.report.document import Doc
 from edgec.report.pretrain import BadReconstructions, pretrain_section, read_reconstructions
-from edgec.base.zoo import MLP
+from edgec.zoo import MLP
 from support import run_cli, zoo_source
 
 TOML = """

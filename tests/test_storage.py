@@ -17,7 +17,7 @@ from edgec.pipeline.algorithms.storage import (
     huffman_code_lengths,
     relative_index,
 )
-from edgec.base.zoo import LeNet300100
+from edgec.zoo import LeNet300100
 
 
 def lenet_300_100_compressed(bits: int = 6):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from edgec.base.errors import ConfigError
-from edgec.base.zoo import ZOO, DSCNN, MobileNetV1, ResNet8, default_width
+from edgec.zoo import ZOO, DSCNN, MobileNetV1, ResNet8, default_width
 
 IMAGE_MODELS = ["lenet-5", "cnn-small", "resnet-8", "ds-cnn", "mobilenet-v1"]
 EDGE_MODELS = ["resnet-8", "ds-cnn", "mobilenet-v1"]

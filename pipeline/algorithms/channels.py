@@ -29,7 +29,7 @@ import torch_pruning as tp
 from torch import nn
 
 from edgec.base.errors import ConfigError
-from edgec.base.modules import ConcatHeads
+from edgec.modules import ConcatHeads
 
 from .pruning import LAYER_TYPES, check_masks, per_layer, prunable_layers, sparsity_schedule, weight_name
 

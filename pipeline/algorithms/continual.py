@@ -41,7 +41,7 @@ from torch import nn
 
 from edgec.base.data import Dataset
 from edgec.base.errors import ConfigError
-from edgec.base.modules import ConcatHeads
+from edgec.modules import ConcatHeads
 
 from ..extensions import EWC_EXT, PACKNET_EXT, PIGGYBACK_EXT
 from . import piggyback as pb

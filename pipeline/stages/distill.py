@@ -31,7 +31,7 @@ from edgec.base import architecture
 from edgec.base.architecture import ModelTrust
 from edgec.base.checkpoint import Checkpoint, load_checkpoint
 from edgec.base.errors import ConfigError, InputError
-from edgec.base.zoo import ZOO, default_width
+from edgec.zoo import ZOO, default_width
 
 from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline
 from ..algorithms.channels import prune_channels

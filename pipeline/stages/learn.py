@@ -17,7 +17,7 @@
     method = "lwf"          # finetune | features | joint | lwf | ewc | packnet | piggyback | icarl
 
 Each task gets its own output head: the first learn stage replaces the model's output layer by
-``ConcatHeads({task: head})`` (``edgec.base.modules``), later ones append a head, so one invoke computes
+``ConcatHeads({task: head})`` (``edgec.modules``), later ones append a head, so one invoke computes
 every task and each task owns a range of output columns. The per-task state (columns, labels, data
 set, method; EWC Fishers and anchors; PackNet weight owners; Piggyback masks) lives in the checkpoint's
 ``extensions`` (namespaces ``tasks``, ``ewc``, ``packnet``, ``piggyback``); the export stage reads it to evaluate
