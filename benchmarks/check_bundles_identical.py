@@ -8,7 +8,9 @@ file, the transport payload, the test vectors and eval sets, the runner copy, an
 from what names the code or the time (the lineage's cache keys hash the code, ``versions`` the
 installed packages). Each side runs from its own copy of the sources (``git archive REV`` for the old
 one, the working tree for the new one) laid out as the installed ``edgec`` package, with its own fresh
-``EDGEC_CACHE_DIR``, so nothing one side trained is reused by the other. ``--side old`` / ``new``
+``EDGEC_CACHE_DIR``, so nothing one side trained is reused by the other. A build with no bundle on
+either side (e.g. one that stops at the accuracy budget) counts as unchanged when both end with the
+same exit code and error line. ``--side old`` / ``new``
 builds one side only (the sides can be built at different times), ``--side none`` compares what
 was built. Exit 1 when any compared bundle differs.
 """
@@ -117,6 +119,8 @@ def _build(side: str, package: Path, name: str, work: Path, build_args: list[str
     start = time.monotonic()
     proc = subprocess.run(command, cwd=src, env=env, capture_output=True, text=True)
     print(f"{side} {name}: exit {proc.returncode} in {time.monotonic() - start:.0f} s", flush=True)
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    (work / side / "out" / f"{name}.outcome").write_text(f"exit {proc.returncode}" + (f": {last}" if proc.returncode else ""))
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
 
@@ -131,12 +135,22 @@ def _compare(names: list[str], work: Path) -> int:
     for name in names:
         old, new = _bundle(work, "old", name), _bundle(work, "new", name)
         if old is None or new is None:
-            print(f"{name}: not compared (bundle missing: {'old' if old is None else 'new'})")
+            outcomes = [_outcome(work, side, name) for side in ("old", "new")]
+            same = old is None and new is None and outcomes[0] is not None and outcomes[0] == outcomes[1]
+            failed |= not same and None not in outcomes
+            print(f"{name}: no bundle on either side, the same outcome ({outcomes[0]})" if same else
+                  f"{name}: not compared (bundle missing: {'old' if old is None else 'new'}; outcomes {outcomes})")
             continue
         differences = _differences(old, new)
         failed |= bool(differences)
         print(f"{name}: {'byte-identical' if not differences else 'DIFFERS: ' + ', '.join(differences)}")
     return 1 if failed else 0
+
+
+def _outcome(work: Path, side: str, name: str) -> str | None:
+    """How the side's build ended (exit code and, on failure, its error line), when it was recorded."""
+    path = work / side / "out" / f"{name}.outcome"
+    return path.read_text() if path.exists() else None
 
 
 def _differences(old: Path, new: Path) -> list[str]:
