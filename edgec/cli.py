@@ -72,7 +72,7 @@ def _registry_names() -> dict[str, str]:
     from edgec.pipeline.stage import Stage
 
     from .base.data import BUILTIN_DATASETS, SOURCE_FORMS
-    from .base.zoo import ZOO
+    from .zoo import ZOO
 
     return {"{ZOO}": ", ".join(ZOO), "{STAGES}": ", ".join(Stage.registry),
             "{DATA}": " | ".join([*BUILTIN_DATASETS, *SOURCE_FORMS])}

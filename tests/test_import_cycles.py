@@ -169,3 +169,30 @@ def test_imports_only_go_down():
     found = upward_imports(import_graph(modules))
     assert not [f for f in found if f.startswith(("edgec.base", "edgec.ondevice", *BASE_AT_THE_TOP_LEVEL))], "\n".join(found)
     assert set(found) <= REPORT_SECTION_HOOKS, "imports that go up a layer:\n" + "\n".join(sorted(set(found) - REPORT_SECTION_HOOKS))
+
+
+def missing_modules(modules) -> list[str]:
+    """``file: name`` for each import of an edgec module that does not exist (a move left it behind)."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    existing = set(modules) | set(packages)  # a package may have no __init__.py
+    missing = []
+    for name, (path, is_init) in modules.items():
+        here = name if is_init else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                wanted = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                wanted = [base]
+            else:
+                continue
+            missing += [f"{path.relative_to(ROOT)}: {w}" for w in wanted
+                        if (w == "edgec" or w.startswith("edgec.")) and w not in existing]
+    return missing
+
+
+def test_every_edgec_import_names_a_module_that_exists():
+    assert missing_modules(package_modules()) == []
