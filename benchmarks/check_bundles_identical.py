@@ -1,14 +1,16 @@
 """Build example configs with an old revision and with the working tree; compare the bundles' bytes.
 
     .venv/bin/python benchmarks/check_bundles_identical.py --old REV [--work DIR] [--side old|new|both]
-                                                           [--config NAME ...]
+                                                           [--config NAME ...] [--mnist DIR] [--list]
 
 A refactoring that claims "behaviour unchanged" must leave every bundle byte-identical: the model
 file, the transport payload, the test vectors and eval sets, the runner copy, and the manifest apart
 from what names the code or the time (the lineage's cache keys hash the code, ``versions`` the
 installed packages). Each side runs from its own copy of the sources (``git archive REV`` for the old
 one, the working tree for the new one) laid out as the installed ``edgec`` package, with its own fresh
-``EDGEC_CACHE_DIR``, so nothing one side trained is reused by the other. ``--side old`` / ``new``
+``EDGEC_CACHE_DIR``, so nothing one side trained is reused by the other. A build with no bundle on
+either side (e.g. one that stops at the accuracy budget) counts as unchanged when both end with the
+same exit code and error line. ``--side old`` / ``new``
 builds one side only (the sides can be built at different times), ``--side none`` compares what
 was built. Exit 1 when any compared bundle differs.
 """
@@ -28,9 +30,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# name -> (edgec build arguments). The quick start and the digits/diabetes examples build in minutes
-# on a laptop CPU; the MNIST ones need the download and much longer. examples/regression.toml stops at
-# the accuracy budget (exit 1, nothing published) on a9d4279: it has no bundle to compare there.
+# name -> edgec build arguments: every examples/*.toml that builds a bundle, plus the quick start on
+# each target. "{mnist}" is replaced by --mnist DIR's ``mnist:DIR`` (default ``mnist``: the folder
+# `edgec data fetch mnist` fills). The digits ones build in minutes on a laptop CPU; the MNIST ones
+# train for longer (lenet-300-100 and distill the longest). examples/regression.toml stops at the
+# accuracy budget (exit 1, nothing published) on a9d4279: it has no bundle to compare there.
 CONFIGS = {
     "quick-start": ["--target", "rpi"],
     "quick-start-onnx-int8": ["--target", "desktop-gpu", "--precision", "int8"],
@@ -41,6 +45,17 @@ CONFIGS = {
     "stage-instances": ["--config", "examples/stage-instances.toml", "--target", "rpi"],
     "anomaly-autoencoder": ["--config", "examples/anomaly-autoencoder.toml", "--target", "rpi"],
     "grow-new-classes": ["--config", "examples/grow-new-classes.toml", "--target", "rpi"],
+    "structured-resnet8": ["--config", "examples/structured-resnet8.toml", "--data", "{mnist}", "--target", "rpi"],
+    "mnist-lenet-5": ["--config", "examples/mnist-lenet-5.toml", "--data", "{mnist}", "--target", "rpi"],
+    "mnist-lenet-300-100": ["--config", "examples/mnist-lenet-300-100.toml", "--data", "{mnist}", "--target", "rpi"],
+    "mnist-distill": ["--config", "examples/mnist-distill.toml", "--data", "{mnist}", "--target", "rpi"],
+    "latency-resnet18": ["--config", "examples/latency-resnet18.toml", "--data", "{mnist}", "--target", "rpi"],
+}
+# Examples with no bundle to compare here, and why (printed by --list).
+NOT_BUILT = {
+    "search-lenet-300-100": "an `edgec search` config (12 MNIST trials), not a build; its trials build bundles "
+                            "the same way as mnist-lenet-300-100",
+    "structured-mobilenet-v1": "needs an image folder (--data folder:DIR, visual wake words); none ships here",
 }
 PACKAGE_DIRS = {"pipeline": "pipeline", "targets": "targets", "calibration": "calibration"}  # as pyproject maps them
 VOLATILE_MANIFEST_KEYS = ("lineage", "versions", "edgec_version", "self_sha256")
@@ -53,13 +68,20 @@ def main() -> int:
     parser.add_argument("--side", choices=("old", "new", "both", "none"), default="both",
                         help="which side to build before comparing (none: compare what was built)")
     parser.add_argument("--config", action="append", choices=sorted(CONFIGS), help="default: every config")
+    parser.add_argument("--mnist", type=Path, help="MNIST folder for the MNIST examples (default: edgec's own)")
+    parser.add_argument("--list", action="store_true", help="list the configs and the examples left out, then exit")
     args = parser.parse_args()
+    if args.list:
+        print("\n".join([f"{n}: {' '.join(a)}" for n, a in CONFIGS.items()]
+                        + [f"{n}: not built ({why})" for n, why in NOT_BUILT.items()]))
+        return 0
+    data = f"mnist:{args.mnist.resolve()}" if args.mnist else "mnist"
     names = args.config or list(CONFIGS)
     sides = {"both": ("old", "new"), "none": ()}.get(args.side, (args.side,))
     for side in sides:
         package = _package(side, args.old, args.work)
         for name in names:
-            _build(side, package, name, args.work)
+            _build(side, package, name, args.work, [a.replace("{mnist}", data) for a in CONFIGS[name]])
     return _compare(names, args.work)
 
 
@@ -84,16 +106,21 @@ def _package(side: str, old_rev: str, work: Path) -> Path:
     return package
 
 
-def _build(side: str, package: Path, name: str, work: Path) -> None:
+def _build(side: str, package: Path, name: str, work: Path, build_args: list[str]) -> None:
     out = work / side / "out" / name
     shutil.rmtree(out, ignore_errors=True)
     cache = work / side / "cache"  # one per side, emptied when the side's sources are laid out
     env = {**os.environ, "PYTHONPATH": str(package), "EDGEC_CACHE_DIR": str(cache)}
     src = work / side / "src"
-    command = [sys.executable, "-m", "edgec", "build", *CONFIGS[name], "--out", str(out)]
+    # -P: the build runs in src/ (for the examples' relative paths), whose edgec/ lacks pipeline/ and
+    # targets/; on sys.path it would shadow the laid-out package, and the worktree's editable install
+    # would then supply edgec.pipeline: the old side would run the new pipeline.
+    command = [sys.executable, "-P", "-m", "edgec", "build", *build_args, "--out", str(out)]
     start = time.monotonic()
     proc = subprocess.run(command, cwd=src, env=env, capture_output=True, text=True)
     print(f"{side} {name}: exit {proc.returncode} in {time.monotonic() - start:.0f} s", flush=True)
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    (work / side / "out" / f"{name}.outcome").write_text(f"exit {proc.returncode}" + (f": {last}" if proc.returncode else ""))
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
 
@@ -108,12 +135,22 @@ def _compare(names: list[str], work: Path) -> int:
     for name in names:
         old, new = _bundle(work, "old", name), _bundle(work, "new", name)
         if old is None or new is None:
-            print(f"{name}: not compared (bundle missing: {'old' if old is None else 'new'})")
+            outcomes = [_outcome(work, side, name) for side in ("old", "new")]
+            same = old is None and new is None and outcomes[0] is not None and outcomes[0] == outcomes[1]
+            failed |= not same and None not in outcomes
+            print(f"{name}: no bundle on either side, the same outcome ({outcomes[0]})" if same else
+                  f"{name}: not compared (bundle missing: {'old' if old is None else 'new'}; outcomes {outcomes})")
             continue
         differences = _differences(old, new)
         failed |= bool(differences)
         print(f"{name}: {'byte-identical' if not differences else 'DIFFERS: ' + ', '.join(differences)}")
     return 1 if failed else 0
+
+
+def _outcome(work: Path, side: str, name: str) -> str | None:
+    """How the side's build ended (exit code and, on failure, its error line), when it was recorded."""
+    path = work / side / "out" / f"{name}.outcome"
+    return path.read_text() if path.exists() else None
 
 
 def _differences(old: Path, new: Path) -> list[str]:

@@ -118,7 +118,6 @@ def run_case(name: str, data_dir: Path, work: Path, threads: int | None = None) 
         "deep_compression_bytes": share.get("deep_compression_bytes"),
         "deep_compression_ratio": round(size["reference_fp32_bytes"] / share["deep_compression_bytes"], 2)
         if share.get("deep_compression_bytes") else None,
-        "packed_weights_bytes": share.get("packed_weights_bytes"),
         "kept_weights": {r["layer"]: round(1 - r["sparsity"], 4) for r in sparsity.get("layers", [])},
         "kept_total": round(1 - sparsity["total"]["sparsity"], 4) if sparsity else None,
         "stage_seconds": {s["stage"]: s["seconds"] for s in build["stages"]},

@@ -86,9 +86,9 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from edgec.architecture import ModelTrust
-    from edgec.data import load_dataset
-    from edgec.errors import EdgecError
+    from edgec.base.architecture import ModelTrust
+    from edgec.base.data import load_dataset
+    from edgec.base.errors import EdgecError
     from edgec.pipeline.cache import StageCache
     from edgec.pipeline.stages.distill import DistillConfig, DistillStage
     from edgec.pipeline.runner import run_chain

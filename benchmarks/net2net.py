@@ -85,8 +85,8 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from edgec.architecture import ModelTrust
-    from edgec.data import load_dataset
+    from edgec.base.architecture import ModelTrust
+    from edgec.base.data import load_dataset
     from edgec.pipeline.algorithms import net2net
     from edgec.pipeline.cache import StageCache
     from edgec.pipeline.runner import run_chain

@@ -71,7 +71,7 @@ def training_subset(data, n: int | None, seed: int = 0):
 
 def run_seeds(data, seeds: list[int], train_cfg, longer_cfg, pretrain_cfg, console) -> list[dict]:
     """Both arms for each seed, from that seed's initial weights, in a fresh stage cache."""
-    from edgec.architecture import ModelTrust
+    from edgec.base.architecture import ModelTrust
     from edgec.pipeline.cache import StageCache
     from edgec.pipeline.runner import run_chain
     from edgec.pipeline.source import make_source
@@ -178,7 +178,7 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from edgec.data import load_dataset
+    from edgec.base.data import load_dataset
     from edgec.ondevice.machine import machine_info
     from edgec.pipeline.stages.pretrain import PretrainConfig
     from edgec.pipeline.stages.train import TrainConfig

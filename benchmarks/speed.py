@@ -125,7 +125,7 @@ def resized_mnist(data_dir: Path, shape, train: int, test: int, out: Path) -> st
     import torch
     import torch.nn.functional as F
 
-    from edgec.data import load_dataset
+    from edgec.base.data import load_dataset
 
     mnist = load_dataset(f"mnist:{data_dir}")
     rng = np.random.default_rng(0)
@@ -185,7 +185,7 @@ def macs_of(compressed, shape) -> tuple[int, int]:
     """(dense, compressed) multiply-accumulates: the uncompressed model the build keeps, and the prune stage's count."""
     import torch
 
-    from edgec.architecture import ModelTrust, build
+    from edgec.base.architecture import ModelTrust, build
     from edgec.pipeline.algorithms.channels import model_cost
 
     arch = torch.load(compressed.build_dir / "uncompressed.pt", weights_only=True)["arch"]

@@ -103,7 +103,7 @@ def padded_mnist(data_dir: Path, train_samples: int, out: Path) -> str:
     """MNIST zero-padded to 32x32, a class-balanced random subset of the training images, the whole test split."""
     import numpy as np
 
-    from edgec.data import load_dataset
+    from edgec.base.data import load_dataset
 
     mnist = load_dataset(f"mnist:{data_dir}")
     x = np.concatenate([mnist.x_train, mnist.x_val])
@@ -206,7 +206,7 @@ def main() -> None:
     from edgec.api import build
     from edgec.benchmarking import run_bench
     from edgec.budgets import check_budgets
-    from edgec.errors import EdgecError
+    from edgec.base.errors import EdgecError
     from edgec.targets.profile import Budgets
 
     torch.set_num_threads(args.threads)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from rich.console import Console
 
-from edgec.architecture import ModelTrust
+from edgec.base.architecture import ModelTrust
 from edgec.pipeline.accuracy_budget import measure as measure_budget
 from edgec.pipeline.accuracy_budget import refuse_over_budget, resolve_budget
 from edgec.pipeline.artifact import BUNDLE, CHECKPOINT_FILE
@@ -34,9 +34,9 @@ from edgec.zoo import ZOO, default_model
 
 from .build_layout import BUILD_FILE, BUNDLE_DIR, MODEL_FILE, REFERENCE_FILE, UNCOMPRESSED_FILE
 from .config import MAIN_DATA, BuildConfig, DataSpec, parse_config
-from .data import Dataset, load_dataset
+from .base.data import Dataset, load_dataset
 from .data_views import permute_features, select_classes
-from .errors import ConfigError, InputError
+from .base.errors import ConfigError, InputError
 from .output_dir import check_output_locations
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from rich.console import Console
 
 from edgec.build_layout import REFERENCE_FILE, UNCOMPRESSED_FILE
-from edgec.errors import InputError
+from edgec.base.errors import InputError
 from edgec.ondevice.integrity import MANIFEST_NAME, RECOMMENDED_NAME, SIGNATURE_NAME
 
 BENCH_SCHEMA = "edgec-bench"
@@ -92,8 +92,8 @@ def bench_baseline(bundle: Path, result: dict, options: dict[str, Any], trusted_
                    progress=None) -> dict[str, Any]:
     """Export the uncompressed model for the bundle's target (same converter, same precision) into a
     temporary bundle and bench it with the same harness and options as the bundle itself."""
-    from edgec.architecture import ModelTrust
-    from edgec.checkpoint import load_checkpoint
+    from edgec.base.architecture import ModelTrust
+    from edgec.base.checkpoint import load_checkpoint
     from edgec.ondevice import bench_bundle, load_bundle
     from edgec.ondevice.paired import paired_speedup
 
@@ -200,8 +200,8 @@ def time_reference(bundle: Path, result: dict, warmup: int, runs: int, trusted_m
     """Latency of the fp32 torch model at batch 1 with the best setting's thread count."""
     import torch
 
-    from edgec.architecture import ModelTrust
-    from edgec.checkpoint import load_checkpoint
+    from edgec.base.architecture import ModelTrust
+    from edgec.base.checkpoint import load_checkpoint
 
     path = bundle.parent / REFERENCE_FILE
     if not path.is_file():

@@ -1,6 +1,6 @@
 """The ``edgec`` command line.
 
-Known errors (:class:`edgec.errors.EdgecError`) print one line and exit with their code (2 for bad
+Known errors (:class:`edgec.base.errors.EdgecError`) print one line and exit with their code (2 for bad
 usage, config or input; 1 for a failed run). ``--debug`` anywhere on the command line adds the
 traceback; the exit code never depends on it.
 """
@@ -24,9 +24,9 @@ from rich.table import Table
 
 from . import __version__
 from .data_commands import data_app
-from .errors import ConfigError, EdgecError, RunError
+from .base.errors import ConfigError, EdgecError, RunError
 from .ondevice.errors import BundleError
-from .tomlfile import NestedTooDeep, parse_toml
+from .base.tomlfile import NestedTooDeep, parse_toml
 
 app = typer.Typer(
     name="edgec",
@@ -71,7 +71,7 @@ def _registry_names() -> dict[str, str]:
     import edgec.pipeline.stages  # noqa: F401  (registers the stage kinds)
     from edgec.pipeline.stage import Stage
 
-    from .data import BUILTIN_DATASETS, SOURCE_FORMS
+    from .base.data import BUILTIN_DATASETS, SOURCE_FORMS
     from .zoo import ZOO
 
     return {"{ZOO}": ", ".join(ZOO), "{STAGES}": ", ".join(Stage.registry),
@@ -384,7 +384,7 @@ def _show_traceback(debug: bool) -> None:
 def main() -> None:
     args, debug = _split_debug(sys.argv[1:])
     if debug:
-        os.environ["EDGEC_DEBUG"] = "1"  # native libraries' logs (edgec.quiet) are shown too
+        os.environ["EDGEC_DEBUG"] = "1"  # native libraries' logs (edgec.base.quiet) are shown too
     usage_errors, click_errors, aborts, no_args_help = _click_exceptions()
     _install_signal_handlers()
     _configure_libraries()

@@ -23,14 +23,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgec.pipeline.cache_auth import default_cache_dir
+from edgec.base.locations import default_cache_dir
 from edgec.pipeline.stage import Stage, StageConfig, Strict
 from edgec.pipeline.stages import DEFAULT_STAGES
 
-from .data import BUILTIN_DATASETS
-from .errors import ConfigError
-from .suggest import did_you_mean
-from .tomlfile import read_toml
+from .base.data import BUILTIN_DATASETS
+from .base.errors import ConfigError
+from .base.suggest import did_you_mean
+from .base.tomlfile import read_toml
 
 DEFAULT_CONFIG_FILE = Path("edgec.toml")
 DEFAULT_OUT = Path("edgec-out")

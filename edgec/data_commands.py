@@ -1,4 +1,4 @@
-"""``edgec data fetch NAME`` and ``edgec data list``: the data sets edgec downloads (edgec/data_fetch.py)."""
+"""``edgec data fetch NAME`` and ``edgec data list``: the data sets edgec downloads (edgec/base/data_fetch.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from . import data_fetch
+from .base import data_fetch
 
 data_app = typer.Typer(help="Data sets edgec downloads for --data NAME (mnist, fashion-mnist, kmnist).",
                        no_args_is_help=True)

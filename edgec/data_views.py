@@ -12,8 +12,8 @@ import dataclasses
 
 import numpy as np
 
-from .data import Dataset
-from .errors import ConfigError
+from .base.data import Dataset
+from .base.errors import ConfigError
 
 
 def select_classes(data: Dataset, classes: list[int], where: str) -> Dataset:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgec.errors import ConfigError, InputError, RunError
+from edgec.base.errors import ConfigError, InputError, RunError
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgec" / "arm64"
 

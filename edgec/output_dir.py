@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 
 from .build_layout import BUILD_FILE, BUNDLE_DIR, MODEL_FILE
-from .errors import InputError
+from .base.errors import InputError
 from .ondevice.integrity import MANIFEST_NAME
 
 BUNDLE_MANIFEST = (BUNDLE_DIR, MANIFEST_NAME)

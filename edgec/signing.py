@@ -26,7 +26,7 @@ import os
 import re
 from pathlib import Path
 
-from edgec.errors import ConfigError, InputError
+from edgec.base.errors import ConfigError, InputError
 from edgec.ondevice.errors import BundleError
 from edgec.ondevice.integrity import MANIFEST_NAME, SIGNATURE_NAME, describe_files
 from edgec.ondevice.manifest import load_bundle, read_manifest_bytes

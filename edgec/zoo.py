@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .base.errors import ConfigError
 
 
 def _features(input_shape: tuple[int, ...]) -> int:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from edgec.data import Dataset
-from edgec.errors import RunError
+from edgec.base.data import Dataset
+from edgec.base.errors import RunError
 from edgec.ondevice import metrics as M
 
 DEFAULT_MAX_DROP_PT = 1.0

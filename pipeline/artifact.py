@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgec.checkpoint import Checkpoint, load_checkpoint
-from edgec.errors import RunError
+from edgec.base.checkpoint import Checkpoint, load_checkpoint
+from edgec.base.errors import RunError
 
 MODEL = "model"  # a folder with model.pt (edgec checkpoint)
 BUNDLE = "bundle"  # a folder laid out as a deployable bundle (see docs/design.md)

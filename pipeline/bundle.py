@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import edgec
-from edgec.errors import RunError
+from edgec.base.errors import RunError
 
 from .algorithms.transport_codec import encode_transport
 from .manifest import write_manifest

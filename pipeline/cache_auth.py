@@ -29,29 +29,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from edgec.errors import ConfigError, InputError
+from edgec.base.errors import InputError
+from edgec.base.locations import home_base, usable_base
 
 KEY_ENV = "EDGEC_CACHE_KEY_FILE"
 KEY_BYTES = 32
 MAC_DOMAIN = "edgec-cache-entry-v1"
 _O_KEY = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-
-
-def usable_base(env: str) -> Path | None:
-    """``$env`` as a base folder when it is an absolute path other than ``/``; else None (an empty
-    or relative value would put files under ``/`` or the current folder)."""
-    value = os.environ.get(env, "")
-    path = Path(value)
-    return path if value and path.is_absolute() and path != Path("/") else None
-
-
-def home_base() -> Path | None:
-    """The user's home as a base folder: $HOME when set, else the password database's; None when
-    it is empty, relative or ``/``."""
-    if "HOME" in os.environ:
-        return usable_base("HOME")
-    home = Path(os.path.expanduser("~"))
-    return home if home.is_absolute() and home != Path("/") else None
 
 
 def default_key_file() -> Path:
@@ -136,20 +120,3 @@ def entry_mac(key: bytes, body: dict[str, Any]) -> str:
 
 def mac_matches(key: bytes, body: dict[str, Any], mac: Any) -> bool:
     return isinstance(mac, str) and hmac.compare_digest(entry_mac(key, body), mac)
-
-
-def default_cache_dir() -> Path:
-    """$EDGEC_CACHE_DIR, else $XDG_CACHE_HOME/edgec, else $HOME/.cache/edgec. An empty or relative
-    XDG_CACHE_HOME is ignored (XDG spec), and an empty, relative or ``/`` HOME is no home: the cache
-    never lands under ``/`` or the current folder by accident."""
-    env = os.environ.get("EDGEC_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = usable_base("XDG_CACHE_HOME")
-    if base is None:
-        home = home_base()
-        if home is None:
-            raise ConfigError("no place for the stage cache: HOME is not an absolute path; set EDGEC_CACHE_DIR or "
-                              "pass --cache-dir")
-        base = home / ".cache"
-    return base / "edgec"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 
 from .stage import Probe
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgec.data import Dataset
+from edgec.base.data import Dataset
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgec.data import Dataset
+from edgec.base.data import Dataset
 
 from .inference import accuracy
 

@@ -1,7 +1,7 @@
 """What a model learns, as one object per task kind: stages ask it instead of assuming labels.
 
 ``task = "classification" | "reconstruction" | "regression"`` (``BuildConfig.task``) is carried by
-the :class:`~edgec.data.Dataset` every stage reads; :func:`objective_for` returns its objective:
+the :class:`~edgec.base.data.Dataset` every stage reads; :func:`objective_for` returns its objective:
 
 =====================  ================================  =================================  ==========================
                        classification                    reconstruction (autoencoder)       regression
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgec.calibration.samples import quantile_bins, select_calibration_indices
-from edgec.data import Dataset
-from edgec.errors import ConfigError, InputError, RunError
+from edgec.base.data import Dataset
+from edgec.base.errors import ConfigError, InputError, RunError
 from edgec.ondevice import metrics as M
 
 from .inference import accuracy, predict

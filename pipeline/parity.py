@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgec.errors import RunError
+from edgec.base.errors import RunError
 
 MIN_DECIDED_FRACTION = 0.5  # fewer samples clear the error bound: the error itself is the fault
 ERROR_PERCENTILE = 99.0

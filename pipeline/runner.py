@@ -10,9 +10,9 @@ from typing import Mapping, Sequence
 import torch
 from rich.table import Table
 
-from edgec.checkpoint import load_checkpoint
-from edgec.data import Dataset
-from edgec.errors import ConfigError, EdgecError, InputError, RunError
+from edgec.base.checkpoint import load_checkpoint
+from edgec.base.data import Dataset
+from edgec.base.errors import ConfigError, EdgecError, InputError, RunError
 
 from .accuracy_budget import reference_index
 from .artifact import CHECKPOINT_FILE, MODEL, Artifact

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from edgec import architecture
-from edgec.architecture import ModelTrust
-from edgec.checkpoint import Checkpoint, load_weights
-from edgec.data import Dataset, physical_memory
-from edgec.errors import ConfigError, InputError
+from edgec.base import architecture
+from edgec.base.architecture import ModelTrust
+from edgec.base.checkpoint import Checkpoint, load_weights
+from edgec.base.data import Dataset, physical_memory
+from edgec.base.errors import ConfigError, InputError
 from edgec.zoo import ZOO
 
 from .artifact import CHECKPOINT_FILE, MODEL, Artifact

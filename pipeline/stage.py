@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from torch import nn
 
-from edgec.architecture import ModelTrust
-from edgec.data import Dataset
+from edgec.base.architecture import ModelTrust
+from edgec.base.data import Dataset
 
 from .artifact import MODEL, Artifact
 

@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from edgec.data import Dataset
+from edgec.base.data import Dataset
 
-from edgec.errors import ConfigError, RunError
+from edgec.base.errors import ConfigError, RunError
 
 from .objectives import objective_for
 from .stage import Probe, Stage, StageContext, Strict

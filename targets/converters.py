@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgec.errors import ExportError
+from edgec.base.errors import ExportError
 
 from .exported import calibration_inputs, quiet_converter
 

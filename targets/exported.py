@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgec.errors import ExportError
+from edgec.base.errors import ExportError
 
 # Layout of a model input/output by rank. Both converters keep PyTorch's NCHW at the interface
 # (litert-torch transposes to NHWC inside the graph), so a 4-D tensor is NCHW in every format.

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from edgec.errors import ExportError
+from edgec.base.errors import ExportError
 
 from .exported import dropout_ops, remove_dropout_nodes
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgec.errors import ExportError
+from edgec.base.errors import ExportError
 from edgec.ondevice.manifest import LAYER_NAME
 
 MAX_ROUNDS = 4  # 1, 2, 4, 8 float layers

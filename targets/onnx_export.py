@@ -33,7 +33,7 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 
 from edgec.calibration.readers import OnnxCalibrationReader
 from edgec.calibration.samples import calibration_digest
-from edgec.errors import ExportError
+from edgec.base.errors import ExportError
 
 from .float_ops_onnx import nodes_to_exclude
 from .exported import ExportedModelInfo, calibration_inputs, quiet_converter, staged_file, strip_dropout, tensor_spec

@@ -38,9 +38,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from edgec.errors import ConfigError
-from edgec.suggest import did_you_mean
-from edgec.tomlfile import read_toml
+from edgec.base.errors import ConfigError
+from edgec.base.suggest import did_you_mean
+from edgec.base.tomlfile import read_toml
 
 from .converters import FORMATS
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgec.errors import ExportError
+from edgec.base.errors import ExportError
 
 from .exported import strip_dropout
 from .int8_quantizer import capture_graph, full_integer_quantizer, load_litert

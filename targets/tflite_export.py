@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from edgec.calibration.samples import calibration_digest
-from edgec.errors import ExportError
+from edgec.base.errors import ExportError
 
 from .exported import ExportedModelInfo, calibration_inputs, quiet_converter, staged_file, strip_dropout, tensor_spec
 from .int8_quantizer import capture_graph, full_integer_quantizer, load_litert

@@ -30,9 +30,9 @@ def zoo_source(cache, name: str, data, **kwargs):
     """A source artifact in ``cache``: the zoo model ``name`` built for ``data`` with seed-0 initial weights."""
     import torch
 
-    from edgec import architecture
-    from edgec.architecture import ModelTrust
-    from edgec.checkpoint import Checkpoint
+    from edgec.base import architecture
+    from edgec.base.architecture import ModelTrust
+    from edgec.base.checkpoint import Checkpoint
     from edgec.pipeline.artifact import CHECKPOINT_FILE, MODEL
 
     arch = architecture.record(architecture.zoo_base(name, data.input_shape, data.num_classes, **kwargs))

@@ -196,7 +196,7 @@ def test_budgeted_keys_hold_the_trained_reference(tmp_path):
     judged and their keys do not name it."""
     from rich.console import Console
 
-    from edgec.data import load_dataset
+    from edgec.base.data import load_dataset
     from edgec.pipeline.artifact import MODEL, Artifact
     from edgec.pipeline.stage import StageContext
     from edgec.pipeline.stages.distill import DistillConfig, DistillStage

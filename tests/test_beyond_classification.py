@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgec.api import build
-from edgec.errors import RunError
+from edgec.base.errors import RunError
 from edgec.ondevice import bench_bundle, load_bundle, verify_bundle
 from edgec.pipeline.algorithms.output_range import representable
 

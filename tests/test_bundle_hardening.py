@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import test_ondevice as tod
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 from edgec.ondevice import (BundleError, IntegrityError, ManifestError, bench_bundle, load_bundle, machine_identity,
                             machine_key, verify_bundle)
 from edgec.ondevice import manifest as manifest_mod

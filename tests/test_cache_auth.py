@@ -12,7 +12,7 @@ import pytest
 
 from support import reseal_manifest, run_cli
 
-from edgec.errors import InputError
+from edgec.base.errors import InputError
 from edgec.pipeline.artifact import MODEL
 from edgec.pipeline.cache import ENTRY_FILE, StageCache, stable_hash
 from edgec.pipeline.cache_auth import KEY_BYTES, KEY_ENV, load_cache_key

@@ -5,10 +5,10 @@ import torch
 
 from torch import nn
 
-from edgec import architecture
-from edgec.architecture import ModelTrust
-from edgec.checkpoint import Checkpoint, load_checkpoint, load_weights
-from edgec.errors import ConfigError, InputError
+from edgec.base import architecture
+from edgec.base.architecture import ModelTrust
+from edgec.base.checkpoint import Checkpoint, load_checkpoint, load_weights
+from edgec.base.errors import ConfigError, InputError
 from edgec.zoo import ZOO
 
 TRUST = ModelTrust()

@@ -1,7 +1,7 @@
 import pytest
 
 from edgec.config import Overrides, load_config, parse_config
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 
 
 def test_defaults_need_no_file(tmp_path, monkeypatch):

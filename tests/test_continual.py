@@ -16,10 +16,10 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from edgec.architecture import ModelTrust
-from edgec.data import load_dataset
+from edgec.base.architecture import ModelTrust
+from edgec.base.data import load_dataset
 from edgec.data_views import permute_features, select_classes
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 from edgec.modules import ConcatHeads
 from edgec.pipeline.algorithms import continual as cl
 from edgec.pipeline.cache import StageCache
@@ -406,7 +406,7 @@ def test_export_gates_every_task(tmp_path, digits):
                        tasks={"a": "a", "b": "b"})
     cache = StageCache(tmp_path / "cache")
     source = make_source("mlp", {"widths": [16]}, None, data["a"], 0, cache, ModelTrust())
-    from edgec.errors import RunError
+    from edgec.base.errors import RunError
 
     with pytest.raises(RunError, match="task 'a'.*task 'b'"):
         run_chain([learn("a", "finetune", epochs=3), learn("b", "lwf", epochs=3), ExportStage(ExportConfig())], source,

@@ -19,7 +19,7 @@ from support import decisive_agreement
 from torch import nn
 
 from edgec.calibration.samples import select_calibration_indices
-from edgec.errors import ExportError
+from edgec.base.errors import ExportError
 from edgec.targets.onnx_export import export_onnx
 from edgec.targets.tflite_export import export_tflite
 

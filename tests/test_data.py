@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgec.data import load_dataset, read_idx
-from edgec.errors import InputError
+from edgec.base.data import load_dataset, read_idx
+from edgec.base.errors import InputError
 
 
 def write_idx(path, array, gz=False):
@@ -153,8 +153,8 @@ def test_npz_huge_label_refused_without_building_its_class_list(tmp_path):
     code = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
-        "from edgec.data import load_dataset\n"
-        "from edgec.errors import InputError\n"
+        "from edgec.base.data import load_dataset\n"
+        "from edgec.base.errors import InputError\n"
         "try:\n"
         f"    load_dataset({spec!r})\n"
         "except InputError as e:\n"
@@ -284,6 +284,6 @@ def test_folder_decompression_bomb(tmp_path, monkeypatch):
     assert Image.MAX_IMAGE_PIXELS == limit  # the limit is edgec's, not left behind for the process
     # between the limit and twice it PIL only warns: edgec turns the warning into the same refusal
     (tmp_path / "dog" / "bomb.png").unlink()
-    monkeypatch.setattr("edgec.data.MAX_IMAGE_PIXELS", 80)
+    monkeypatch.setattr("edgec.base.data.MAX_IMAGE_PIXELS", 80)
     with pytest.raises(InputError, match=r"cat/0.png is too large"):
         load_dataset(f"folder:{tmp_path}")

@@ -16,9 +16,9 @@ import threading
 import numpy as np
 import pytest
 
-from edgec import data_fetch
-from edgec.data_fetch import FetchableDataset, RemoteFile
-from edgec.errors import RunError
+from edgec.base import data_fetch
+from edgec.base.data_fetch import FetchableDataset, RemoteFile
+from edgec.base.errors import RunError
 
 NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
          "t10k-labels-idx1-ubyte.gz")
@@ -92,7 +92,7 @@ def cli_with_registry(entry, *args, cwd, check):
     pinned = json.dumps([[f.name, f.size, f.sha256] for f in entry.files])
     code = (
         "import json, sys\n"
-        "from edgec import data_fetch as d\n"
+        "from edgec.base import data_fetch as d\n"
         f"files = tuple(d.RemoteFile(*f) for f in json.loads({pinned!r}))\n"
         f"d.DATASETS['mnist'] = d.FetchableDataset('mnist', {entry.mirrors!r}, files, tuple('0123456789'))\n"
         "from edgec.cli import main\n"

@@ -4,12 +4,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from edgec import architecture
-from edgec.architecture import ModelTrust
-from edgec.checkpoint import Checkpoint
+from edgec.base import architecture
+from edgec.base.architecture import ModelTrust
+from edgec.base.checkpoint import Checkpoint
 from edgec.config import load_config
-from edgec.data import load_dataset
-from edgec.errors import ConfigError
+from edgec.base.data import load_dataset
+from edgec.base.errors import ConfigError
 from edgec.pipeline.artifact import CHECKPOINT_FILE, MODEL
 from edgec.pipeline.cache import StageCache
 from edgec.pipeline.stages.distill import DistillConfig, DistillStage, distillation_loss

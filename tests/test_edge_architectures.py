@@ -28,7 +28,7 @@ from support import TIE_MARGIN, decisive_agreement, run_cli
 from torch import nn
 
 from edgec.calibration.samples import select_calibration_indices
-from edgec.data import load_dataset
+from edgec.base.data import load_dataset
 from edgec.ondevice.runtimes import open_model
 from edgec.targets.diagnose import int8_layer_errors
 from edgec.targets.exported import dropout_ops, remove_dropout_nodes, strip_dropout
@@ -51,7 +51,7 @@ FORMATS = [("tflite", "int8"), ("tflite", "fp16"), ("onnx", "int8"), ("onnx", "f
 
 @pytest.fixture(scope="module")
 def digits():
-    """(x_train, y_train, x_test, y_test): the digits split of ``edgec.data``, 16x16 float inputs in [0, 1]."""
+    """(x_train, y_train, x_test, y_test): the digits split of ``edgec.base.data``, 16x16 float inputs in [0, 1]."""
     data = load_dataset("digits")
 
     def upsample(raw: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgec import emulation
-from edgec.errors import ConfigError, InputError
+from edgec.base.errors import ConfigError, InputError
 from support import run_cli
 
 # rpi: the quick start's bundle (the whole default chain on digits, shortened epochs); the others

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgec.errors import ConfigError, RunError
+from edgec.base.errors import ConfigError, RunError
 from edgec.pipeline.parity import Parity, ParityMismatch, enforce_parity, measure_parity
 from edgec.targets.converters import CONVERTERS, FORMATS, PRECISIONS, Converter, converter_for
 from edgec.targets.profile import Budgets, builtin_targets, load_target

@@ -10,13 +10,13 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from edgec import architecture
-from edgec.architecture import ModelTrust
-from edgec.checkpoint import Checkpoint, load_checkpoint
+from edgec.base import architecture
+from edgec.base.architecture import ModelTrust
+from edgec.base.checkpoint import Checkpoint, load_checkpoint
 from edgec.config import parse_config
-from edgec.data import load_dataset
+from edgec.base.data import load_dataset
 from edgec.data_views import select_classes
-from edgec.errors import ConfigError, RunError
+from edgec.base.errors import ConfigError, RunError
 from edgec.pipeline.algorithms import net2net
 from edgec.pipeline.artifact import CHECKPOINT_FILE, MODEL
 from edgec.pipeline.cache import StageCache

@@ -41,9 +41,9 @@ def build_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("child, path", [("update", "extra"), ("__class__", "extra"), ("x", "hidden.forward")])
 def test_architecture_record_module_names_are_checked(tmp_path, child, path):
-    from edgec import architecture
-    from edgec.architecture import ModelTrust
-    from edgec.checkpoint import Checkpoint
+    from edgec.base import architecture
+    from edgec.base.architecture import ModelTrust
+    from edgec.base.checkpoint import Checkpoint
 
     arch = architecture.record(architecture.zoo_base("mlp", (1, 8, 8), 10))
     state = architecture.build(arch, ModelTrust()).state_dict()

@@ -10,9 +10,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from edgec.architecture import ModelTrust
-from edgec.data import load_dataset
-from edgec.errors import ConfigError
+from edgec.base.architecture import ModelTrust
+from edgec.base.data import load_dataset
+from edgec.base.errors import ConfigError
 from edgec.pipeline.algorithms import icarl
 from edgec.pipeline.cache import StageCache
 from edgec.pipeline.runner import check_chain, run_chain

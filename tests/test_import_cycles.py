@@ -104,7 +104,7 @@ def test_the_graph_is_read_from_every_module():
     # relative, absolute, lazy and ``from . import submodule`` imports are all edges
     assert "edgec.ondevice.integrity" in graph["edgec.ondevice.manifest"]
     assert "edgec.search.ray_backend" in graph["edgec.search.runner"]
-    assert "edgec.errors" in graph["edgec.search.runner"]
+    assert "edgec.base.errors" in graph["edgec.search.runner"]
 
 
 def test_cycles_are_found():
@@ -117,3 +117,82 @@ def test_no_import_cycle():
     search runner <-> ray_backend, ondevice manifest <-> tasks, artifact <-> cache, data_fetch -> config."""
     found = cycles(import_graph(package_modules()))
     assert not found, f"import cycles: {[sorted(c) for c in found]}"
+
+
+# The layers, top to bottom: a module imports from its own layer and the ones below, never above.
+# ``edgec.ondevice`` (the numpy-only runner shipped in every bundle) and ``edgec.calibration`` sit beside
+# the base; the root package ``edgec`` holds only the version. ``edgec.zoo`` and ``edgec.modules`` are
+# base modules that keep their path: an exported model records its layers' class paths in its tensor
+# names (``edgec.zoo.CNNSmall/...``), so moving them would change every bundle.
+BASE_AT_THE_TOP_LEVEL = ("edgec.zoo", "edgec.modules")
+LAYERS = [
+    ("top", lambda m: True),  # edgec.cli, api, config, report, search, ...: whatever is not below
+    ("pipeline and targets", lambda m: m.startswith(("edgec.pipeline", "edgec.targets"))),
+    ("base", lambda m: m in ("edgec", *BASE_AT_THE_TOP_LEVEL)
+     or m.startswith(("edgec.base", "edgec.ondevice", "edgec.calibration"))),
+]
+
+
+def layer_of(module: str) -> int:
+    return max(i for i, (_, member) in enumerate(LAYERS) if member(module))
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+                  for m, targets in graph.items() for t in targets if layer_of(t) < layer_of(m))
+
+
+def test_layers_are_found():
+    graph = {"edgec.base.data": {"edgec.pipeline.cache_auth"}, "edgec.pipeline.runner": {"edgec.api", "edgec.base.errors"},
+             "edgec.cli": {"edgec.pipeline.runner", "edgec.base.errors"}, "edgec.targets.qat": {"edgec.pipeline.stage"}}
+    assert upward_imports(graph) == [
+        "edgec.base.data (base) imports edgec.pipeline.cache_auth (pipeline and targets)",
+        "edgec.pipeline.runner (pipeline and targets) imports edgec.api (top)",
+    ]
+
+
+# Still going up: a stage's optional report section (the stage protocol's ``report_section``) renders
+# with the report package's section code, imported lazily when the report is written.
+REPORT_SECTION_HOOKS = {
+    "edgec.pipeline.stages.learn (pipeline and targets) imports edgec.report.continual (top)",
+    "edgec.pipeline.stages.pretrain (pipeline and targets) imports edgec.report.pretrain (top)",
+    "edgec.pipeline.stages.share (pipeline and targets) imports edgec.report.sections (top)",
+}
+
+
+def test_imports_only_go_down():
+    """Issue 23: edgec was both the top (cli, api, config, report) and the bottom (errors, data,
+    architecture, checkpoint, zoo) of the graph; the bottom is edgec.base now, below the pipeline,
+    and nothing in it imports from the pipeline, the targets or the top."""
+    modules = package_modules()
+    assert {"edgec.base.errors", "edgec.base.data", "edgec.zoo"} <= set(modules)
+    found = upward_imports(import_graph(modules))
+    assert not [f for f in found if f.startswith(("edgec.base", "edgec.ondevice", *BASE_AT_THE_TOP_LEVEL))], "\n".join(found)
+    assert set(found) <= REPORT_SECTION_HOOKS, "imports that go up a layer:\n" + "\n".join(sorted(set(found) - REPORT_SECTION_HOOKS))
+
+
+def missing_modules(modules) -> list[str]:
+    """``file: name`` for each import of an edgec module that does not exist (a move left it behind)."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    existing = set(modules) | set(packages)  # a package may have no __init__.py
+    missing = []
+    for name, (path, is_init) in modules.items():
+        here = name if is_init else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                wanted = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                wanted = [base]
+            else:
+                continue
+            missing += [f"{path.relative_to(ROOT)}: {w}" for w in wanted
+                        if (w == "edgec" or w.startswith("edgec.")) and w not in existing]
+    return missing
+
+
+def test_every_edgec_import_names_a_module_that_exists():
+    assert missing_modules(package_modules()) == []

@@ -7,8 +7,8 @@ import pytest
 from rich.console import Console
 
 from edgec.config import parse_config
-from edgec.data import load_dataset
-from edgec.errors import ConfigError
+from edgec.base.data import load_dataset
+from edgec.base.errors import ConfigError
 from edgec.pipeline.algorithms.latency_table import (
     CACHE_STAGE, cached_table, channel_groups, host_identity, runtime_identity, table_key,
 )
@@ -41,7 +41,7 @@ def _key(model, data, target, cfg):
 
 def test_table_key_names_shape_profile_and_threads_and_the_table_is_served_from_the_cache(digits_source, tmp_path):
     source, data, _ = digits_source
-    from edgec.architecture import ModelTrust
+    from edgec.base.architecture import ModelTrust
     model = source.checkpoint().build(ModelTrust())
     args = dict(importance="l2", round_to=None, runtime=runtime_identity(RPI), host=host_identity())
     base = stable_hash(table_key(model, (1, 8, 8), RPI, 1, [0.5], **args))
@@ -69,7 +69,7 @@ def test_a_host_where_width_buys_nothing_gets_one_line_and_an_unpruned_model(dig
     """A flat table (every width measures the dense latency): the stage says so in one line and passes the
     model through with its shapes; the table comes from the build's cache, keyed as the stage keys it."""
     source, data, cache = digits_source
-    from edgec.architecture import ModelTrust
+    from edgec.base.architecture import ModelTrust
     model = source.checkpoint().build(ModelTrust())
     cfg = PruneConfig(mode="channels", target_speedup=2.0, retrain={"epochs": 1})
     example = data.to_input(data.x_train[:1])

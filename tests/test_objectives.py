@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from edgec.config import parse_config
-from edgec.data import load_dataset
-from edgec.errors import ConfigError, InputError
+from edgec.base.data import load_dataset
+from edgec.base.errors import ConfigError, InputError
 from edgec.ondevice import metrics as M
 from edgec.pipeline.algorithms.output_range import covering, representable
 from edgec.pipeline.objectives import objective_for

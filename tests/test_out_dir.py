@@ -12,7 +12,7 @@ import pytest
 from support import run_cli
 
 from edgec.config import default_cache_dir
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 
 TINY = ["--target", "desktop-gpu", "--model", "mlp", "--stages", "train,export", "--epochs", "1"]
 

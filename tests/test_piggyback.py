@@ -11,10 +11,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from edgec.architecture import ModelTrust
-from edgec.data import load_dataset
+from edgec.base.architecture import ModelTrust
+from edgec.base.data import load_dataset
 from edgec.data_views import select_classes
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 from edgec.ondevice.tasks import decode_task_models
 from edgec.ondevice.transport import TransportError
 from edgec.pipeline.algorithms import continual as cl

@@ -14,9 +14,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from edgec.checkpoint import load_checkpoint
-from edgec.data import load_dataset
-from edgec.errors import ConfigError
+from edgec.base.checkpoint import load_checkpoint
+from edgec.base.data import load_dataset
+from edgec.base.errors import ConfigError
 from edgec.pipeline.algorithms.denoising import (Decoder, corrupt, hidden_stack, reconstruction_loss,
                                                  train_layer)
 from edgec.pipeline.artifact import CHECKPOINT_FILE

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.errors import ConfigError, InputError
+from edgec.base.errors import ConfigError, InputError
 from edgec.pipeline.algorithms.pruning import (
     GlobalSparsity,
     LayerSparsity,

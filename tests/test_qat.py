@@ -9,8 +9,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from edgec.data import load_dataset
-from edgec.errors import ConfigError, ExportError, InputError
+from edgec.base.data import load_dataset
+from edgec.base.errors import ConfigError, ExportError, InputError
 from edgec.pipeline.algorithms.sharing import assignments_for, cluster_weights
 from edgec.pipeline.cache import StageCache
 from edgec.pipeline.runner import check_chain, run_chain

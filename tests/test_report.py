@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgec.errors import InputError
+from edgec.base.errors import InputError
 from edgec.report import ASSETS_DIR, IMAGES, REPORT_HTML, REPORT_MD, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -135,7 +135,7 @@ def test_stage_table_and_budgets_match_the_build(report):
         assert row[4] == f"{s['info']['params']:,}" and row[5] == f"{s['info']['nonzero_params']:,}"
     export = rows["export"]
     assert export[10] == f"{manifest['size']['model_bytes']:,}" and export[11] == f"{manifest['size']['transport_bytes']:,}"
-    assert rows["share"][9] == f"{summary['stages'][2]['info']['packed_weights_bytes']:,}"
+    assert rows["share"][9] == f"{summary['stages'][2]['info']['deep_compression_bytes']:,}"
 
     expected = check_budgets(manifest, Budgets.model_validate(manifest["target"]["profile"]["budgets"]), bench)
     budgets = md.split("## Budgets")[1].split("##")[0]

@@ -4,11 +4,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from edgec import architecture
-from edgec.architecture import ModelTrust
-from edgec.checkpoint import Checkpoint
-from edgec.data import load_dataset
-from edgec.errors import ConfigError
+from edgec.base import architecture
+from edgec.base.architecture import ModelTrust
+from edgec.base.checkpoint import Checkpoint
+from edgec.base.data import load_dataset
+from edgec.base.errors import ConfigError
 from edgec.pipeline.artifact import BUNDLE, CHECKPOINT_FILE, MODEL
 from edgec.pipeline.cache import StageCache
 from edgec.pipeline.runner import check_chain, run_chain

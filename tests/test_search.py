@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 from edgec.search import make_setup, run_search, search
 from edgec.search import runner as search_runner
 from edgec.search import space as sp

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 from edgec.search import make_setup, search
 from edgec.search import space as sp
 from edgec.search.output import to_toml

@@ -6,7 +6,7 @@ import torch
 from sklearn.cluster import KMeans
 from torch import nn
 
-from edgec.errors import ConfigError, InputError
+from edgec.base.errors import ConfigError, InputError
 from edgec.pipeline.algorithms.pruning import LayerSparsity, apply_masks, compute_masks, prunable_parameters
 from edgec.pipeline.algorithms.sharing import CentroidTrainer, apply_sharing, cluster_weights, resolve_bits
 

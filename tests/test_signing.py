@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import test_ondevice as tod
 from edgec.cli import app
-from edgec.errors import ConfigError, InputError
+from edgec.base.errors import ConfigError, InputError
 from edgec.ondevice import IntegrityError, KeyFileError, RuntimeMissingError, bench_bundle, verify_bundle
 from edgec.ondevice.manifest_seal import SEAL_KEY, check_seal, manifest_bytes
 from edgec.signing import CRYPTOGRAPHY_REQUIREMENT, generate_keypair, sign_bundle
@@ -284,7 +284,7 @@ def test_cli_verify_public_key_exit_codes(signed, base_bundles, keys, tmp_path):
     for bundle, key in ((base_bundles["onnx"], keys["public"]), (signed["onnx"], keys["other_public"])):
         r = cli("verify", bundle, "--public-key", key)
         assert r.exit_code == 1 and isinstance(r.exception, Exception)
-    from edgec.errors import RunError
+    from edgec.base.errors import RunError
     assert isinstance(cli("verify", base_bundles["onnx"], "--public-key", keys["public"]).exception, RunError)
 
 

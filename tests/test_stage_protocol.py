@@ -64,7 +64,7 @@ def test_a_new_stage_builds_and_is_not_reported_as_compression(noise_stage, tmp_
     first compression (uncompressed.pt is the model before prune, i.e. after noise); its own report
     section appears."""
     from edgec.api import build
-    from edgec.checkpoint import load_checkpoint
+    from edgec.base.checkpoint import load_checkpoint
     from edgec.report import write_report
 
     cache = tmp_path / "cache"

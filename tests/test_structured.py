@@ -7,12 +7,12 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from edgec import architecture
-from edgec.architecture import ModelTrust
+from edgec.base import architecture
+from edgec.base.architecture import ModelTrust
 from edgec.budgets import check_budgets
-from edgec.checkpoint import Checkpoint
-from edgec.data import load_dataset
-from edgec.errors import ConfigError
+from edgec.base.checkpoint import Checkpoint
+from edgec.base.data import load_dataset
+from edgec.base.errors import ConfigError
 from edgec.pipeline.algorithms.channels import (
     ChannelPruner, ChannelSpec, accumulate_gradients, channel_widths, model_cost, output_layers, prune_channels,
 )

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 from edgec.zoo import ZOO, DSCNN, MobileNetV1, ResNet8, default_width
 
 IMAGE_MODELS = ["lenet-5", "cnn-small", "resnet-8", "ds-cnn", "mobilenet-v1"]

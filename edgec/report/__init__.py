@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec.build_layout import BENCH_FILE, BUNDLE_DIR
-from edgec.errors import InputError
+from edgec.base.errors import InputError
 from edgec.ondevice.integrity import MANIFEST_NAME
 
 from .accuracy_budget import IMAGES as BUDGET_IMAGES

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from edgec.build_layout import BUILD_FILE
-from edgec.errors import InputError
+from edgec.base.errors import InputError
 
 MAX_BUILD_FILE_BYTES = 64 << 20
 
@@ -100,7 +100,7 @@ class _Info(_Checked):
     params: Count = None
     nonzero_params: Count = None
     fp32_bytes: Count = None
-    packed_weights_bytes: Count = None
+    deep_compression_bytes: Count = None
     model_bytes: Count = None
     transport_bytes: Count = None
     precision: Optional[StrictStr] = None

@@ -35,7 +35,7 @@ def png(fig) -> bytes:
 
 def plot_pareto(points: list[tuple[str, float, float, str]]) -> bytes:
     fig, ax = figure(7.5, 4.6)
-    markers = {"fp32 bytes": ("o", "#1f77b4"), "packed weights bytes": ("s", "#2ca02c"),
+    markers = {"fp32 bytes": ("o", "#1f77b4"), "Deep Compression estimate": ("s", "#2ca02c"),
                "bundle transport bytes": ("*", "#d62728")}
     xs, ys = [p[1] for p in points], [p[2] for p in points]
     ax.plot(xs, ys, ":", color="#999999", lw=1, zorder=1)
@@ -56,7 +56,7 @@ def plot_pareto(points: list[tuple[str, float, float, str]]) -> bytes:
     span = max(ys) - min(ys)
     pad = max(span * 0.15, 0.005)
     ax.set_ylim(min(ys) - pad, min(1.0 + pad / 2, max(ys) + pad))
-    ax.set_xlabel("bytes (log scale): packed weights / fp32 for models, transport for the bundle")
+    ax.set_xlabel("bytes (log scale): Deep Compression estimate / fp32 for models, transport for the bundle")
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy against bytes per stage")
     ax.grid(True, which="both", alpha=0.3)

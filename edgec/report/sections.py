@@ -67,8 +67,8 @@ def _size_for_plot(info: dict[str, Any]) -> tuple[float | None, str]:
     """(bytes, which) for the accuracy-vs-bytes plot."""
     if info.get("transport_bytes") is not None:
         return float(info["transport_bytes"]), "bundle transport bytes"
-    if info.get("packed_weights_bytes") is not None:
-        return float(info["packed_weights_bytes"]), "packed weights bytes"
+    if info.get("deep_compression_bytes") is not None:
+        return float(info["deep_compression_bytes"]), "Deep Compression estimate"
     if info.get("fp32_bytes") is not None:
         return float(info["fp32_bytes"]), "fp32 bytes"
     return None, ""
@@ -111,7 +111,7 @@ def header(doc: Doc, build_dir: Path, summary: dict, manifest: dict | None) -> N
 def stage_section(doc: Doc, summary: dict) -> None:
     doc.h2("Stages")
     headers = ["stage", "status", "accuracy", "Δ accuracy", "params", "non-zeros", "sparsity",
-               "distinct values (max/layer)", "fp32 bytes", "packed bytes", "model bytes", "transport bytes", "time (s)"]
+               "distinct values (max/layer)", "fp32 bytes", "Deep Compression est. bytes", "model bytes", "transport bytes", "time (s)"]
     rows = []
     src = summary.get("source") or {}
     entries = [("source", "-", src, None)] + [
@@ -125,7 +125,7 @@ def stage_section(doc: Doc, summary: dict) -> None:
         rows.append([
             name, status, fmt_metric(acc), delta, fmt_int(info.get("params")), fmt_int(info.get("nonzero_params")),
             fmt_pct(_sparsity(info)), fmt_int(max(distinct.values())) if distinct else "-",
-            fmt_int(info.get("fp32_bytes")), fmt_int(info.get("packed_weights_bytes")), fmt_int(info.get("model_bytes")),
+            fmt_int(info.get("fp32_bytes")), fmt_int(info.get("deep_compression_bytes")), fmt_int(info.get("model_bytes")),
             fmt_int(info.get("transport_bytes")),
             "-" if seconds is None else f"{seconds:.1f}",
         ])
@@ -137,9 +137,10 @@ def stage_section(doc: Doc, summary: dict) -> None:
     doc.table(Table(headers, rows, right=set(range(2, len(headers)))))
     doc.p(
         "Δ accuracy: against the row above (test split). Sparsity: of the prunable (conv / linear) weights where "
-        "the stage reports it, else of all parameters. Packed bytes: the compressed torch weights "
-        "(`packed_weights_bytes`, stages that prune or share). Model / transport bytes: the exported model file "
-        "and what is sent to the device (compressed)."
+        "the stage reports it, else of all parameters. Deep Compression est. bytes: Han's sparse-index, codebook "
+        "and Huffman format counted from the stage's weights (`deep_compression_bytes`, stages that prune or "
+        "share; an estimate, nothing ships it). Model / transport bytes: the exported model file and its "
+        "transport payload (`model.<ext>.edgt`), what is sent to the device."
     )
 
 
@@ -223,7 +224,7 @@ def pareto_section(doc: Doc, summary: dict) -> None:
     doc.image(Image(
         "accuracy_vs_bytes", "Accuracy against bytes, every stage", png,
         "Test accuracy of every stage's model against its size on a log axis. Model stages count "
-        "`packed_weights_bytes` when they record it (square) else their dense fp32 bytes (circle); the bundle "
+        "their Deep Compression estimate (`deep_compression_bytes`) when they record it (square) else their dense fp32 bytes (circle); the bundle "
         "counts its transport bytes (star). The solid line joins the Pareto-optimal points (no other point is "
         "both smaller and more accurate); the dotted line is the build order.",
     ))
@@ -267,7 +268,7 @@ def sharing_section(doc: Doc, summary: dict) -> None:
                           f"({_cache_dir(summary)}); rebuild to bring them back")
         return
     try:
-        from edgec.checkpoint import load_checkpoint
+        from edgec.base.checkpoint import load_checkpoint
 
         before, after = load_checkpoint(paths[0]), load_checkpoint(paths[1])
         layer = _pick_shared_layer(after)

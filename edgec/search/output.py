@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgec.build_layout import BUILD_FILE, BUNDLE_DIR, REFERENCE_FILE
-from edgec.errors import EdgecError
+from edgec.base.errors import EdgecError
 from edgec.ondevice.integrity import MANIFEST_NAME
 
 from .pareto import baseline_accuracy, limits, pareto_front, select_best, violations

@@ -19,7 +19,7 @@ from ray import tune  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 from rich.console import Console
 
-from edgec.errors import InputError
+from edgec.base.errors import InputError
 
 from . import space as sp
 from .progress import Progress, objective_values

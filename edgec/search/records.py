@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 
 from . import space as sp
 from .trial import RECORD_SCHEMA, SearchContext, TrialJob, portable_config, resolve

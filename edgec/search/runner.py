@@ -20,8 +20,8 @@ from typing import Any
 
 from rich.console import Console
 
-from edgec.errors import ConfigError, InputError
-from edgec.tomlfile import read_toml
+from edgec.base.errors import ConfigError, InputError
+from edgec.base.tomlfile import read_toml
 
 from . import space as sp
 from .progress import Progress, objective_values
@@ -76,7 +76,7 @@ def make_setup(raw: dict[str, Any], *, targets: list[str] | None = None, data: s
                out: Path | None = None, cache_dir: Path | None = None, strategy: str | None = None,
                trials: int | None = None, cpus_per_trial: int | None = None,
                config_file: Path | None = None) -> SearchSetup:
-    from edgec.pipeline.cache_auth import default_cache_dir
+    from edgec.base.locations import default_cache_dir
     from edgec.targets.profile import load_target
 
     raw = dict(raw)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 from edgec.pipeline.stage import Strict
 
 # objective -> "max" | "min". accuracy is the bundle's top-1 accuracy on the validation split,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgec.errors import ConfigError, EdgecError, InputError
+from edgec.base.errors import ConfigError, EdgecError, InputError
 from edgec.ondevice.integrity import MANIFEST_NAME
 
 RECORD_SCHEMA = "edgec-search-trial"

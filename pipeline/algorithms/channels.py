@@ -28,7 +28,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 from edgec.modules import ConcatHeads
 
 from .pruning import LAYER_TYPES, check_masks, per_layer, prunable_layers, sparsity_schedule, weight_name

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.data import Dataset
-from edgec.errors import ConfigError
+from edgec.base.data import Dataset
+from edgec.base.errors import ConfigError
 from edgec.modules import ConcatHeads
 
 from ..extensions import EWC_EXT, PACKNET_EXT, PIGGYBACK_EXT

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.errors import ConfigError, RunError
+from edgec.base.errors import ConfigError, RunError
 
 ENCODE_CHUNK = 1024  # samples encoded at once when computing a layer's (frozen) inputs
 

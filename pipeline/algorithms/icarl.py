@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.data import Dataset
-from edgec.errors import ConfigError
+from edgec.base.data import Dataset
+from edgec.base.errors import ConfigError
 
 TEMPERATURE = 2.0
 MAX_MEMORY_BYTES = 1 << 30  # the exemplar memory is held in RAM next to the data set: at most 1 GiB

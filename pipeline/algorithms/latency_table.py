@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 
 from .channels import ChannelPruner, ChannelSpec
 from .pruning import prunable_layers
@@ -122,7 +122,7 @@ def measure_p50_ms(model: nn.Module, example: torch.Tensor, calibration: np.ndar
     on this host, or on ``emulated`` (an ``edgec.emulation.Arm64Python``; TFLite only)."""
     from edgec.ondevice.runtimes import open_model
     from edgec.ondevice.timing import summarize, timed_loop
-    from edgec.quiet import native_logs_captured
+    from edgec.base.quiet import native_logs_captured
     from edgec.targets.onnx_export import export_onnx
     from edgec.targets.tflite_export import export_tflite
 

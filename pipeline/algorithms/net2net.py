@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 
 Init = Literal["net2net", "random"]
 

@@ -35,7 +35,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from edgec.errors import ConfigError, InputError
+from edgec.base.errors import ConfigError, InputError
 
 LAYER_TYPES = {"conv": (nn.Conv1d, nn.Conv2d), "linear": (nn.Linear,)}
 

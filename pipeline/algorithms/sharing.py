@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgec.errors import ConfigError, InputError
+from edgec.base.errors import ConfigError, InputError
 
 from .pruning import per_layer, prunable_parameters
 

@@ -1,4 +1,4 @@
-"""Model size, counted three ways.
+"""Model size before export, counted two ways (what a device downloads is measured, not counted).
 
 - ``dense_fp32_bytes``: 4 bytes per parameter, the baseline Deep Compression reports (LeNet-300-100:
   266,610 parameters = 1,066,440 bytes, the paper's "1070 KB"). Floating buffers the deployed model
@@ -6,29 +6,23 @@
 - ``deep_compression_bytes``: Han's storage format computed exactly from the weights (relative
   sparse index with filler zeros, codebook indices, codebooks, Huffman coding of both streams). It
   is an estimate: nothing writes this format and a device would have to decode it before inference.
-- ``pack_weights``: the weights really packed (``weightcodec``'s format, lzma over sparse runs and
-  codebook indices) and checked to decode bit-identically: the size a stage's torch weights reach
-  (``packed_weights_bytes``). What a device downloads is the exported model's transport payload
-  (``transport_codec``), measured by the export stage; ``compressed_file_bytes``: any file (e.g. the
-  exported int8 model) after lzma preset 9.
+
+What a device downloads is the exported model's transport payload, ``model.<ext>.edgt``, encoded by
+the one weight codec (``transport_codec``); the bundle writer records its size as ``transport_bytes``.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import lzma
 import math
 from collections.abc import Hashable, Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgec.errors import ConfigError, ExportError, InputError
-
-from .weightcodec import codebook_indices, pack_arrays, stored_positions, unpack_weights
+from edgec.base.errors import ConfigError, InputError
 
 DEFAULT_INDEX_BITS = {"conv": 8, "linear": 5}
 
@@ -41,6 +35,31 @@ def dense_fp32_bytes(model: nn.Module) -> int:
 def buffer_fp32_bytes(model: nn.Module) -> int:
     """4 bytes per element of the floating buffers (BatchNorm running mean and variance)."""
     return 4 * sum(b.numel() for b in model.buffers() if b.is_floating_point())
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
+
+
+def stored_positions(a: np.ndarray) -> np.ndarray:
+    """Flat indices of the entries whose bits are not all zero (so -0.0 counts as stored)."""
+    return np.flatnonzero(_bits(a.ravel()) != 0)
+
+
+def codebook_indices(values: np.ndarray, codebook: np.ndarray, name: str) -> np.ndarray:
+    """Index of each value in ``codebook``, matched bit for bit; ValueError if one is missing."""
+    keys = _bits(codebook)
+    wanted = _bits(values.astype(codebook.dtype))
+    if not len(keys):
+        if len(wanted):
+            raise ValueError(f"{name}: {len(wanted)} weights but an empty codebook")
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    index = order[np.searchsorted(keys[order], wanted).clip(max=len(keys) - 1)]
+    missing = int(np.sum(keys[index] != wanted))
+    if missing:
+        raise ValueError(f"{name}: {missing} weights are not values of its codebook")
+    return index
 
 
 def huffman_code_lengths(counts: Mapping[Hashable, int]) -> dict[Hashable, int]:
@@ -160,36 +179,3 @@ def deep_compression_bytes(
         )
     total = {key: sum(row[key] for row in rows) for key in ("bytes", "bytes_without_huffman")}
     return {"layers": rows, "total": total}
-
-
-def pack_weights(
-    state_dict: Mapping[str, torch.Tensor],
-    masks: Mapping[str, torch.Tensor],
-    codebooks: Mapping[str, torch.Tensor],
-) -> bytes:
-    """``state_dict`` packed (``weightcodec``): shared tensors as codebook indices, masked ones sparse.
-
-    Masked-out weights must be zero (InputError otherwise). The payload is decoded again before it
-    is returned and must give back every tensor bit for bit (ExportError otherwise); decode it with
-    ``weightcodec.unpack_weights`` (numpy + stdlib).
-    """
-    arrays = {name: t.detach().cpu().contiguous().numpy() for name, t in state_dict.items()}
-    for name, mask in masks.items():
-        if name not in arrays or tuple(mask.shape) != arrays[name].shape:
-            raise InputError(f"pruning mask for {name!r} matches no weight of that shape")
-        if np.any(arrays[name][~mask.cpu().numpy()] != 0):
-            raise InputError(f"{name} has non-zero weights where its pruning mask removed them")
-    try:
-        blob = pack_arrays(arrays, {n: c.detach().cpu().numpy() for n, c in codebooks.items()}, sparse=masks)
-    except ValueError as e:
-        raise InputError(f"cannot pack the weights: {e}") from None
-    decoded = unpack_weights(blob)
-    for name, array in arrays.items():
-        if decoded[name].dtype != array.dtype or decoded[name].tobytes() != array.tobytes():
-            raise ExportError(f"weight payload does not decode to the packed weights ({name} differs)")
-    return blob
-
-
-def compressed_file_bytes(path: str | Path) -> int:
-    """Size of ``path`` after lzma (xz, preset 9): what downloading it compressed would cost."""
-    return len(lzma.compress(Path(path).read_bytes(), preset=9))

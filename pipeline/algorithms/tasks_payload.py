@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgec.errors import ExportError
+from edgec.base.errors import ExportError
 from edgec.ondevice import tasks as fmt
 
 from .transport_codec import compress_section

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgec.errors import ExportError
+from edgec.base.errors import ExportError
 from edgec.ondevice import transport as fmt
 
 log = logging.getLogger(__name__)

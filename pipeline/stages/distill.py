@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from edgec import architecture
-from edgec.architecture import ModelTrust
-from edgec.checkpoint import Checkpoint, load_checkpoint
-from edgec.errors import ConfigError, InputError
+from edgec.base import architecture
+from edgec.base.architecture import ModelTrust
+from edgec.base.checkpoint import Checkpoint, load_checkpoint
+from edgec.base.errors import ConfigError, InputError
 from edgec.zoo import ZOO, default_width
 
 from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline

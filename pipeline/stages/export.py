@@ -16,8 +16,8 @@ import torch
 from pydantic import Field
 
 from edgec.calibration.samples import calibration_digest
-from edgec.errors import ConfigError
-from edgec.quiet import native_logs_captured
+from edgec.base.errors import ConfigError
+from edgec.base.quiet import native_logs_captured
 from edgec.targets.qat import restore_qat
 
 from ..accuracy_budget import allowance_pt, drop_points, headline, reference_headline

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from edgec.calibration.samples import calibration_digest, select_calibration_indices
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 
 from ..algorithms.continual import encode_task_models, task_model
 from ..algorithms.piggyback import encode_masked_models

@@ -27,9 +27,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from edgec import architecture
-from edgec.data import Dataset
-from edgec.errors import ConfigError, RunError
+from edgec.base import architecture
+from edgec.base.data import Dataset
+from edgec.base.errors import ConfigError, RunError
 
 from ..algorithms.net2net import grow
 from ..artifact import CHECKPOINT_FILE, Artifact

@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from edgec.checkpoint import Checkpoint
-from edgec.data import Dataset
-from edgec.errors import ConfigError
+from edgec.base.checkpoint import Checkpoint
+from edgec.base.data import Dataset
+from edgec.base.errors import ConfigError
 
 from ..algorithms import continual as cl
 from ..algorithms import icarl

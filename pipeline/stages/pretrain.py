@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 
 from ..algorithms.denoising import (decode_to_input, encode, gradient_norms, hidden_stack, reconstruction_loss,
                                     train_layer)

@@ -21,9 +21,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 from torch import nn
 
-from edgec import architecture
-from edgec.data import Dataset
-from edgec.errors import ConfigError
+from edgec.base import architecture
+from edgec.base.data import Dataset
+from edgec.base.errors import ConfigError
 
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..compression_info import compressed_model_info

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from edgec.errors import ConfigError, ExportError
-from edgec.quiet import native_logs_captured
+from edgec.base.errors import ConfigError, ExportError
+from edgec.base.quiet import native_logs_captured
 from edgec.targets.qat import QATModel, prepare_qat, qat_extension
 
 from ..algorithms.pruning import MaskEnforcer

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from edgec import __version__
 from .errors import ConfigError, InputError, RunError
+from .locations import default_cache_dir
 
 MIRROR_ENV = "EDGEC_DATA_MIRROR"
 TIMEOUT_S = 30.0  # per connect / read: a stalled server fails instead of hanging
@@ -105,8 +106,6 @@ def lookup(name: str) -> FetchableDataset:
 def data_root(cache_dir: Path | None = None) -> Path:
     """``<cache_dir>/data`` (default cache: $EDGEC_CACHE_DIR or ~/.cache/edgec)."""
     if cache_dir is None:
-        from edgec.pipeline.cache_auth import default_cache_dir
-
         cache_dir = default_cache_dir()
     return Path(cache_dir).expanduser() / "data"
 

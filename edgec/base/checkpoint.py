@@ -1,7 +1,7 @@
 """edgec checkpoints: architecture record + weights (+ masks, codebooks, stage state) in one file.
 
 A checkpoint is a plain dict of tensors, strings and numbers, so ``torch.load(weights_only=True)``
-reads it without unpickling code. The architecture is a record (:mod:`edgec.architecture`): a base
+reads it without unpickling code. The architecture is a record (:mod:`edgec.base.architecture`): a base
 model plus plain-data edits, so ``--weights ckpt.pt`` needs no ``--model`` for zoo models and any
 model a stage changed (wider, deeper, fewer channels, new heads) can be rebuilt.
 

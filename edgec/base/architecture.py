@@ -29,10 +29,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from edgec.modules import ConcatHeads
+from edgec.zoo import ZOO
+
 from .errors import ConfigError, InputError
 from .suggest import did_you_mean
-from .modules import ConcatHeads
-from .zoo import ZOO
 
 # --- module specs ------------------------------------------------------------------------------
 
