@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from edgec.data import load_dataset
+from edgec.base.data import load_dataset
 from edgec.data_views import permute_features
 from edgec.ondevice import mask_codec
 from edgec.pipeline.algorithms import continual as cl

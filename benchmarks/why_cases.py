@@ -54,7 +54,7 @@ def write_digits(work: Path) -> None:
     import torch
     import torch.nn.functional as F
 
-    from edgec.data import load_dataset
+    from edgec.base.data import load_dataset
 
     data = load_dataset("digits")
     x_train = np.concatenate([data.x_train, data.x_val])

@@ -29,7 +29,7 @@ from ..algorithms.latency_table import (
 from ..algorithms.netadapt import furthest_within, greedy_path
 from ..algorithms.pruning import MaskEnforcer, apply_masks
 from edgec.emulation import emulated_identity
-from edgec.errors import ConfigError
+from edgec.base.errors import ConfigError
 
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..compression_info import compressed_model_info
