@@ -308,7 +308,7 @@ def main() -> None:
         target = roomy_rpi_target(work / "rpi.toml")
         python = None
         if not args.no_emulate:
-            from edgec.emulation import DEFAULT_CACHE_DIR, prepare_arm64_python
+            from edgec.base.emulation import DEFAULT_CACHE_DIR, prepare_arm64_python
 
             python = prepare_arm64_python(DEFAULT_CACHE_DIR, "ai-edge-litert", progress=console.log)
         for key in args.models:

@@ -221,7 +221,7 @@ def main() -> None:
         target = quick_target(work / "rpi.toml") if args.quick else "rpi"
         python = None
         if not args.no_emulate:
-            from edgec.emulation import DEFAULT_CACHE_DIR, prepare_arm64_python
+            from edgec.base.emulation import DEFAULT_CACHE_DIR, prepare_arm64_python
 
             python = prepare_arm64_python(DEFAULT_CACHE_DIR, "ai-edge-litert", progress=console.log)
         models: dict[str, dict] = {}

@@ -479,7 +479,7 @@ def _verify_emulated(bundle: Path, emulate: str, console: Console, public_key: O
     tolerance for it, and float models (whose last bits differ between x86 and Arm) within the
     manifest's tolerance.
     Top-1 predictions must equal the build machine's in every case."""
-    from edgec.emulation import DEFAULT_CACHE_DIR, verify_bundle_emulated
+    from edgec.base.emulation import DEFAULT_CACHE_DIR, verify_bundle_emulated
     from edgec.ondevice import load_bundle
 
     if emulate != "arm64":

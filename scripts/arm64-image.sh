@@ -85,12 +85,12 @@ ensure_bundle() {
 }
 
 # The runtimes' cpuinfo library crashes on the host's (x86) /proc/cpuinfo that qemu-user passes
-# through, so the container sees a Raspberry Pi 4's, as edgec/emulation.py's userland does.
+# through, so the container sees a Raspberry Pi 4's, as edgec/base/emulation.py's userland does.
 pi4_cpuinfo() {
   local file=$WORK/pi4-cpuinfo
   mkdir -p "$WORK"
-  python3 -c 'import sys; sys.path.insert(0, "."); from edgec.emulation import PI4_CPUINFO; print(PI4_CPUINFO, end="")' \
-    > "$file" 2>/dev/null || .venv/bin/python -c 'from edgec.emulation import PI4_CPUINFO; print(PI4_CPUINFO, end="")' > "$file"
+  python3 -c 'import sys; sys.path.insert(0, "."); from edgec.base.emulation import PI4_CPUINFO; print(PI4_CPUINFO, end="")' \
+    > "$file" 2>/dev/null || .venv/bin/python -c 'from edgec.base.emulation import PI4_CPUINFO; print(PI4_CPUINFO, end="")' > "$file"
   echo "$file"
 }
 

@@ -24,7 +24,7 @@ import pytest
 from ai_edge_litert.tools import flatbuffer_utils
 from support import reseal_manifest, run_cli
 
-from edgec import emulation
+from edgec.base import emulation
 from edgec.ondevice import ManifestError, load_bundle, verify_bundle
 from edgec.pipeline.algorithms.transport_codec import encode_transport
 from edgec.pipeline.manifest import write_manifest

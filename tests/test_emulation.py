@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgec import emulation
+from edgec.base import emulation
 from edgec.base.errors import ConfigError, InputError
 from support import run_cli
 

@@ -348,7 +348,7 @@ def test_run_py_public_key_without_cryptography_names_the_package(copy_signed, k
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def arm64_cache():
-    from edgec import emulation
+    from edgec.base import emulation
     if os.environ.get("EDGEC_SKIP_EMULATION") == "1":
         pytest.skip("EDGEC_SKIP_EMULATION=1")
     if shutil.which("qemu-aarch64-static") is None:
@@ -357,7 +357,7 @@ def arm64_cache():
 
 
 def test_emulated_arm64_verify_checks_the_signature(arm64_cache, copy_signed, keys):
-    from edgec.emulation import verify_bundle_emulated
+    from edgec.base.emulation import verify_bundle_emulated
     b = copy_signed("tflite-int8")
     files_before = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
     res = verify_bundle_emulated(b, arm64_cache, "ai-edge-litert", exact=False, public_key=keys["public"])

@@ -119,7 +119,7 @@ def table_key(model: nn.Module, input_shape: Sequence[int], target, threads: int
 def measure_p50_ms(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, target, threads: int,
                    emulated=None) -> float:
     """p50 in ms of ``model`` exported as the target's bundles are and timed in their runtime, batch 1:
-    on this host, or on ``emulated`` (an ``edgec.emulation.Arm64Python``; TFLite only)."""
+    on this host, or on ``emulated`` (an ``edgec.base.emulation.Arm64Python``; TFLite only)."""
     from edgec.ondevice.runtimes import open_model
     from edgec.ondevice.timing import summarize, timed_loop
     from edgec.base.quiet import native_logs_captured
@@ -132,7 +132,7 @@ def measure_p50_ms(model: nn.Module, example: torch.Tensor, calibration: np.ndar
         with native_logs_captured():
             exported = export(model, example, path, precision=target.precision, calibration=calibration)
         if emulated is not None:
-            from edgec.emulation import emulated_p50_ms
+            from edgec.base.emulation import emulated_p50_ms
 
             return emulated_p50_ms(emulated, path, threads)
         runner = open_model(str(path), RUNTIME_OF_FORMAT[target.format], {"threads": threads},

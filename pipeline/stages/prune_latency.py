@@ -28,7 +28,7 @@ from ..algorithms.latency_table import (
 )
 from ..algorithms.netadapt import furthest_within, greedy_path
 from ..algorithms.pruning import MaskEnforcer, apply_masks
-from edgec.emulation import emulated_identity
+from edgec.base.emulation import emulated_identity
 from edgec.base.errors import ConfigError
 
 from ..artifact import CHECKPOINT_FILE, Artifact
@@ -55,7 +55,7 @@ def latency_key_material(cfg, target) -> dict[str, Any]:
 
 def emulated_python(target):
     """The emulated Pi 4 core's Python with ai-edge-litert (built once, cached)."""
-    from edgec.emulation import DEFAULT_CACHE_DIR, prepare_arm64_python
+    from edgec.base.emulation import DEFAULT_CACHE_DIR, prepare_arm64_python
 
     if target.format != "tflite":
         raise ConfigError(f'prune: latency_device = "emulated-arm64" times TFLite models; target {target.name!r} '
