@@ -13,6 +13,7 @@ else the target profile's ``[budget] max_accuracy_drop``, else :data:`DEFAULT_MA
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,43 @@ def reference_headline(reference, data: Dataset, trust) -> tuple[str, float | No
     """The trained reference's (an Artifact's) validation headline: what budgeted stages are judged against."""
     return model_headline(reference.checkpoint().build(trust), data, "val")
 
+
+
+@dataclass(frozen=True)
+class StageBaseline:
+    """What a budgeted stage judges its candidates against, on the validation split."""
+
+    data: Dataset
+    entering: float  # the model the stage received
+    reference: float  # the trained reference (the entering model where the chain has none)
+    higher: bool
+    allowance: float  # how far below ``reference`` a kept candidate may be (allowance_pt)
+    confidence: float | None  # the entering model's true-class confidence (classification)
+
+    def drop(self, candidate: nn.Module, base: float | None = None) -> float:
+        """Points ``candidate`` lost from ``base`` (default: the trained reference)."""
+        value = model_headline(candidate, self.data, "val")[1]
+        return drop_points(self.reference if base is None else base, value, self.higher)
+
+    def judge(self, candidate: nn.Module, guard_pt: float) -> dict[str, Any]:
+        """{drop_pt, confidence_drop_pt (classification), accepted}: kept when within the allowance and,
+        for classification, within ``guard_pt`` of the entering true-class confidence."""
+        figures: dict[str, Any] = {"drop_pt": round(self.drop(candidate), 4)}
+        accepted = figures["drop_pt"] <= self.allowance + 1e-9
+        if self.confidence is not None:
+            lost = self.confidence - true_class_confidence(candidate, self.data)
+            figures["confidence_drop_pt"] = round(100 * lost, 4)
+            accepted = accepted and figures["confidence_drop_pt"] <= guard_pt
+        return {**figures, "accepted": accepted}
+
+
+def stage_baseline(model: nn.Module, ctx, part: str) -> StageBaseline:
+    """The baseline of budget ``part`` (accuracy_budget.ALLOCATION) for ``model`` entering it."""
+    model.eval()
+    _, entering, higher = model_headline(model, ctx.data, "val")
+    reference = entering if ctx.reference is None else reference_headline(ctx.reference, ctx.data, ctx.trust)[1]
+    return StageBaseline(ctx.data, entering, reference, higher, allowance_pt(part, ctx.budget_pt),
+                         true_class_confidence(model, ctx.data))
 
 def stage_metric(info: dict[str, Any], metric: str) -> float | None:
     """A stage's validation figure from its recorded info (model_info / the export stage)."""

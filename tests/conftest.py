@@ -1,8 +1,11 @@
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from edgec.base import emulation
 from support import MNIST_DIR
 
 
@@ -39,3 +42,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def arm64_cache() -> Path:
+    """The emulated arm64 Python's folder (tests that run bundles under qemu-aarch64); skipped where
+    qemu-user-static is missing or EDGEC_SKIP_EMULATION=1."""
+    if os.environ.get("EDGEC_SKIP_EMULATION") == "1":
+        pytest.skip("EDGEC_SKIP_EMULATION=1")
+    if shutil.which("qemu-aarch64-static") is None:
+        pytest.skip("qemu-aarch64-static not found (apt-get install qemu-user-static)")
+    return emulation.DEFAULT_CACHE_DIR

@@ -146,15 +146,6 @@ def test_hostile_runtime_tolerances_are_refused_naming_the_field(mobilenet_v3, t
 # ---- emulated arm64: both runtimes, three families of blocks ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def arm64_cache() -> Path:
-    if os.environ.get("EDGEC_SKIP_EMULATION") == "1":
-        pytest.skip("EDGEC_SKIP_EMULATION=1")
-    if shutil.which("qemu-aarch64-static") is None:
-        pytest.skip("qemu-aarch64-static not found (apt-get install qemu-user-static)")
-    return emulation.DEFAULT_CACHE_DIR
-
-
 def emulated_runs(bundle: Path, workdir: Path, check: int) -> dict[str, dict]:
     """``edgec verify --emulate arm64`` (ai-edge-litert bit-exact, tflite-runtime within its tolerance)."""
     done = run_cli("verify", bundle, "--emulate", "arm64", "--json", "-", cwd=workdir, check=check)

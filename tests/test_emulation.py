@@ -6,8 +6,6 @@ reuse it (a few seconds per emulated verify).
 """
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -29,15 +27,6 @@ def build_bundle(workdir: Path, target: str, *extra: str) -> Path:
     run_cli("build", "--target", target, *(QUICK_START if target == "rpi" else QUICK), *extra, "--out", out,
             cwd=workdir, env={"EDGEC_CACHE_DIR": str(workdir / "cache")})
     return out / target / "bundle"
-
-
-@pytest.fixture(scope="module")
-def arm64_cache() -> Path:
-    if os.environ.get("EDGEC_SKIP_EMULATION") == "1":
-        pytest.skip("EDGEC_SKIP_EMULATION=1")
-    if shutil.which("qemu-aarch64-static") is None:
-        pytest.skip("qemu-aarch64-static not found (apt-get install qemu-user-static)")
-    return emulation.DEFAULT_CACHE_DIR
 
 
 @pytest.fixture(scope="module")

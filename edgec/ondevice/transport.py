@@ -35,8 +35,8 @@ LZMA2 stream. Tensors, each filling one or two cut ranges:
   when they are recomputed. Exceptions ``x`` are u32 positions then int8 values.
 
 Zero runs (the zeros before each stored value) are bytes in base 255 (``encode_runs``, also used by the
-host's packed-weights size accounting, ``weightcodec``): each 255 adds 255 to the run, the first byte
-below 255 ends it.
+host's encoder, ``pipeline/algorithms/transport_codec.py``, and the Piggyback mask codec): each 255 adds
+255 to the run, the first byte below 255 ends it.
 """
 
 import json

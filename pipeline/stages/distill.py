@@ -33,7 +33,7 @@ from edgec.base.checkpoint import Checkpoint, load_checkpoint
 from edgec.base.errors import ConfigError, InputError
 from edgec.zoo import ZOO, default_width
 
-from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline
+from ..accuracy_budget import allowance_pt, stage_baseline
 from ..algorithms.channels import prune_channels
 from ..artifact import CHECKPOINT_FILE, Artifact
 from ..cache import sha256_file
@@ -211,14 +211,13 @@ class DistillStage(TrainingStage):
         teacher, teacher_ckpt = self._teacher(source.checkpoint(), ctx.trust)
         if not self.budgeted:
             return self._distill(self.config, teacher, teacher_ckpt, ctx, out_dir)[1]
-        _, reference, higher = (model_headline(teacher, ctx.data, "val") if ctx.reference is None
-                                else reference_headline(ctx.reference, ctx.data, ctx.trust))
-        allowance = allowance_pt("distill", ctx.budget_pt)
+        baseline = stage_baseline(teacher, ctx, "distill")
+        reference, allowance = baseline.reference, baseline.allowance
         trials = []
         for width in WIDTHS:
             student, info = self._distill(self.config.model_copy(update={"width": width}), teacher, teacher_ckpt, ctx,
                                           out_dir)
-            drop = drop_points(reference, model_headline(student, ctx.data, "val")[1], higher)
+            drop = baseline.drop(student)
             trials.append({"width": width, "drop_pt": round(drop, 4), "accepted": drop <= allowance + 1e-9})
             search = {"allowance_pt": allowance, "reference_val": reference, "trials": trials}
             if trials[-1]["accepted"]:

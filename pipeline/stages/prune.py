@@ -31,7 +31,7 @@ from ..extensions import PER_WEIGHT
 from ..algorithms.channels import (
     ChannelPruner, ChannelSpec, accumulate_gradients, channel_report, channel_widths, model_cost,
 )
-from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline, true_class_confidence
+from ..accuracy_budget import allowance_pt, drop_points, stage_baseline
 from ..algorithms.pruning import (
     GlobalSparsity, LayerSparsity, MaskEnforcer, ThresholdPruning, apply_masks, compute_masks, per_layer,
     prunable_layers, sparsity_schedule,
@@ -312,36 +312,22 @@ class PruneStage(Stage):
         counted from the trained reference (accuracy_budget.allowance_pt: what earlier stages lost
         is spent, what they gained is passed on; algorithms/sensitivity.py); the unpruned model when
         none does. Without a reference (prune before any train stage) the incoming model is it."""
-        model.eval()
-        _, entering, higher = model_headline(model, ctx.data, "val")
-        reference = entering if ctx.reference is None else reference_headline(ctx.reference, ctx.data, ctx.trust)[1]
-        share = allowance_pt("prune", ctx.budget_pt)
-
-        def drop_from(base: float, candidate: nn.Module) -> float:
-            return drop_points(base, model_headline(candidate, ctx.data, "val")[1], higher)
-
-        curves = sensitivity_curves(model, masks, lambda candidate: drop_from(entering, candidate))
+        baseline = stage_baseline(model, ctx, "prune")
+        share, reference, entering = baseline.allowance, baseline.reference, baseline.entering
+        curves = sensitivity_curves(model, masks, lambda candidate: baseline.drop(candidate, base=entering))
         levels = sparsity_levels(curves)
-
-        confidence = true_class_confidence(model, ctx.data)
 
         def trial(sparsity: dict[str, float]):
             candidate = copy.deepcopy(model)
             got = self._prune_rounds(candidate, dict(masks), ctx, lambda f: self._spec(f, sparsity), recover=True,
                                      label=f" trial {_shown(sparsity)}")
-            figures = {"drop_pt": round(drop_from(reference, candidate), 4)}
-            accepted = figures["drop_pt"] <= share + 1e-9
-            if confidence is not None:
-                lost = confidence - true_class_confidence(candidate, ctx.data)
-                figures["confidence_drop_pt"] = round(100 * lost, 4)
-                accepted = accepted and figures["confidence_drop_pt"] <= CONFIDENCE_GUARD_PT
-            return {**figures, "accepted": accepted}, (candidate, got)
+            return baseline.judge(candidate, CONFIDENCE_GUARD_PT), (candidate, got)
 
         index, best, tried = search_level(levels, trial)
         chosen = {} if index is None else levels[index]["sparsity"]
         if best is not None:
             model, masks = best
-        entering_drop = round(drop_points(reference, entering, higher), 4)
+        entering_drop = round(drop_points(reference, entering, baseline.higher), 4)
         record = {"share_pt": share, "confidence_guard_pt": CONFIDENCE_GUARD_PT, "reference_val": reference,
                   "entering_drop_pt": entering_drop, "candidates": list(CANDIDATES), "curves": curves, "levels": levels,
                   "trials": tried,
@@ -413,23 +399,14 @@ class PruneStage(Stage):
         a recovery stays within the prune's allowance counted from the trained reference (and, for
         classification, within the confidence guard, as for budgeted weight pruning); the model
         unpruned when none does."""
-        model.eval()
-        _, entering, higher = model_headline(model, ctx.data, "val")
-        reference = entering if ctx.reference is None else reference_headline(ctx.reference, ctx.data, ctx.trust)[1]
-        share = allowance_pt("prune", ctx.budget_pt)
-        confidence = true_class_confidence(model, ctx.data)
+        baseline = stage_baseline(model, ctx, "prune")
+        share = baseline.allowance
 
         def trial(ratio: float):
             candidate = copy.deepcopy(model)
             report, _, got = self._prune_channels(candidate, ctx.data, ctx.seed, dict(masks), retrain_with=ctx.console,
                                                   ratio=ratio, recover=True)
-            value = model_headline(candidate, ctx.data, "val")[1]
-            figures = {"ratio": ratio, "drop_pt": round(drop_points(reference, value, higher), 4)}
-            accepted = figures["drop_pt"] <= share + 1e-9
-            if confidence is not None:
-                figures["confidence_drop_pt"] = round(100 * (confidence - true_class_confidence(candidate, ctx.data)), 4)
-                accepted = accepted and figures["confidence_drop_pt"] <= CONFIDENCE_GUARD_PT
-            return {**figures, "accepted": accepted}, (candidate, report, got)
+            return {"ratio": ratio, **baseline.judge(candidate, CONFIDENCE_GUARD_PT)}, (candidate, report, got)
 
         index, best, tried = search_level([{"ratio": r} for r in CHANNEL_RATIOS], trial, key="ratio")
         if best is None:
@@ -438,7 +415,7 @@ class PruneStage(Stage):
         chosen = None if index is None else CHANNEL_RATIOS[index]
         ctx.console.print(f"{self.id}: channel ratio within {share:.2g} pt of the trained model after recovery: "
                           f"{chosen if chosen is not None else 'none (no ratio recovered within the budget)'}")
-        record = {"share_pt": share, "reference_val": reference, "ratios": list(CHANNEL_RATIOS), "trials": tried,
+        record = {"share_pt": share, "reference_val": baseline.reference, "ratios": list(CHANNEL_RATIOS), "trials": tried,
                   "chosen": chosen,
                   "recovery": {"rounds": self.config.steps, "epochs_per_round": self.config.retrain.epochs}}
         return (*best, record)

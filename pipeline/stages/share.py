@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field
 from torch import nn
 
-from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline, true_class_confidence
+from ..accuracy_budget import allowance_pt, stage_baseline
 from ..algorithms.bit_allocation import BITS, CONFIDENCE_GUARD_PT, bit_curves, bit_levels
 from ..algorithms.sensitivity import search_level
 from ..artifact import CHECKPOINT_FILE, Artifact
@@ -101,29 +101,18 @@ class ShareStage(TrainingStage):
         whose validation figure after fine-tuning stays within the share's allowance counted from the
         trained reference; 8 bits everywhere (the gentlest) when no level does, which the budget then
         reports."""
-        model.eval()
-        _, entering, higher = model_headline(model, ctx.data, "val")
-        reference = entering if ctx.reference is None else reference_headline(ctx.reference, ctx.data, ctx.trust)[1]
-        allowance = allowance_pt("share", ctx.budget_pt)
-
-        def drop_from(base: float, candidate: nn.Module) -> float:
-            return drop_points(base, model_headline(candidate, ctx.data, "val")[1], higher)
-
-        curves = bit_curves(model, lambda candidate: drop_from(entering, candidate))
+        baseline = stage_baseline(model, ctx, "share")
+        allowance, reference = baseline.allowance, baseline.reference
+        curves = bit_curves(model, lambda candidate: baseline.drop(candidate, base=baseline.entering))
         levels = bit_levels(curves)
-        confidence = true_class_confidence(model, ctx.data)
         results = {}
 
         def trial(bits: dict[str, int]):
             candidate = copy.deepcopy(model)
             codebooks = self._share(candidate, bits, ctx, label=f" trial {_shown(bits)}")
-            figures = {"drop_pt": round(drop_from(reference, candidate), 4)}
-            accepted = figures["drop_pt"] <= allowance + 1e-9
-            if confidence is not None:
-                figures["confidence_drop_pt"] = round(100 * (confidence - true_class_confidence(candidate, ctx.data)), 4)
-                accepted = accepted and figures["confidence_drop_pt"] <= CONFIDENCE_GUARD_PT
+            figures = baseline.judge(candidate, CONFIDENCE_GUARD_PT)
             results[str(bits)] = (candidate, codebooks, figures["drop_pt"])
-            return {**figures, "accepted": accepted}, None
+            return figures, None
 
         index, _, tried = search_level(levels, trial, key="bits")
         chosen = levels[0 if index is None else index]["bits"]
