@@ -4,8 +4,9 @@ Each task learns a real-valued score per backbone weight (Linear and Conv weight
 heads), initialised to ``init`` (paper: 1e-2); the forward pass uses ``W * (score > threshold)``
 (paper: 5e-3) and the backward pass treats the threshold as the identity (straight-through
 estimator), so ``dL/dscore = dL/d(W * m) * W``. The backbone (weights, biases, BatchNorm) never
-changes, so no earlier task can be forgotten; each task also trains its own head. What a task keeps
-is one bit per weight (``np.packbits``).
+changes, so no earlier task can be forgotten; each task also trains its own head and, with
+``task_biases``, its own copy of the masked layers' biases (the paper trains its task-specific
+layers too). What a task keeps is one bit per weight (``np.packbits``), plus those biases.
 
 Difference from the paper: the weight of largest |w| in each output channel is always kept, so every
 task's int8 model has the backbone's per-channel (and per-tensor) weight scales and its weight bytes
@@ -62,12 +63,6 @@ def keep_penalty(scores, init: float) -> torch.Tensor:
     return sum(torch.relu(init - s).sum() for s in scores)
 
 
-def bias_of(weight_name: str, model: nn.Module) -> str | None:
-    """The bias parameter of the layer that owns ``weight_name`` (``hidden.0.weight`` -> ``hidden.0.bias``)."""
-    name = weight_name.rsplit(".", 1)[0] + ".bias"
-    return name if name in dict(model.named_parameters()) else None
-
-
 class MaskedTaskView(nn.Module):
     """The model with the named backbone weights masked by this task's learned scores, seen through
     the task's output columns. The scores (and, with ``task_biases``, a copy of each masked layer's
@@ -89,7 +84,8 @@ class MaskedTaskView(nn.Module):
         self.names = list(names)
         self.init, self.threshold = init / score_unit, threshold / score_unit  # in the stored units
         self.scores = nn.ParameterList([nn.Parameter(torch.full_like(params[n].detach(), self.init)) for n in self.names])
-        self.bias_names = [b for b in map(lambda n: bias_of(n, model), self.names) if b] if task_biases else []
+        own_biases = (n.rsplit(".", 1)[0] + ".bias" for n in self.names) if task_biases else ()  # hidden.0.bias
+        self.bias_names = [b for b in own_biases if b in params]
         self.biases = nn.ParameterList([nn.Parameter(params[b].detach().clone()) for b in self.bias_names])
         self._weights = [params[n] for n in self.names]
         self._keep = [scale_keepers(params[n]) for n in self.names]
@@ -105,7 +101,8 @@ class MaskedTaskView(nn.Module):
         return out[:, self.columns[0]:self.columns[1]]
 
     def keep_penalty(self) -> torch.Tensor:
-        """:func:`keep_penalty` of the scores, in score units."""
+        """:func:`keep_penalty` of the scores in their stored units (its gradient on the same scale
+        as the straight-through one's)."""
         return keep_penalty(self.scores, self.init)
 
     @torch.no_grad()
