@@ -71,7 +71,8 @@ def learn_mask(backbone: dict, data, mask_lr: float, init: float, keep: float, l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
-    parser.add_argument("settings", nargs="+", help="task:mask_lr:mask_init:mask_keep:lr[:biases][:eN], e.g. p2:1e-3:1e-2:2e-5:5e-3:biases")
+    parser.add_argument("settings", nargs="+",
+                        help="task:mask_lr:mask_init:mask_keep:lr[:biases][:eN], e.g. p2:1e-3:1e-2:1e-5:1e-2:biases:e7")
     args = parser.parse_args()
     torch.set_num_threads(1)
     mnist = load_dataset(f"mnist:{args.data.resolve()}", 0.1)
