@@ -14,7 +14,7 @@ from rich.console import Console
 from edgec.base.architecture import ModelTrust
 from edgec.base.data import load_dataset
 from edgec.data_views import select_classes
-from edgec.base.errors import ConfigError
+from edgec.base.errors import ConfigError, InputError
 from edgec.ondevice.tasks import decode_task_models
 from edgec.ondevice.transport import TransportError
 from edgec.pipeline.algorithms import continual as cl
@@ -113,17 +113,72 @@ def test_mask_keep_keeps_more_weights(tmp_path, data, steps):
     assert 1 - kept < (1 - plain) / 2, (kept, plain)
 
 
+@pytest.fixture(scope="module")
+def bias_steps(tmp_path_factory, data):
+    """backbone -> piggyback "a" -> piggyback "b", each task training its own biases too."""
+    torch.set_num_threads(1)
+    cache = StageCache(tmp_path_factory.mktemp("piggyback-biases") / "cache")
+    source = make_source("mlp", {"widths": [32]}, None, data["main"], 0, cache, ModelTrust())
+    stages = [TrainStage(TrainConfig(epochs=15, patience=15, lr=3e-3), "train"),
+              learn("a", task_biases=True), learn("b", task_biases=True)]
+    return run_chain(stages, source, context(data), cache, datasets=data)
+
+
+def test_task_biases_are_each_tasks_own_and_the_backbone_stays(bias_steps, data):
+    backbone = bias_steps[0].artifact.checkpoint().state_dict
+    ckpt = bias_steps[-1].artifact.checkpoint()
+    biases = ckpt.extensions["piggyback"]["biases"]
+    assert set(biases) == {"a", "b"} and set(biases["a"]) == {"hidden.0.bias"}
+    assert torch.equal(ckpt.state_dict["hidden.0.bias"], backbone["hidden.0.bias"])  # the backbone never moves
+    for t in ("a", "b"):
+        assert not torch.equal(biases[t]["hidden.0.bias"], backbone["hidden.0.bias"])  # trained
+    model = ckpt.build(ModelTrust())
+    for t in ("a", "b"):
+        own = task_model(model, ckpt.extensions, t)
+        assert torch.equal(dict(own.named_parameters())["hidden.0.bias"], biases[t]["hidden.0.bias"])
+        assert bias_steps[-1].artifact.info["task_accuracy"][t] > 0.9
+    # task a is exactly what it was before task b learned its own biases
+    assert bias_steps[2].artifact.info["task_accuracy"]["a"] == bias_steps[1].artifact.info["task_accuracy"]["a"]
+
+
+def test_a_task_bias_that_does_not_fit_the_model_is_a_one_line_error(bias_steps):
+    ckpt = bias_steps[-1].artifact.checkpoint()
+    pg = ckpt.extensions["piggyback"]
+    for bad in ({"hidden.0.bias": torch.zeros(7)}, {"out.nope": torch.zeros(32)}):
+        with pytest.raises(InputError, match="does not match the model") as err:
+            pb.apply_masks(ckpt.build(ModelTrust()), pg["masks"]["a"], bad)
+        assert "\n" not in str(err.value)
+
+
 def test_the_threshold_is_a_straight_through_estimator():
     scores = torch.tensor([0.0, 0.004, 0.006, 0.02], requires_grad=True)
+    weight = torch.tensor([1.0, 2.0, 3.0, 4.0])
     keep = torch.tensor([True, False, False, False])
-    mask = pb.binary_mask(scores, 5e-3, keep)
-    assert mask.tolist() == [1.0, 0.0, 1.0, 1.0]
-    (mask * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
-    assert scores.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
+    masked = pb.masked_weight(scores, weight, 5e-3, keep)
+    assert masked.tolist() == [1.0, 0.0, 3.0, 4.0]
+    (masked * torch.tensor([1.0, -1.0, 2.0, 0.5])).sum().backward()
+    assert scores.grad.tolist() == [1.0, -2.0, 6.0, 2.0]  # dL/d(masked weight) * weight, dropped or not
     w = torch.tensor([[0.1, -0.9, 0.2], [0.3, 0.0, -0.4]])
     assert pb.scale_keepers(w).tolist() == [[False, True, False], [False, False, True]]
     m = torch.rand(5, 7) > 0.5
     assert torch.equal(pb.unpack_mask(pb.pack_mask(m), m.shape), m)
+
+
+def test_scores_in_units_of_mask_lr_over_lr_move_at_mask_lr():
+    """One Adam step at the stage's lr moves every score (stored value x unit) by mask_lr, and the
+    threshold and initial value are compared in the same units."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    view = pb.MaskedTaskView(layer, (0, 3), ["weight"], 1e-2, 5e-3, score_unit=0.1)  # mask_lr 1e-3 / lr 1e-2
+    assert view.masks()["weight"].all() and view.keep_penalty().item() == 0.0
+    opt = torch.optim.Adam(view.scores, lr=1e-2)
+    view(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    moved = (view.scores[0].detach() * 0.1 - 1e-2).abs()
+    assert torch.allclose(moved, torch.full_like(moved, 1e-3), rtol=1e-3)
+    with torch.no_grad():
+        view.scores[0].fill_(0.04)  # score 4e-3, under the threshold: only each row's largest weight stays
+    assert torch.equal(view.masks()["weight"], pb.scale_keepers(layer.weight))
 
 
 def test_plan_refuses_foreign_keys_and_mixed_methods(tmp_path, data, steps):
@@ -184,6 +239,7 @@ method = "piggyback"
 epochs = 15
 lr = 0.003
 mask_lr = 0.001
+task_biases = true  # b's own biases: its model file differs from the backbone's beyond the mask
 [[stages]]
 kind = "export"
 """

@@ -561,7 +561,7 @@ def task_model(model: nn.Module, extensions: Mapping[str, Any], task: str) -> nn
     later tasks removed, for Piggyback a copy with the backbone masked by the task's mask."""
     pg = extensions.get(PIGGYBACK_EXT)
     if pg and task in (pg.get("masks") or {}):
-        return pb.apply_masks(copy.deepcopy(model), pg["masks"][task])
+        return pb.apply_masks(copy.deepcopy(model), pg["masks"][task], (pg.get("biases") or {}).get(task))
     pk = extensions.get(PACKNET_EXT)
     if not pk or task not in pk.get("tasks", []) or "owner" not in pk:
         return model

@@ -4,8 +4,9 @@ Each task learns a real-valued score per backbone weight (Linear and Conv weight
 heads), initialised to ``init`` (paper: 1e-2); the forward pass uses ``W * (score > threshold)``
 (paper: 5e-3) and the backward pass treats the threshold as the identity (straight-through
 estimator), so ``dL/dscore = dL/d(W * m) * W``. The backbone (weights, biases, BatchNorm) never
-changes, so no earlier task can be forgotten; each task also trains its own head. What a task keeps
-is one bit per weight (``np.packbits``).
+changes, so no earlier task can be forgotten; each task also trains its own head and, with
+``task_biases``, its own copy of the masked layers' biases (the paper trains its task-specific
+layers too). What a task keeps is one bit per weight (``np.packbits``), plus those biases.
 
 Difference from the paper: the weight of largest |w| in each output channel is always kept, so every
 task's int8 model has the backbone's per-channel (and per-tensor) weight scales and its weight bytes
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from edgec.base.errors import InputError
+
 
 def scale_keepers(weight: torch.Tensor) -> torch.Tensor:
     """Boolean mask of the weight of largest |w| in each output channel (row 0 of ``weight``)."""
@@ -32,10 +35,25 @@ def scale_keepers(weight: torch.Tensor) -> torch.Tensor:
     return keep.view_as(weight)
 
 
-def binary_mask(scores: torch.Tensor, threshold: float, keep: torch.Tensor) -> torch.Tensor:
-    """``(scores > threshold) | keep`` as 0/1 in the forward pass, the identity in the backward pass."""
-    hard = ((scores > threshold) | keep).to(scores.dtype)
-    return hard + scores - scores.detach()
+class _MaskedWeight(torch.autograd.Function):
+    """``weight * ((scores > threshold) | keep)`` forward; straight-through backward:
+    ``dL/dscores = dL/d(masked weight) * weight`` (the threshold is treated as the identity)."""
+
+    @staticmethod
+    def forward(ctx, scores, weight, threshold, keep):
+        ctx.save_for_backward(weight)
+        return weight * ((scores > threshold) | keep)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad * weight, None, None, None
+
+
+def masked_weight(scores: torch.Tensor, weight: torch.Tensor, threshold: float, keep: torch.Tensor) -> torch.Tensor:
+    """The frozen ``weight`` masked by ``(scores > threshold) | keep``, differentiable in ``scores``
+    through the straight-through estimator (one fused autograd node: no per-step float mask)."""
+    return _MaskedWeight.apply(scores, weight.detach(), threshold, keep)
 
 
 def keep_penalty(scores, init: float) -> torch.Tensor:
@@ -47,19 +65,28 @@ def keep_penalty(scores, init: float) -> torch.Tensor:
 
 class MaskedTaskView(nn.Module):
     """The model with the named backbone weights masked by this task's learned scores, seen through
-    the task's output columns. The scores are this module's parameters (so the training loop's
-    best-epoch snapshot keeps them); the model's own weights are never written. Modules in
-    ``frozen_norms`` stay in eval mode (the frozen backbone's BatchNorm statistics must not move)."""
+    the task's output columns. The scores (and, with ``task_biases``, a copy of each masked layer's
+    bias that this task trains as its own, as the paper trains its task-specific layers) are this
+    module's parameters, so the training loop's best-epoch snapshot keeps them; the model's own
+    weights are never written. Modules in ``frozen_norms`` stay in eval mode (the frozen backbone's
+    BatchNorm statistics must not move).
+
+    The scores are stored in units of ``score_unit`` (score = stored value x ``score_unit``): Adam's
+    step is the same size whatever the gradient's scale, so storing them in units of ``mask_lr / lr``
+    makes the one optimizer at ``lr`` move them at ``mask_lr``, without a per-step rescaling pass."""
 
     def __init__(self, model: nn.Module, columns: tuple[int, int], names: list[str], init: float, threshold: float,
-                 frozen_norms=()):
+                 frozen_norms=(), *, score_unit: float = 1.0, task_biases: bool = False):
         super().__init__()
         params = dict(model.named_parameters())
         self.model = model
         self.columns = columns
         self.names = list(names)
-        self.threshold = threshold
-        self.scores = nn.ParameterList([nn.Parameter(torch.full_like(params[n].detach(), init)) for n in self.names])
+        self.init, self.threshold = init / score_unit, threshold / score_unit  # in the stored units
+        self.scores = nn.ParameterList([nn.Parameter(torch.full_like(params[n].detach(), self.init)) for n in self.names])
+        own_biases = (n.rsplit(".", 1)[0] + ".bias" for n in self.names) if task_biases else ()  # hidden.0.bias
+        self.bias_names = [b for b in own_biases if b in params]
+        self.biases = nn.ParameterList([nn.Parameter(params[b].detach().clone()) for b in self.bias_names])
         self._weights = [params[n] for n in self.names]
         self._keep = [scale_keepers(params[n]) for n in self.names]
         self._frozen = list(frozen_norms)
@@ -67,15 +94,26 @@ class MaskedTaskView(nn.Module):
     def forward(self, x):
         for m in self._frozen:
             m.eval()
-        masked = {n: w.detach() * binary_mask(s, self.threshold, k)
-                  for n, w, s, k in zip(self.names, self._weights, self.scores, self._keep)}
-        out = functional_call(self.model, masked, (x,), strict=False)
+        replaced = {n: masked_weight(s, w, self.threshold, k)
+                    for n, w, s, k in zip(self.names, self._weights, self.scores, self._keep)}
+        replaced.update(zip(self.bias_names, self.biases))
+        out = functional_call(self.model, replaced, (x,), strict=False)
         return out[:, self.columns[0]:self.columns[1]]
+
+    def keep_penalty(self) -> torch.Tensor:
+        """:func:`keep_penalty` of the scores in their stored units (its gradient on the same scale
+        as the straight-through one's)."""
+        return keep_penalty(self.scores, self.init)
 
     @torch.no_grad()
     def masks(self) -> dict[str, torch.Tensor]:
         """The learned binary masks (bool tensors)."""
         return {n: (s > self.threshold) | k for n, s, k in zip(self.names, self.scores, self._keep)}
+
+    @torch.no_grad()
+    def task_biases(self) -> dict[str, torch.Tensor]:
+        """This task's own biases (empty without ``task_biases``)."""
+        return {n: b.detach().clone() for n, b in zip(self.bias_names, self.biases)}
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -90,11 +128,18 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_masks(model: nn.Module, packed: Mapping[str, torch.Tensor]) -> nn.Module:
-    """``model`` (in place) with each named weight multiplied by its packed binary mask."""
+def apply_masks(model: nn.Module, packed: Mapping[str, torch.Tensor],
+                biases: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """``model`` (in place) with each named weight multiplied by its packed binary mask and, where
+    the task has its own biases, those biases in place of the backbone's."""
     params = dict(model.named_parameters())
     for n, bits in packed.items():
         params[n].mul_(unpack_mask(bits, params[n].shape).to(params[n].dtype))
+    for n, b in (biases or {}).items():
+        if n not in params or tuple(b.shape) != tuple(params[n].shape):
+            raise InputError(f"checkpoint: the piggyback task bias {n!r} does not match the model (shape "
+                             f"{tuple(b.shape)}); rebuild the checkpoint with the learn stage that made it")
+        params[n].copy_(b)
     return model
 
 

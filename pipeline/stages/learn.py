@@ -75,6 +75,7 @@ METHOD_KEYS = {
     "prune": "packnet", "retrain_epochs": "packnet",
     "old_samples": "joint",
     "mask_init": "piggyback", "mask_threshold": "piggyback", "mask_lr": "piggyback", "mask_keep": "piggyback",
+    "task_biases": "piggyback",
     "class_steps": "icarl", "memory": "icarl", "distill": "icarl", "classifier": "icarl",
 }
 # methods that keep every earlier task exactly: each later task must use the same method
@@ -130,6 +131,8 @@ class LearnConfig(StageConfig, OptimConfig):
     mask_lr: float = Field(1e-4, gt=0, description="piggyback: Adam learning rate of the mask scores (the head uses lr)")
     mask_keep: float = Field(0.0, ge=0, description="piggyback: weight of the penalty sum(max(0, mask_init - score)) that "
                              "keeps weights in the mask (fewer dropped weights: a smaller bundle, lower accuracy)")
+    task_biases: bool = Field(False, description="piggyback: each task also trains its own copy of the masked layers' "
+                              "biases (a few bytes per task in the bundle)")
     # icarl (class-incremental)
     class_steps: list[list[int]] | None = Field(None, description="icarl: the task's classes in the order they arrive, "
                                                 "e.g. [[0, 1], [2, 3]]; disjoint, covering every class")
@@ -474,23 +477,23 @@ class LearnStage(Stage):
         return result, {"icarl": figures}
 
     def _piggyback(self, model, data, ctx, cols, heads_path, new_head, extensions):
-        """Mask scores over the frozen backbone (Adam at mask_lr) and the new head (at lr)."""
+        """Mask scores over the frozen backbone (moving at mask_lr), the task's own biases (with
+        task_biases) and the new head (at lr)."""
         cfg = self.config
         names = cl.prunable_weights(model, heads_path)
-        view = pb.MaskedTaskView(model, cols, names, cfg.mask_init, cfg.mask_threshold, cl.norm_modules(model))
-        scores = list(view.scores)
-        scale = cl.UpdateScale(scores, cfg.mask_lr / cfg.lr)
+        view = pb.MaskedTaskView(model, cols, names, cfg.mask_init, cfg.mask_threshold, cl.norm_modules(model),
+                                 score_unit=cfg.mask_lr / cfg.lr, task_biases=cfg.task_biases)
 
         def loss_fn(logits, x, y):
-            scale.before()
             loss = F.cross_entropy(logits, y)
-            return loss + cfg.mask_keep * pb.keep_penalty(scores, cfg.mask_init) if cfg.mask_keep else loss
+            return loss + cfg.mask_keep * view.keep_penalty() if cfg.mask_keep else loss
 
-        result = self._fit(view, data, ctx, scores + new_head, loss_fn=loss_fn, after_step=scale.after)
+        result = self._fit(view, data, ctx, list(view.scores) + list(view.biases) + new_head, loss_fn=loss_fn)
         masks = view.masks()
         pg = extensions.get(PIGGYBACK_EXT) or {}
         packed = {n: pb.pack_mask(m) for n, m in masks.items()}
-        pg = {"tasks": list(pg.get("tasks", [])) + [cfg.task], "masks": {**dict(pg.get("masks") or {}), cfg.task: packed}}
+        pg = {"tasks": list(pg.get("tasks", [])) + [cfg.task], "masks": {**dict(pg.get("masks") or {}), cfg.task: packed},
+              "biases": {**dict(pg.get("biases") or {}), **({cfg.task: view.task_biases()} if cfg.task_biases else {})}}
         extensions[PIGGYBACK_EXT] = pg
         kept = sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
         return result, {"piggyback": {"kept": kept, "masked_weights": int(sum(m.numel() for m in masks.values()))}}
