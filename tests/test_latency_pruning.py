@@ -112,6 +112,39 @@ def test_build_meets_its_target_speedup_measured_in_the_targets_runtime(tmp_path
     assert len(list((tmp_path / "cache" / CACHE_STAGE).iterdir())) == 1
 
 
+def test_latency_table_is_timed_in_one_paired_run_so_a_drifting_machine_does_not_scramble_it(digits_source):
+    """A busy host (or qemu on one) runs each process, and each round within it, at another speed: the
+    table's models are timed in ONE call, each as the dense p50 times its median per-round ratio, so the
+    table keeps the models' true ratios (here their MACs) whatever the drift. Timed one call per model,
+    as before, the same drift made a narrowed group "slower" than the dense model."""
+    import torch
+
+    from edgec.base.architecture import ModelTrust
+    from edgec.pipeline.algorithms.channels import model_cost
+    from edgec.pipeline.algorithms.latency_table import build_table, narrowed, paired_p50s_ms
+
+    source, data, _ = digits_source
+    model = source.checkpoint().build(ModelTrust()).eval()
+    example = torch.from_numpy(data.to_input(data.x_train[:1]))
+    groups = channel_groups(model, example)
+    calls = []
+
+    def drifting_machine(models):
+        calls.append(len(models))
+        process_speed = (1.0, 2.3, 0.6)[len(calls) % 3]
+        rounds = [[process_speed * load * model_cost(m, example)["macs"] for m in models] for load in (1.0, 1.7, 0.8, 1.2, 0.9)]
+        return paired_p50s_ms(rounds)
+
+    table = build_table(model, example, groups, [0.5, 0.25], drifting_machine)
+    assert calls == [1 + 2 * len(groups) + 1]
+    dense_macs = model_cost(model, example)["macs"]
+    for g in groups:
+        for w in (0.5, 0.25):
+            macs = model_cost(narrowed(model, example, groups, {g.name: w})[0], example)["macs"]
+            assert table["groups"][g.name]["ms"][str(w)] / table["dense_ms"] == pytest.approx(macs / dense_macs)
+            assert table["groups"][g.name]["ms"][str(w)] < table["dense_ms"]
+
+
 def test_greedy_path_buys_the_most_latency_per_point_and_skips_groups_that_save_nothing():
     table = {"dense_ms": 10.0, "widths": [0.5, 0.25], "groups": {
         "a": {"ms": {"0.5": 8.0, "0.25": 7.0}},  # 2 ms for 1 pt, then 1 ms for 3 pt
@@ -164,7 +197,7 @@ def test_latency_measured_on_the_emulated_pi_core_sees_width(tmp_path):
     import torch
     from torch import nn
 
-    from edgec.pipeline.algorithms.latency_table import measure_p50_ms
+    from edgec.pipeline.algorithms.latency_table import LatencyMeter
     from edgec.pipeline.stages.prune_latency import emulated_python
 
     if os.environ.get("EDGEC_SKIP_EMULATION") == "1" or shutil.which("qemu-aarch64-static") is None:
@@ -178,7 +211,8 @@ def test_latency_measured_on_the_emulated_pi_core_sees_width(tmp_path):
         return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
 
-    narrow, wide = (measure_p50_ms(conv_net(w), example, calibration, RPI, 1, emulated=python) for w in (16, 128))
+    meter = LatencyMeter(example, calibration, RPI, 1, tmp_path, emulated=python)
+    narrow, wide = meter.p50s_ms([conv_net(16), conv_net(128)])  # one qemu process, alternating rounds
     assert 0 < narrow and wide > 4 * narrow, (narrow, wide)
 
 
