@@ -196,12 +196,12 @@ def build_table(model: nn.Module, example: torch.Tensor, groups: Sequence[Channe
         raise ConfigError("prune: the model has no channel group that can be narrowed (only output layers)")
     candidates = []
     for i, group in enumerate(groups):
-        progress(f"latency table: group {i + 1}/{len(groups)} ({group.name}, {group.channels} channels)")
+        progress(f"latency table: narrowing group {i + 1}/{len(groups)} ({group.name}, {group.channels} channels)")
         candidates += [narrowed(model, example, groups, {group.name: w}, importance=importance, round_to=round_to)[0]
                        for w in widths]
     narrowest = {g.name: min(widths) for g in groups}
     candidates.append(narrowed(model, example, groups, narrowest, importance=importance, round_to=round_to)[0])
-    progress(f"latency table: timing {len(candidates) + 1} models together")
+    progress(f"latency table: exporting {len(candidates) + 1} models (one conversion each), timing them together")
     dense_ms, *ms = measure([model, *candidates])
     table: dict[str, Any] = {"widths": [float(w) for w in widths], "dense_ms": dense_ms, "groups": {},
                              "narrowest_ms": ms[-1]}
