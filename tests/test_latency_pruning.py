@@ -145,6 +145,28 @@ def test_latency_table_is_timed_in_one_paired_run_so_a_drifting_machine_does_not
             assert table["groups"][g.name]["ms"][str(w)] < table["dense_ms"]
 
 
+def test_the_meter_converts_each_shape_once_and_times_all_models_of_a_call_together(tmp_path):
+    """Latency depends on shapes: the same architecture with other weights (a group too narrow to lose a
+    channel at round_to, the dense reference timed again beside each candidate) is not converted again
+    (a conversion costs 10-100 s); every model of the call gets a figure, the same-shaped ones alike."""
+    import torch
+    from torch import nn
+
+    from edgec.pipeline.algorithms.latency_table import LatencyMeter
+
+    def conv_net(width, seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(width, 10)).eval()
+
+    calibration = np.random.default_rng(0).random((8, 1, 16, 16), dtype=np.float32)
+    meter = LatencyMeter(torch.from_numpy(calibration[:1]), calibration, RPI, 1, tmp_path)
+    first = meter.p50s_ms([conv_net(16, 0), conv_net(16, 1), conv_net(8, 0)])
+    second = meter.p50s_ms([conv_net(16, 2), conv_net(8, 3)])
+    assert len(first) == 3 and len(second) == 2 and all(ms > 0 for ms in first + second)
+    assert sorted(p.name for p in tmp_path.glob("model-*")) == ["model-0.tflite", "model-1.tflite"]
+
+
 def test_greedy_path_buys_the_most_latency_per_point_and_skips_groups_that_save_nothing():
     table = {"dense_ms": 10.0, "widths": [0.5, 0.25], "groups": {
         "a": {"ms": {"0.5": 8.0, "0.25": 7.0}},  # 2 ms for 1 pt, then 1 ms for 3 pt

@@ -132,12 +132,14 @@ class LatencyMeter:
     """Times models exported as the target's bundles are (format, precision, runtime; batch 1) on this
     host or on ``emulated`` (an ``edgec.base.emulation.Arm64Python``; TFLite only), all of one call in
     one process in alternating rounds, so their ratios survive a busy machine (:func:`paired_p50s_ms`).
-    Exports are kept under ``folder`` for the meter's life: a reference timed again is not converted again."""
+    Exports are kept under ``folder`` for the meter's life, one per architecture and set of weight
+    shapes (latency depends on shapes, and a conversion costs 10-100 s): the reference timed again, or a
+    group too narrow to lose a channel at ``round_to``, is not converted again."""
 
     def __init__(self, example: torch.Tensor, calibration: np.ndarray, target, threads: int, folder: Path, emulated=None):
         self.example, self.calibration, self.target, self.threads = example, calibration, target, threads
         self.folder, self.emulated = Path(folder), emulated
-        self._exports: dict[int, tuple[nn.Module, Path, dict]] = {}  # id(model) -> (model kept alive, file, io)
+        self._exports: dict[str, tuple[Path, dict]] = {}  # shapes_key(model) -> (file, io)
 
     def p50s_ms(self, models: Sequence[nn.Module]) -> list[float]:
         """p50 ms of each model; the first is the reference the others are timed against."""
@@ -154,13 +156,14 @@ class LatencyMeter:
         from edgec.targets.onnx_export import export_onnx
         from edgec.targets.tflite_export import export_tflite
 
-        if id(model) not in self._exports:
+        key = repr(model) + repr([(name, tuple(t.shape)) for name, t in model.state_dict().items()])
+        if key not in self._exports:
             path = self.folder / f"model-{len(self._exports)}.{self.target.format}"
             export = export_tflite if self.target.format == "tflite" else export_onnx
             with native_logs_captured():
                 done = export(model, self.example, path, precision=self.target.precision, calibration=self.calibration)
-            self._exports[id(model)] = (model, path, {"input": done.inputs[0], "output": done.outputs[0]})
-        return self._exports[id(model)][1:]
+            self._exports[key] = (path, {"input": done.inputs[0], "output": done.outputs[0]})
+        return self._exports[key]
 
     def _host_rounds(self, exported: list[tuple[Path, dict]]) -> list[list[float]]:
         from edgec.ondevice.runtimes import open_model
