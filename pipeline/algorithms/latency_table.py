@@ -139,7 +139,7 @@ class LatencyMeter:
     def __init__(self, example: torch.Tensor, calibration: np.ndarray, target, threads: int, folder: Path, emulated=None):
         self.example, self.calibration, self.target, self.threads = example, calibration, target, threads
         self.folder, self.emulated = Path(folder), emulated
-        self._exports: dict[str, tuple[Path, dict]] = {}  # shapes_key(model) -> (file, io)
+        self._exports: dict[str, tuple[Path, dict]] = {}  # architecture and shapes -> (file, io)
 
     def p50s_ms(self, models: Sequence[nn.Module]) -> list[float]:
         """p50 ms of each model; the first is the reference the others are timed against."""
@@ -204,7 +204,7 @@ def build_table(model: nn.Module, example: torch.Tensor, groups: Sequence[Channe
                        for w in widths]
     narrowest = {g.name: min(widths) for g in groups}
     candidates.append(narrowed(model, example, groups, narrowest, importance=importance, round_to=round_to)[0])
-    progress(f"latency table: exporting {len(candidates) + 1} models (one conversion each), timing them together")
+    progress(f"latency table: exporting {len(candidates) + 1} models (one conversion per shape), timing them together")
     dense_ms, *ms = measure([model, *candidates])
     table: dict[str, Any] = {"widths": [float(w) for w in widths], "dense_ms": dense_ms, "groups": {},
                              "narrowest_ms": ms[-1]}
