@@ -45,7 +45,7 @@ TABLE_FILE = "latency_table.json"
 CACHE_STAGE = "latency-table"
 RUNTIME_OF_FORMAT = {"tflite": "tflite", "onnx": "onnxruntime"}
 TIMING_RUNS, TIMING_SECONDS, WARMUP_RUNS = 10, 0.05, 5  # per round, on this host
-ROUNDS = 5  # alternating rounds: the median of per-round ratios to the reference
+ROUNDS = 7  # alternating rounds: the median of per-round ratios to the reference (5: identical models +-10%)
 
 
 @dataclass(frozen=True)
