@@ -203,6 +203,23 @@ def test_greedy_path_goes_on_until_the_measured_latency_meets_the_target_when_th
     assert [p.get("measured_ms") for p in path] == [None, 6.0, 4.0]  # timed from where the estimate reached the target
 
 
+def test_greedy_path_times_where_the_estimate_corrected_by_the_last_measurement_reaches_the_target():
+    """Ten groups the table says save 3 ms each of 30, the runtime 1.5: timed at every step from where the
+    raw estimate reached 15 ms, the path cost 6 conversions; scaled by the half the first measurement
+    realized, it costs 2, and ends at the same point."""
+    table = {"dense_ms": 30.0, "widths": [0.5], "groups": {f"g{i}": {"ms": {"0.5": 27.0}} for i in range(10)}}
+    drops = {g: {"0.5": 0.1} for g in table["groups"]}
+    timed = []
+
+    def measure(keep):
+        timed.append(keep)
+        return 30.0 - 1.5 * sum(w < 1.0 for w in keep.values())
+
+    path = greedy_path(table, drops, target_ms=15.0, measure=measure)
+    assert len(path) == 10 and path[-1]["measured_ms"] == 15.0
+    assert [i for i, p in enumerate(path) if "measured_ms" in p] == [4, 9] and len(timed) == 2
+
+
 def test_greedy_path_ends_honestly_at_its_best_measured_point_when_the_target_is_out_of_reach():
     drops = {g: {"0.5": 0.1} for g in "abc"}
     path = greedy_path(_overshooting_table(), drops, target_ms=3.0, measure=_measured)
