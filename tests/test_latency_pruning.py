@@ -112,6 +112,61 @@ def test_build_meets_its_target_speedup_measured_in_the_targets_runtime(tmp_path
     assert len(list((tmp_path / "cache" / CACHE_STAGE).iterdir())) == 1
 
 
+def test_latency_table_is_timed_in_one_paired_run_so_a_drifting_machine_does_not_scramble_it(digits_source):
+    """A busy host (or qemu on one) runs each process, and each round within it, at another speed: the
+    table's models are timed in ONE call, each as the dense p50 times its median per-round ratio, so the
+    table keeps the models' true ratios (here their MACs) whatever the drift. Timed one call per model,
+    as before, the same drift made a narrowed group "slower" than the dense model."""
+    import torch
+
+    from edgec.base.architecture import ModelTrust
+    from edgec.pipeline.algorithms.channels import model_cost
+    from edgec.pipeline.algorithms.latency_table import build_table, narrowed, paired_p50s_ms
+
+    source, data, _ = digits_source
+    model = source.checkpoint().build(ModelTrust()).eval()
+    example = torch.from_numpy(data.to_input(data.x_train[:1]))
+    groups = channel_groups(model, example)
+    calls = []
+
+    def drifting_machine(models):
+        calls.append(len(models))
+        process_speed = (1.0, 2.3, 0.6)[len(calls) % 3]
+        rounds = [[process_speed * load * model_cost(m, example)["macs"] for m in models] for load in (1.0, 1.7, 0.8, 1.2, 0.9)]
+        return paired_p50s_ms(rounds)
+
+    table = build_table(model, example, groups, [0.5, 0.25], drifting_machine)
+    assert calls == [1 + 2 * len(groups) + 1]
+    dense_macs = model_cost(model, example)["macs"]
+    for g in groups:
+        for w in (0.5, 0.25):
+            macs = model_cost(narrowed(model, example, groups, {g.name: w})[0], example)["macs"]
+            assert table["groups"][g.name]["ms"][str(w)] / table["dense_ms"] == pytest.approx(macs / dense_macs)
+            assert table["groups"][g.name]["ms"][str(w)] < table["dense_ms"]
+
+
+def test_the_meter_converts_each_shape_once_and_times_all_models_of_a_call_together(tmp_path):
+    """Latency depends on shapes: the same architecture with other weights (a group too narrow to lose a
+    channel at round_to, the dense reference timed again beside each candidate) is not converted again
+    (a conversion costs 10-100 s); every model of the call gets a figure, the same-shaped ones alike."""
+    import torch
+    from torch import nn
+
+    from edgec.pipeline.algorithms.latency_table import LatencyMeter
+
+    def conv_net(width, seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(width, 10)).eval()
+
+    calibration = np.random.default_rng(0).random((8, 1, 16, 16), dtype=np.float32)
+    meter = LatencyMeter(torch.from_numpy(calibration[:1]), calibration, RPI, 1, tmp_path)
+    first = meter.p50s_ms([conv_net(16, 0), conv_net(16, 1), conv_net(8, 0)])
+    second = meter.p50s_ms([conv_net(16, 2), conv_net(8, 3)])
+    assert len(first) == 3 and len(second) == 2 and all(ms > 0 for ms in first + second)
+    assert sorted(p.name for p in tmp_path.glob("model-*")) == ["model-0.tflite", "model-1.tflite"]
+
+
 def test_greedy_path_buys_the_most_latency_per_point_and_skips_groups_that_save_nothing():
     table = {"dense_ms": 10.0, "widths": [0.5, 0.25], "groups": {
         "a": {"ms": {"0.5": 8.0, "0.25": 7.0}},  # 2 ms for 1 pt, then 1 ms for 3 pt
@@ -148,6 +203,23 @@ def test_greedy_path_goes_on_until_the_measured_latency_meets_the_target_when_th
     assert [p.get("measured_ms") for p in path] == [None, 6.0, 4.0]  # timed from where the estimate reached the target
 
 
+def test_greedy_path_times_where_the_estimate_corrected_by_the_last_measurement_reaches_the_target():
+    """Ten groups the table says save 3 ms each of 30, the runtime 1.5: timed at every step from where the
+    raw estimate reached 15 ms, the path cost 6 conversions; scaled by the half the first measurement
+    realized, it costs 2, and ends at the same point."""
+    table = {"dense_ms": 30.0, "widths": [0.5], "groups": {f"g{i}": {"ms": {"0.5": 27.0}} for i in range(10)}}
+    drops = {g: {"0.5": 0.1} for g in table["groups"]}
+    timed = []
+
+    def measure(keep):
+        timed.append(keep)
+        return 30.0 - 1.5 * sum(w < 1.0 for w in keep.values())
+
+    path = greedy_path(table, drops, target_ms=15.0, measure=measure)
+    assert len(path) == 10 and path[-1]["measured_ms"] == 15.0
+    assert [i for i, p in enumerate(path) if "measured_ms" in p] == [4, 9] and len(timed) == 2
+
+
 def test_greedy_path_ends_honestly_at_its_best_measured_point_when_the_target_is_out_of_reach():
     drops = {g: {"0.5": 0.1} for g in "abc"}
     path = greedy_path(_overshooting_table(), drops, target_ms=3.0, measure=_measured)
@@ -164,7 +236,7 @@ def test_latency_measured_on_the_emulated_pi_core_sees_width(tmp_path):
     import torch
     from torch import nn
 
-    from edgec.pipeline.algorithms.latency_table import measure_p50_ms
+    from edgec.pipeline.algorithms.latency_table import LatencyMeter
     from edgec.pipeline.stages.prune_latency import emulated_python
 
     if os.environ.get("EDGEC_SKIP_EMULATION") == "1" or shutil.which("qemu-aarch64-static") is None:
@@ -178,7 +250,8 @@ def test_latency_measured_on_the_emulated_pi_core_sees_width(tmp_path):
         return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
 
-    narrow, wide = (measure_p50_ms(conv_net(w), example, calibration, RPI, 1, emulated=python) for w in (16, 128))
+    meter = LatencyMeter(example, calibration, RPI, 1, tmp_path, emulated=python)
+    narrow, wide = meter.p50s_ms([conv_net(16), conv_net(128)])  # one qemu process, alternating rounds
     assert 0 < narrow and wide > 4 * narrow, (narrow, wide)
 
 

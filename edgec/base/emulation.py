@@ -133,36 +133,51 @@ def prepare_arm64_python(cache_dir: Path, runtime: str = DEFAULT_RUNTIME,
     return Arm64Python(qemu, root, packages / "site", info)
 
 
-# Times one TFLite model on the emulated core: argv = interpreter module (from RUNTIMES), model path,
-# threads, warm-up runs, timed runs; prints the p50 in ms as JSON.
-_TIME_MODEL = """
+# Times TFLite models on the emulated core in one process: argv = interpreter module (from RUNTIMES),
+# threads, warm-up runs, rounds, timed runs per round, model paths. Each round times every model
+# (order alternating between rounds) and keeps its p50; the first round is dropped (its first model
+# measured 2.5-3x, even after warm-up runs); prints the rounds x models p50s in ms as JSON.
+_TIME_MODELS = """
 import importlib, json, sys, time
 import numpy as np
-module, path, threads, warmup, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-it = importlib.import_module(module).Interpreter(model_path=path, num_threads=threads)
-it.allocate_tensors()
-for d in it.get_input_details():
-    it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
-for _ in range(warmup):
-    it.invoke()
-times = []
-for _ in range(runs):
-    t = time.perf_counter_ns()
-    it.invoke()
-    times.append(time.perf_counter_ns() - t)
-print(json.dumps({"p50_ms": float(np.median(times)) / 1e6}))
+module, threads, warmup, rounds, runs = sys.argv[1], *map(int, sys.argv[2:6])
+interpreters = []
+for path in sys.argv[6:]:
+    it = importlib.import_module(module).Interpreter(model_path=path, num_threads=threads)
+    it.allocate_tensors()
+    for d in it.get_input_details():
+        it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+    for _ in range(warmup):
+        it.invoke()
+    interpreters.append(it)
+table = []
+for r in range(rounds + 1):
+    row = [0.0] * len(interpreters)
+    order = range(len(interpreters)) if r % 2 == 0 else reversed(range(len(interpreters)))
+    for i in order:
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter_ns()
+            interpreters[i].invoke()
+            times.append(time.perf_counter_ns() - t)
+        row[i] = float(np.median(times)) / 1e6
+    table.append(row)
+print(json.dumps({"p50_ms": table[1:]}))
 """
 
 
-def emulated_p50_ms(python: Arm64Python, model_path: Path, threads: int = 1, warmup: int = 2, runs: int = 10) -> float:
-    """p50 in ms of one TFLite model (batch 1, zero input) on the emulated Pi 4 core. Relative figures
-    only: qemu translates every instruction, so the ratio of two models is what carries over."""
+def emulated_round_p50s_ms(python: Arm64Python, model_paths: list[Path], threads: int = 1, warmup: int = 3,
+                           rounds: int = 5, runs: int = 3) -> list[list[float]]:
+    """p50s in ms (``[round][model]``) of TFLite models (batch 1, zero input) timed on the emulated Pi 4
+    core in ONE process, in alternating rounds: on a busy host qemu's speed drifts by 2x between
+    processes, so only figures of the same round compare. Relative figures only: qemu translates every
+    instruction, so the ratio of two models is what carries over."""
     module = RUNTIMES[python.info["runtime"]][1]
-    done = python.run(["-c", _TIME_MODEL, module, str(Path(model_path).resolve()), str(int(threads)), str(int(warmup)),
-                       str(int(runs))])
+    done = python.run(["-c", _TIME_MODELS, module, *(str(int(v)) for v in (threads, warmup, rounds, runs)),
+                       *(str(Path(p).resolve()) for p in model_paths)])
     if done.returncode != 0:
-        raise RunError(f"timing {Path(model_path).name} on the emulated arm64 core failed: {_reason(done)}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["p50_ms"])
+        raise RunError(f"timing {len(model_paths)} model(s) on the emulated arm64 core failed: {_reason(done)}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["p50_ms"]
 
 
 def emulated_identity(python: Arm64Python) -> dict:

@@ -12,6 +12,10 @@ or (``latency_device = "emulated-arm64"``, TFLite) on an emulated Raspberry Pi 4
   add, a depthwise convolution) narrowed to the fraction ``w`` of its channels;
 - ``narrowest_ms``: every group at the narrowest fraction (what width can buy here at most).
 
+All of them are timed in one process in alternating rounds and each is recorded as the dense p50
+times its median per-round ratio to the dense model (:class:`LatencyMeter`): timed one process after
+another on a busy host (or under qemu), the same model measured 50-110 ms and the table was noise.
+
 Conversions take seconds each, so the table is cached in the build's stage cache under a key of
 everything that decides it: the architecture, the input shape, the target's format and precision,
 the runtime and its version, the device (this CPU's model, or the emulated core) and the thread
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +40,12 @@ from edgec.base.errors import ConfigError
 from .channels import ChannelPruner, ChannelSpec
 from .pruning import prunable_layers
 
-TABLE_VERSION = 2  # 2: the device (host or emulated-arm64) is part of the key
+TABLE_VERSION = 3  # 2: the device (host or emulated-arm64) is part of the key; 3: timed in paired rounds
 TABLE_FILE = "latency_table.json"
 CACHE_STAGE = "latency-table"
 RUNTIME_OF_FORMAT = {"tflite": "tflite", "onnx": "onnxruntime"}
-TIMING_RUNS, TIMING_SECONDS, WARMUP_RUNS = 30, 0.3, 5
+TIMING_RUNS, TIMING_SECONDS, WARMUP_RUNS = 10, 0.05, 5  # per round, on this host
+ROUNDS = 7  # alternating rounds: the median of per-round ratios to the reference (5: identical models +-10%)
 
 
 @dataclass(frozen=True)
@@ -116,54 +120,97 @@ def table_key(model: nn.Module, input_shape: Sequence[int], target, threads: int
             "round_to": round_to, "importance": importance}
 
 
-def measure_p50_ms(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, target, threads: int,
-                   emulated=None) -> float:
-    """p50 in ms of ``model`` exported as the target's bundles are and timed in their runtime, batch 1:
-    on this host, or on ``emulated`` (an ``edgec.base.emulation.Arm64Python``; TFLite only)."""
-    from edgec.ondevice.runtimes import open_model
-    from edgec.ondevice.timing import summarize, timed_loop
-    from edgec.base.quiet import native_logs_captured
-    from edgec.targets.onnx_export import export_onnx
-    from edgec.targets.tflite_export import export_tflite
+def paired_p50s_ms(round_p50s: Sequence[Sequence[float]]) -> list[float]:
+    """From ``[round][model]`` p50s: the first model's median p50, and each other model's as that times
+    the median of its per-round ratio to the first (figures of one round share the machine's load)."""
+    p50s = np.asarray(round_p50s, dtype=np.float64)
+    reference = float(np.median(p50s[:, 0]))
+    return [reference * float(np.median(p50s[:, i] / p50s[:, 0])) for i in range(p50s.shape[1])]
 
-    export = export_tflite if target.format == "tflite" else export_onnx
-    with tempfile.TemporaryDirectory(prefix="edgec-latency-") as tmp:
-        path = Path(tmp) / f"model.{target.format}"
-        with native_logs_captured():
-            exported = export(model, example, path, precision=target.precision, calibration=calibration)
-        if emulated is not None:
-            from edgec.base.emulation import emulated_p50_ms
 
-            return emulated_p50_ms(emulated, path, threads)
-        runner = open_model(str(path), RUNTIME_OF_FORMAT[target.format], {"threads": threads},
-                            io_meta={"input": exported.inputs[0], "output": exported.outputs[0]})
+class LatencyMeter:
+    """Times models exported as the target's bundles are (format, precision, runtime; batch 1) on this
+    host or on ``emulated`` (an ``edgec.base.emulation.Arm64Python``; TFLite only), all of one call in
+    one process in alternating rounds, so their ratios survive a busy machine (:func:`paired_p50s_ms`).
+    Exports are kept under ``folder`` for the meter's life, one per architecture and set of weight
+    shapes (latency depends on shapes, and a conversion costs 10-100 s): the reference timed again, or a
+    group too narrow to lose a channel at ``round_to``, is not converted again."""
+
+    def __init__(self, example: torch.Tensor, calibration: np.ndarray, target, threads: int, folder: Path, emulated=None):
+        self.example, self.calibration, self.target, self.threads = example, calibration, target, threads
+        self.folder, self.emulated = Path(folder), emulated
+        self._exports: dict[str, tuple[Path, dict]] = {}  # architecture and shapes -> (file, io)
+
+    def p50s_ms(self, models: Sequence[nn.Module]) -> list[float]:
+        """p50 ms of each model; the first is the reference the others are timed against."""
+        exported = [self._export(m) for m in models]
+        if self.emulated is not None:
+            from edgec.base.emulation import emulated_round_p50s_ms
+
+            return paired_p50s_ms(emulated_round_p50s_ms(self.emulated, [path for path, _ in exported], self.threads,
+                                                         rounds=ROUNDS))
+        return paired_p50s_ms(self._host_rounds(exported))
+
+    def _export(self, model: nn.Module) -> tuple[Path, dict]:
+        from edgec.base.quiet import native_logs_captured
+        from edgec.targets.onnx_export import export_onnx
+        from edgec.targets.tflite_export import export_tflite
+
+        key = repr(model) + repr([(name, tuple(t.shape)) for name, t in model.state_dict().items()])
+        if key not in self._exports:
+            path = self.folder / f"model-{len(self._exports)}.{self.target.format}"
+            export = export_tflite if self.target.format == "tflite" else export_onnx
+            with native_logs_captured():
+                done = export(model, self.example, path, precision=self.target.precision, calibration=self.calibration)
+            self._exports[key] = (path, {"input": done.inputs[0], "output": done.outputs[0]})
+        return self._exports[key]
+
+    def _host_rounds(self, exported: list[tuple[Path, dict]]) -> list[list[float]]:
+        from edgec.ondevice.runtimes import open_model
+        from edgec.ondevice.timing import summarize, timed_loop
+
+        runners = [open_model(str(path), RUNTIME_OF_FORMAT[self.target.format], {"threads": self.threads}, io_meta=io)
+                   for path, io in exported]
         try:
-            step = runner.prepare(example.numpy())
-            timed_loop(step, WARMUP_RUNS)
-            durations, _ = timed_loop(step, TIMING_RUNS, TIMING_SECONDS)
+            steps = [runner.prepare(self.example.numpy()) for runner in runners]
+            for step in steps:
+                timed_loop(step, WARMUP_RUNS)
+            rounds = []
+            for r in range(ROUNDS):
+                row = [0.0] * len(steps)
+                for i in (range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))):
+                    row[i] = float(summarize(timed_loop(steps[i], TIMING_RUNS, TIMING_SECONDS)[0])["p50"])
+                rounds.append(row)
         finally:
-            runner.close()
-    return float(summarize(durations)["p50"])
+            for runner in runners:
+                runner.close()
+        return rounds
 
 
-Measure = Callable[[nn.Module], float]
+Measure = Callable[[Sequence[nn.Module]], list[float]]
 
 
 def build_table(model: nn.Module, example: torch.Tensor, groups: Sequence[ChannelGroup], widths: Sequence[float],
                 measure: Measure, *, importance: str = "l2", round_to: int | None = None,
                 progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Measure the table (see the module docstring); ``measure(model) -> p50 ms``."""
+    """Measure the table (see the module docstring); ``measure(models) -> p50 ms of each``, all timed
+    together against the first (the dense model)."""
     if not groups:
         raise ConfigError("prune: the model has no channel group that can be narrowed (only output layers)")
-    table: dict[str, Any] = {"widths": [float(w) for w in widths], "groups": {}}
-    table["dense_ms"] = measure(model)
+    candidates = []
     for i, group in enumerate(groups):
-        progress(f"latency table: group {i + 1}/{len(groups)} ({group.name}, {group.channels} channels)")
-        table["groups"][group.name] = {"layers": list(group.layers), "channels": group.channels, "ms": {
-            str(w): measure(narrowed(model, example, groups, {group.name: w}, importance=importance, round_to=round_to)[0])
-            for w in widths}}
+        progress(f"latency table: narrowing group {i + 1}/{len(groups)} ({group.name}, {group.channels} channels)")
+        candidates += [narrowed(model, example, groups, {group.name: w}, importance=importance, round_to=round_to)[0]
+                       for w in widths]
     narrowest = {g.name: min(widths) for g in groups}
-    table["narrowest_ms"] = measure(narrowed(model, example, groups, narrowest, importance=importance, round_to=round_to)[0])
+    candidates.append(narrowed(model, example, groups, narrowest, importance=importance, round_to=round_to)[0])
+    progress(f"latency table: exporting {len(candidates) + 1} models (one conversion per shape), timing them together")
+    dense_ms, *ms = measure([model, *candidates])
+    table: dict[str, Any] = {"widths": [float(w) for w in widths], "dense_ms": dense_ms, "groups": {},
+                             "narrowest_ms": ms[-1]}
+    for i, group in enumerate(groups):
+        table["groups"][group.name] = {"layers": list(group.layers), "channels": group.channels,
+                                       "ms": {str(w): ms[i * len(widths) + j] for j, w in enumerate(widths)}}
     return table
 
 

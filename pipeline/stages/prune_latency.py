@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline
 from ..algorithms.channels import channel_report, channel_widths, model_cost
 from ..algorithms.latency_table import (
-    best_speedup, build_table, cached_table, channel_groups, host_identity, measure_p50_ms, narrowed, runtime_identity,
+    LatencyMeter, best_speedup, build_table, cached_table, channel_groups, host_identity, narrowed, runtime_identity,
     table_key,
 )
 from ..algorithms.netadapt import furthest_within, greedy_path
@@ -76,13 +77,22 @@ def run_latency_pruning(stage, source: Artifact, ctx: StageContext, out_dir: Pat
                     importance=cfg.importance, round_to=cfg.round_to, runtime=identity["runtime"], host=identity["host"],
                     device=identity["device"])
     emulated = emulated_python(ctx.target) if cfg.latency_device == "emulated-arm64" else None
+    with tempfile.TemporaryDirectory(prefix="edgec-latency-") as tmp:
+        meter = LatencyMeter(example, calibration, ctx.target, cfg.latency_threads, Path(tmp), emulated=emulated)
+        table, cached = cached_table(ctx.cache, key, lambda: build_table(
+            model, example, groups, cfg.latency_widths, meter.p50s_ms, importance=cfg.importance, round_to=cfg.round_to,
+            progress=lambda line: ctx.console.print(f"{stage.id}: {line}")))
+        return _prune_or_say_why(stage, ckpt, model, example, groups, table, cached, identity, meter, ctx, out_dir)
 
-    def measure(m: nn.Module) -> float:
-        return measure_p50_ms(m, example, calibration, ctx.target, cfg.latency_threads, emulated=emulated)
 
-    table, cached = cached_table(ctx.cache, key, lambda: build_table(
-        model, example, groups, cfg.latency_widths, measure, importance=cfg.importance, round_to=cfg.round_to,
-        progress=lambda line: ctx.console.print(f"{stage.id}: {line}")))
+def _prune_or_say_why(stage, ckpt, model, example, groups, table, cached, identity, meter, ctx, out_dir):
+    cfg, data = stage.config, ctx.data
+
+    def measure(candidate: nn.Module) -> float:
+        """The candidate's p50 as the table's dense p50 times its ratio to the dense model, timed together."""
+        dense_ms, candidate_ms = meter.p50s_ms([model, candidate])
+        return table["dense_ms"] * candidate_ms / dense_ms
+
     where = (f"{identity['host']['cpu'] or 'this CPU'}, {identity['runtime']['package']} {identity['runtime']['version']} "
              f"{ctx.target.precision}, {cfg.latency_threads} thread(s)")
     record: dict[str, Any] = {"table": table, "table_cached": cached, "measured_on": where,
