@@ -29,12 +29,13 @@ from fixtures import edge_models
 from support import zoo_source
 
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-BLOCKS = ["inverted_residual", "mobilenet_v3_block", "squeezenet_fire", "resnet_basic", "efficientnet_mbconv"]
+BLOCKS = ["inverted_residual", "mobilenet_v3_block", "squeezenet_fire", "resnet_basic", "efficientnet_mbconv",
+          "local_block_class"]
 
 
 def _model(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return edge_models.FACTORIES[name](input_shape=(1, 16, 16), num_classes=10).eval()
+    return getattr(edge_models, name)(input_shape=(1, 16, 16), num_classes=10).eval()
 
 
 @pytest.mark.parametrize("name", BLOCKS)

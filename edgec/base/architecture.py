@@ -315,7 +315,7 @@ def _diff(path: str, a: nn.Module | None, b: nn.Module, edits: list) -> None:
             raise ConfigError("a stage replaced the whole model; edgec records changes to its modules only")
         edits.append({"op": "set_module", "path": path, "module": module_spec(b, path)})
         return
-    if a is None or type(a) is not type(b):
+    if a is None or not _same_class(type(a), type(b)):
         raise ConfigError(
             f"module {path or '<model>'} became a {type(b).__name__}, which cannot be recorded (only allow-listed torch.nn "
             "modules can be added or replaced)"
@@ -330,6 +330,13 @@ def _diff(path: str, a: nn.Module | None, b: nn.Module, edits: list) -> None:
     for k, child in b._modules.items():
         if child is not None:
             _diff(f"{path}.{k}" if path else k, a._modules.get(k), child, edits)
+
+
+def _same_class(a: type, b: type) -> bool:
+    """The same class, or the same class definition: a factory that defines its block class inside
+    itself makes a new class object on every call, so the rebuilt base's blocks are never ``is`` the
+    trained model's."""
+    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
 def _same_spec(a: nn.Module, b: nn.Module, path: str) -> bool:
