@@ -53,7 +53,8 @@ sys.path.insert(0, str(ROOT))  # benchmarks.speed:... imported by name as user m
 # 0.5 pt share of the budget was one image, and the prune stopped at 1.1x.
 MODELS = {
     "mobilenet_v2_035_96": {"model": "benchmarks.speed:mobilenet_v2_035", "shape": (3, 96, 96), "target_speedup": 2.0,
-                            "epochs": 5, "lr": 3e-3, "widths": [0.25], "device": "emulated-arm64", "train_samples": 6000},
+                            "epochs": 5, "lr": 3e-3, "widths": [0.25], "device": "emulated-arm64", "train_samples": 6000,
+                            "recovery_epochs": 5},
     "resnet8_32": {"model": "resnet-8", "shape": (3, 32, 32), "target_speedup": 2.0, "epochs": 6, "lr": 2e-3,
                    "device": "emulated-arm64", "train_samples": 10000, "recovery_epochs": 6},
     "ds_cnn_49x10": {"model": "ds-cnn", "shape": (1, 49, 10), "target_speedup": 2.0, "epochs": 4, "lr": 3e-3,

@@ -281,3 +281,15 @@ def test_plan_time_check_needs_a_group_to_narrow(digits_source):
     source, data, _ = digits_source
     ctx = StageContext(data=data, seed=0, target=RPI, console=Console(quiet=True))
     check_chain([PruneStage(PruneConfig(mode="channels", target_speedup=2.0))], source, ctx)  # cnn-small: 2 groups
+
+
+def test_a_new_timing_method_changes_the_prune_stages_key(monkeypatch):
+    """A stage output chosen on latencies timed by an older method (e.g. unpaired one-shot timings) is
+    not served once the timing changes: TABLE_VERSION is part of the stage's key material."""
+    from edgec.pipeline.stages import prune_latency
+
+    cfg = parse_config({"stages": [{"kind": "prune", "mode": "channels", "target_speedup": 2.0}]}).stages[0].config
+    before = stable_hash(latency_key_material(cfg, RPI))
+    assert before == stable_hash(latency_key_material(cfg, RPI))
+    monkeypatch.setattr(prune_latency, "TABLE_VERSION", prune_latency.TABLE_VERSION + 1)
+    assert stable_hash(latency_key_material(cfg, RPI)) != before

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accuracy_budget import allowance_pt, drop_points, model_headline, reference_headline
+from ..accuracy_budget import stage_baseline
 from ..algorithms.channels import channel_report, channel_widths, model_cost
 from ..algorithms.latency_table import (
-    LatencyMeter, best_speedup, build_table, cached_table, channel_groups, host_identity, narrowed, runtime_identity,
-    table_key,
+    TABLE_VERSION, LatencyMeter, best_speedup, build_table, cached_table, channel_groups, host_identity, narrowed,
+    runtime_identity, table_key,
 )
 from ..algorithms.netadapt import furthest_within, greedy_path
 from ..algorithms.pruning import MaskEnforcer, apply_masks
@@ -43,15 +43,15 @@ CALIBRATION_SAMPLES = 32  # the table's int8 conversions: ranges do not change t
 
 def latency_key_material(cfg, target) -> dict[str, Any]:
     """What besides the model decides the stage's output: the runtime, the device (this CPU or the
-    emulated core) and the threads."""
-    target_id = {"format": target.format, "precision": target.precision}
+    emulated core), the threads, and how latency is timed (``TABLE_VERSION``: a stage output chosen by
+    an older timing method is not served)."""
+    common = {"target": {"format": target.format, "precision": target.precision}, "timing": TABLE_VERSION,
+              "device": cfg.latency_device, "threads": cfg.latency_threads}
     if cfg.latency_device == "host":
-        return {"target": target_id, "runtime": runtime_identity(target), "host": host_identity(),
-                "device": "host", "threads": cfg.latency_threads}
+        return {**common, "runtime": runtime_identity(target), "host": host_identity()}
     python = emulated_python(target)
-    return {"target": target_id, "runtime": {"name": "tflite", "package": python.info["runtime"],
-                                             "version": python.info["runtime_version"]},
-            "host": emulated_identity(python), "device": cfg.latency_device, "threads": cfg.latency_threads}
+    return {**common, "runtime": {"name": "tflite", "package": python.info["runtime"],
+                                  "version": python.info["runtime_version"]}, "host": emulated_identity(python)}
 
 
 def emulated_python(target):
@@ -119,12 +119,8 @@ def target_ms(cfg, table: dict[str, Any]) -> float:
 def _prune_along_path(stage, ckpt, model, example, groups, table, measure, ctx: StageContext, out_dir: Path,
                       record: dict[str, Any]) -> dict[str, Any]:
     cfg, data = stage.config, ctx.data
-    # judged against the trained reference, as the budgeted prune is (accuracy_budget.allowance_pt)
-    _, base, higher = (reference_headline(ctx.reference, data, ctx.trust) if ctx.reference is not None
-                       else model_headline(model, data, "val"))
-
-    def drop_of(candidate: nn.Module) -> float:
-        return drop_points(base, model_headline(candidate, data, "val")[1], higher)
+    baseline = stage_baseline(model, ctx, "prune")  # judged against the trained reference, as the budgeted prune is
+    drop_of = baseline.drop
 
     def narrow(keep: dict[str, float]):
         return narrowed(model, example, groups, keep, importance=cfg.importance, round_to=cfg.round_to,
@@ -132,7 +128,7 @@ def _prune_along_path(stage, ckpt, model, example, groups, table, measure, ctx: 
 
     drops = {g.name: {str(w): drop_of(narrow({g.name: w})[0]) for w in cfg.latency_widths} for g in groups}
     path = greedy_path(table, drops, target_ms(cfg, table), measure=lambda keep: measure(narrow(keep)[0]))
-    share = allowance_pt("prune", ctx.budget_pt)
+    share = baseline.allowance
 
     def trial(keep: dict[str, float]):
         candidate, masks = narrow(keep)
