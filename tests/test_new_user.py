@@ -81,8 +81,29 @@ def test_best_setting_guards_the_tail():
         return {"id": f"threads={threads}", "settings": {"threads": threads}, "latency_ms": {"p50": p50, "p99": p99}}
 
     steady, spiky = row(1, 9.16e-3, 15.7e-3), row(2, 8.80e-3, 1.18)  # the rpi figures of issue 26
-    best, excluded = _pick_best([spiky, steady])
-    assert best is steady and excluded == [spiky]
+    best, excluded, missed = _pick_best([spiky, steady])
+    assert best is steady and excluded == [spiky] and missed == []
+
+
+def test_best_setting_reproduces_the_test_vectors():
+    """XNNPACK off was faster on the emulated Pi for a pruned MobileNetV2, but TFLite's built-in kernels
+    missed its vectors by 4 steps: recommending it made `run.py bench` exit 1 and the next verify fail."""
+    from edgec.ondevice.bench import _pick_best
+    from edgec.ondevice.report import _best_lines
+
+    def row(xnnpack, p50, vectors_ok):
+        return {"id": f"threads=1 xnnpack={'on' if xnnpack else 'off'}", "settings": {"threads": 1, "xnnpack": xnnpack},
+                "latency_ms": {"p50": p50, "p99": p50 * 1.2}, "vectors": {"ok": vectors_ok, "max_abs_diff": 0.431}}
+
+    xnnpack, builtin = row(True, 17.1, True), row(False, 16.3, False)
+    best, excluded, missed = _pick_best([xnnpack, builtin])
+    assert best is xnnpack and excluded == [] and missed == [builtin]
+    best, _, missed = _pick_best([row(True, 17.1, False), builtin])  # none reproduces: the fastest, and verify says so
+    assert best is builtin and missed == []
+    best_record = {"id": xnnpack["id"], "p50_ms": 17.1, "criterion": "c",
+                   "excluded_for_vectors": [{"id": builtin["id"], "p50_ms": 16.3, "max_abs_diff": 0.431}]}
+    assert "not threads=1 xnnpack=off: lower p50 (16.3 ms) but its outputs miss the test vectors (max|diff| 0.431)" in \
+        _best_lines(best_record, "ms", markdown=False)
 
 
 def test_native_log_lines_stay_off_stderr(tmp_path, bundles):

@@ -18,8 +18,9 @@ Conventions (TFLite benchmark_model, onnxruntime_perf_test, MLPerf Tiny):
   runtime + one model) and load/first-inference times are cold; ``peak_rss_bytes`` is
   taken after the batch-1 runs (before other batch sizes load more copies).
   With ``isolate=False`` it is this process's peak, including whatever the caller loaded.
-* best setting: lowest p50 at batch 1 among the settings whose p99 is within TAIL_FACTOR (2x) of
-  the lowest p99 (a fast median with a long tail is not best; ties: fewer threads); returned as
+* best setting: lowest p50 at batch 1 among the settings that reproduce the test vectors (when
+  any does) and whose p99 is within TAIL_FACTOR (2x) of the lowest p99 (a fast median with a long
+  tail is not best; ties: fewer threads); returned as
   ``recommended`` and,
   with ``save_recommendation``, kept for this machine in the bundle's recommended.json
   (``recommend.py``): never in the manifest, never applied to another machine.
@@ -268,24 +269,31 @@ def _thread_cap(bundle, max_threads):
 
 TIE_BAND = 0.01
 TAIL_FACTOR = 2.0
-BEST_CRITERION = ("lowest p50 latency at batch 1 among settings whose p99 is within %gx of the lowest p99 "
-                  "(within 1%% of that p50 counts as a tie: fewer threads wins)" % TAIL_FACTOR)
+BEST_CRITERION = ("lowest p50 latency at batch 1 among settings that reproduce the test vectors and whose p99 "
+                  "is within %gx of the lowest p99 (within 1%% of that p50 counts as a tie: fewer threads wins)"
+                  % TAIL_FACTOR)
 
 
 def _pick_best(ok):
-    """The best setting and those its tail ruled out. Only settings whose p99 is within TAIL_FACTOR of
-    the lowest p99 compete (a median bought with a long tail, e.g. a spinning second thread on a busy
-    core, is not best); among them the lowest p50, where settings within TIE_BAND (1%) of it count as
-    tied and the one with fewest threads wins (then lowest p50): spare cores matter more than 1%."""
+    """The best setting, those its tail ruled out, and the faster ones whose outputs miss the test
+    vectors. A setting that does not reproduce the vectors is never best while another does: TFLite's
+    built-in int8 kernels (XNNPACK off) round differently from XNNPACK's, by 3-4 output steps on a
+    96x96 MobileNetV2 (x86 and the emulated Pi core), and recommending them would make this machine's
+    ``verify`` fail a good bundle. Only settings whose p99 is within TAIL_FACTOR of the lowest p99
+    compete (a median bought with a long tail, e.g. a spinning second thread on a busy core, is not
+    best); among them the lowest p50, where settings within TIE_BAND (1%) of it count as tied and the
+    one with fewest threads wins (then lowest p50): spare cores matter more than 1%."""
     if not ok:
-        return None, []
-    tail = min(r["latency_ms"]["p99"] for r in ok) * TAIL_FACTOR
-    steady = [r for r in ok if r["latency_ms"]["p99"] <= tail]
+        return None, [], []
+    reproducing = [r for r in ok if (r.get("vectors") or {}).get("ok") is not False] or ok
+    tail = min(r["latency_ms"]["p99"] for r in reproducing) * TAIL_FACTOR
+    steady = [r for r in reproducing if r["latency_ms"]["p99"] <= tail]
     low = min(r["latency_ms"]["p50"] for r in steady)
     tied = [r for r in steady if r["latency_ms"]["p50"] <= low * (1.0 + TIE_BAND)]
     best = min(tied, key=lambda r: (r["settings"].get("threads") or 0, r["latency_ms"]["p50"]))
-    excluded = [r for r in ok if r not in steady and r["latency_ms"]["p50"] < best["latency_ms"]["p50"]]
-    return best, excluded
+    faster = [r for r in ok if r["latency_ms"]["p50"] < best["latency_ms"]["p50"]]
+    missed = [r for r in faster if r not in reproducing]
+    return best, [r for r in faster if r in reproducing and r not in steady], missed
 
 
 def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_sizes=(1, 8, 32), runtime=None,
@@ -342,7 +350,7 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
     results, isolate = _measure_grid(path, grid, rt, params, isolate, per_worker_timeout, notes, progress)
     errors = ["%s: %s" % (r["id"], r.get("error")) for r in results if not r.get("ok")]
     ok = [r for r in results if r.get("ok")]
-    best, tail_excluded = _pick_best(ok)
+    best, tail_excluded, vectors_excluded = _pick_best(ok)
     sysinfo = machine_info()
     identity = machine_identity(rt, sysinfo)
     res = _result(bundle, rt, sysinfo, identity, results, best, notes, errors)
@@ -351,7 +359,7 @@ def bench_bundle(path, warmup=10, runs=100, min_seconds=1.0, sweep=True, batch_s
     res["memory"]["scope"] = ("fresh subprocess per setting" if isolate else
                               "this process (process-wide: includes everything the caller imported)")
     if best is not None:
-        _adopt_best(res, best, ok, tail_excluded)
+        _adopt_best(res, best, ok, tail_excluded, vectors_excluded)
         if task is not None:
             from .tasks import select_task
             select_task(bundle, task)  # an unknown task (or a single-task bundle) is a usage error
@@ -449,14 +457,16 @@ def _result(bundle, rt, sysinfo, identity, results, best, notes, errors):
     }
 
 
-def _adopt_best(res, best, ok, tail_excluded):
+def _adopt_best(res, best, ok, tail_excluded, vectors_excluded):
     """The best setting's figures as the result's own; its notes join the result's."""
     overheads = [r["harness_overhead_ms"] for r in ok if r.get("harness_overhead_ms") is not None]
     res["harness"]["overhead_ms_per_iteration"] = float(np.median(overheads)) if overheads else None
     res["best"] = {"id": best["id"], "settings": _clean(best["settings"]), "p50_ms": best["latency_ms"]["p50"],
                    "criterion": BEST_CRITERION,
                    "excluded_for_tail": [{"id": r["id"], "p50_ms": r["latency_ms"]["p50"],
-                                          "p99_ms": r["latency_ms"]["p99"]} for r in tail_excluded]}
+                                          "p99_ms": r["latency_ms"]["p99"]} for r in tail_excluded],
+                   "excluded_for_vectors": [{"id": r["id"], "p50_ms": r["latency_ms"]["p50"],
+                                             "max_abs_diff": r["vectors"].get("max_abs_diff")} for r in vectors_excluded]}
     res["recommended"] = _clean(best["settings"])
     for k in ("latency_ms", "throughput", "load_ms", "first_inference_ms", "peak_rss_bytes", "vectors"):
         res[k] = best.get(k)

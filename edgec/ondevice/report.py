@@ -178,6 +178,10 @@ def _best_lines(b, unit, markdown):
         out.append(("- not %s: lower p50 (%s %s) but p99 %s %s, over the tail limit" if markdown
                     else "not %s: lower p50 (%s %s) but p99 %s %s, over the tail limit") % (
             x["id"], _lat(x["p50_ms"], unit), unit, _lat(x["p99_ms"], unit), unit))
+    for x in b.get("excluded_for_vectors") or []:
+        out.append(("- not %s: lower p50 (%s %s) but its outputs miss the test vectors (max|diff| %s)" if markdown
+                    else "not %s: lower p50 (%s %s) but its outputs miss the test vectors (max|diff| %s)") % (
+            x["id"], _lat(x["p50_ms"], unit), unit, _num(x.get("max_abs_diff"), "%.3g")))
     return out
 
 
