@@ -125,6 +125,9 @@ def interrupt_build(tmp_path, sig) -> subprocess.CompletedProcess:
             [sys.executable, "-m", "edgec", "build", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out",
              "--stages", "train,prune", "--epochs", "200"],
             cwd=tmp_path, stdout=out, stderr=err, env={**os.environ, "COLUMNS": "160"},
+            # as from a terminal: a suite started in the background (``cmd &``) ignores SIGINT, and the
+            # CLI rightly keeps an inherited ignore, so the build would never see the signal
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             deadline = time.monotonic() + 240
