@@ -360,9 +360,11 @@ def _write(path: Path, result: dict, start: float) -> None:
 
     result.update(machine=machine_info(), command="python benchmarks/speed.py",
                   timing="host: interleaved rounds of both bundles in one process (edgec.ondevice.paired), XNNPACK on; "
-                         "speedup = median of per-round p50 ratios. pi4_emulated: run.py bench under qemu-aarch64 -cpu "
-                         "cortex-a72, 1 thread, best of XNNPACK on/off, lower p50 of two alternating rounds; "
-                         "relative figures only",
+                         "speedup = median of per-round p50 ratios. speedup_pi_emulated (pi4_emulated_paired): both "
+                         "bundles' models in one qemu-aarch64 -cpu cortex-a72 process, 1 thread, XNNPACK on, alternating "
+                         "rounds, median per-round p50 ratio; pi4_emulated: each bundle's run.py bench under qemu (best "
+                         "setting that reproduces the test vectors, lower p50 of two alternating rounds) as a "
+                         "cross-check; relative figures only",
                   seconds_last_run=round(time.perf_counter() - start, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -227,6 +227,19 @@ def test_greedy_path_ends_honestly_at_its_best_measured_point_when_the_target_is
     assert path[-1]["measured_ms"] == 4.0 > 3.0  # every group narrowed: the measured 4 ms is what there is
 
 
+def test_with_measurements_groups_the_table_saw_save_nothing_are_narrowed_last_each_step_timed():
+    """The table's single-group timing of c came out slower than dense (noise: narrowing c does cut its
+    work); when a and b narrowed still miss the target, the measured path narrows c too and times it."""
+    table = {"dense_ms": 10.0, "widths": [0.5], "groups": {
+        "a": {"ms": {"0.5": 8.0}}, "b": {"ms": {"0.5": 8.0}}, "c": {"ms": {"0.5": 10.3}}, "d": {"ms": {"0.5": 10.1}}}}
+    drops = {"a": {"0.5": 0.1}, "b": {"0.5": 0.2}, "c": {"0.5": 0.3}, "d": {"0.5": 0.9}}
+    measured = lambda keep: 10.0 - 2.0 * sum(w < 1.0 for w in keep.values())  # noqa: E731: every group saves 2 ms
+    path = greedy_path(table, drops, target_ms=4.0, measure=measured)
+    assert [p["group"] for p in path] == ["a", "b", "c"]  # c (cheaper in accuracy than d) only after a and b
+    assert path[-1]["measured_ms"] == 4.0
+    assert greedy_path(table, drops, target_ms=4.0)[-1]["keep"]["c"] == 1.0  # by the estimate alone: never
+
+
 def test_latency_measured_on_the_emulated_pi_core_sees_width(tmp_path):
     """latency_device = "emulated-arm64": the int8 TFLite model timed under qemu as a Cortex-A72 (the
     Pi 4's core, where compute, not per-operator overhead, decides): 8x the channels is much slower."""
