@@ -63,7 +63,7 @@ MODELS = {
     # images of which 20% validate (500: one image is 0.2 pt, well under the 1 pt budget)
     "resnet18_64": {"model": "benchmarks.speed:resnet18", "shape": (3, 64, 64), "target_speedup": 2.0, "epochs": 2,
                     "lr": 2e-3, "widths": [0.5], "device": "host", "train_samples": 2500, "val_fraction": 0.2,
-                    "test_samples": 1000, "recovery_epochs": 3},
+                    "test_samples": 1000, "recovery_epochs": 2},
 }
 COMPUTE_BOUND = "resnet18_64"
 WIDTHS = [0.5, 0.25]  # latency table widths; the models with 12-24 channel groups measure one width only
