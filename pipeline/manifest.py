@@ -36,7 +36,7 @@ def create_manifest(*, target, converter, precision: str, model_file: str, extra
         "runtime": {
             "name": converter.runtime,
             "packages": target.requirements,
-            "min_version": converter.min_runtime_version,
+            "min_versions": dict(converter.min_runtime_versions),
             "recommended": converter.recommended(target),
         },
         "precision": precision,

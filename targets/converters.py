@@ -51,7 +51,7 @@ class Converter:
 
     format: str
     runtime: str  # the on-device runtime's name (edgec/ondevice/runtimes.py), as the manifest records it
-    min_runtime_version: str
+    min_runtime_versions: dict[str, str]  # pip package -> the oldest version the bundle is made for
     precisions: tuple[str, ...] = tuple(PRECISIONS)
 
     def precision(self, name: str) -> Precision:
@@ -95,7 +95,10 @@ class Converter:
 
 
 class TFLiteConverter(Converter):
-    format, runtime, min_runtime_version = "tflite", "tflite", "2.14.0"
+    format, runtime = "tflite", "tflite"
+    # ai-edge-litert: the version the bundle's expected outputs are computed with (its numbering restarted
+    # at 1.0 when it forked from tflite-runtime, so one minimum for both packages compared 2.3.0 with 2.14.0)
+    min_runtime_versions = {"ai-edge-litert": "2.3.0", "tflite-runtime": "2.14.0"}
 
     def convert(self, model, example, path, *, precision, calibration, per_channel, calibration_method, qat=None,
                 **options):
@@ -112,7 +115,8 @@ class TFLiteConverter(Converter):
 
 
 class OnnxConverter(Converter):
-    format, runtime, min_runtime_version = "onnx", "onnxruntime", "1.20.0"
+    format, runtime = "onnx", "onnxruntime"
+    min_runtime_versions = {"onnxruntime": "1.20.0"}
     CALIBRATION_METHODS = ("percentile", "entropy", "minmax")  # the order remedies try them in
 
     def convert(self, model, example, path, *, precision, calibration, per_channel, calibration_method, qat=None,

@@ -95,6 +95,24 @@ def test_each_runtime_gets_its_base_plus_the_extra_steps_of_its_op_families(ops,
         assert entry["atol"] == pytest.approx(entry["int8_steps"] * 0.05 * SCALE_MARGIN)
 
 
+@pytest.mark.parametrize("package, version, noted", [
+    ("ai-edge-litert", "2.3.0", False), ("ai-edge-litert", "1.4.0", True), ("tflite-runtime", "2.14.0", False),
+    ("tflite-runtime", "2.13.0", True), ("some-other-build", "0.1", False)])
+def test_each_runtime_package_is_compared_with_its_own_minimum_version(package, version, noted):
+    """ai-edge-litert restarted its numbering at 1.0 when it forked from tflite-runtime: one minimum for
+    both called the default runtime (ai-edge-litert 2.3.0) older than 2.14.0 on every Pi verify."""
+    from edgec.ondevice.manifest import Bundle
+    from edgec.ondevice.runtime_base import RuntimeInfo
+    from edgec.targets.converters import TFLiteConverter
+
+    bundle = Bundle("bundle", {"schema_version": 1, "model_file": "model.tflite",
+                               "runtime": {"name": "tflite", "min_versions": TFLiteConverter.min_runtime_versions}})
+    note = bundle.runtime_min_version_note(RuntimeInfo("tflite", package, version, None))
+    assert (note is not None) == noted, note
+    if noted:
+        assert note.startswith(f"{package} {version} is older than") and f"pip install -U {package}" in note
+
+
 def test_the_manifest_records_each_runtimes_tolerance_and_verify_applies_the_loaded_ones(mobilenet_v3):
     manifest = json.loads((mobilenet_v3 / "manifest.json").read_text())
     ops = set(tflite_op_names(mobilenet_v3 / "model.tflite"))

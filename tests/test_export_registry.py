@@ -39,7 +39,7 @@ def test_every_converter_declares_its_precisions_and_runtime():
 
 def test_a_converter_refuses_a_precision_it_does_not_declare():
     class Int8Only(Converter):
-        format, runtime, min_runtime_version, precisions = "int8-only", "x", "1", ("int8",)
+        format, runtime, min_runtime_versions, precisions = "int8-only", "x", {"x": "1"}, ("int8",)
 
     with pytest.raises(ConfigError, match=r"the int8-only converter writes no 'fp16' models \(it writes int8\)"):
         Int8Only().precision("fp16")

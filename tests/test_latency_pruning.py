@@ -10,7 +10,7 @@ from edgec.config import parse_config
 from edgec.base.data import load_dataset
 from edgec.base.errors import ConfigError
 from edgec.pipeline.algorithms.latency_table import (
-    CACHE_STAGE, cached_table, channel_groups, host_identity, runtime_identity, table_key,
+    CACHE_STAGE, ROUNDS, cached_table, channel_groups, host_identity, runtime_identity, table_key,
 )
 from edgec.pipeline.algorithms.netadapt import furthest_within, greedy_path
 from edgec.pipeline.cache import StageCache, stable_hash
@@ -108,6 +108,9 @@ def test_build_meets_its_target_speedup_measured_in_the_targets_runtime(tmp_path
     record = step.artifact.info["latency"]
     assert record["pruned"] and record["target_met"], record
     assert record["measured_speedup"] >= 1.5 and record["table"]["dense_ms"] / record["table"]["narrowest_ms"] >= 1.5
+    # judged as the gate judges: on the lower confidence bound of the paired rounds' speedups, not their median
+    assert record["speedup_lower_bound"] >= 1.5 and record["speedup_lower_bound"] <= record["measured_speedup"]
+    assert record["speedup_rounds"]["rounds"] == ROUNDS and len(record["speedup_rounds"]["ratios"]) == ROUNDS
     assert step.artifact.info["channels"]["macs"][1] < step.artifact.info["channels"]["macs"][0] / 2
     assert len(list((tmp_path / "cache" / CACHE_STAGE).iterdir())) == 1
 
@@ -298,7 +301,8 @@ def test_plan_time_check_needs_a_group_to_narrow(digits_source):
 
 def test_a_new_timing_method_changes_the_prune_stages_key(monkeypatch):
     """A stage output chosen on latencies timed by an older method (e.g. unpaired one-shot timings) is
-    not served once the timing changes: TABLE_VERSION is part of the stage's key material."""
+    not served once the timing or the judging changes: TABLE_VERSION and JUDGED_ON are part of the
+    stage's key material."""
     from edgec.pipeline.stages import prune_latency
 
     cfg = parse_config({"stages": [{"kind": "prune", "mode": "channels", "target_speedup": 2.0}]}).stages[0].config
@@ -306,3 +310,6 @@ def test_a_new_timing_method_changes_the_prune_stages_key(monkeypatch):
     assert before == stable_hash(latency_key_material(cfg, RPI))
     monkeypatch.setattr(prune_latency, "TABLE_VERSION", prune_latency.TABLE_VERSION + 1)
     assert stable_hash(latency_key_material(cfg, RPI)) != before
+    timing_changed = stable_hash(latency_key_material(cfg, RPI))
+    monkeypatch.setattr(prune_latency, "JUDGED_ON", "median")  # judging a candidate another way: another output
+    assert stable_hash(latency_key_material(cfg, RPI)) != timing_changed

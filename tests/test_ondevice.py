@@ -165,7 +165,7 @@ def _build_bundle(kind, root, model, train_raw, eval_raw, eval_y):
         "schema_version": 1, "edgec_version": "0.1.0",
         "target": {"name": "test-%s" % kind, "profile": {}},
         "runtime": {"name": "onnxruntime" if kind == "onnx" else "tflite", "packages": [pkg],
-                    "min_version": "1.20" if kind == "onnx" else "2.3", "recommended": {}},
+                    "min_versions": {pkg: "1.20" if kind == "onnx" else "2.3"}, "recommended": {}},
         "model_file": model_file, "files": [],
         "inputs": [{"name": "input", "shape": [None if kind == "onnx" else 1, 1, 8, 8],
                     "dtype": "int8" if int8 else "float32", "layout": "NCHW", "quantization": qmeta(inp)}],

@@ -198,7 +198,10 @@ def _validate_runtime(m):
                             "upgrade edgec if the bundle was made by a newer version")
     _opt(m, "runtime.packages", lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
          "a list of strings")
-    _opt(m, "runtime.min_version", lambda v: isinstance(v, str) and len(v) <= 64, "a version string")
+    _opt(m, "runtime.min_version", lambda v: isinstance(v, str) and len(v) <= 64, "a version string")  # older bundles; not used
+    _opt(m, "runtime.min_versions", lambda v: isinstance(v, dict) and len(v) <= 16 and all(
+        isinstance(k, str) and len(k) <= 64 and isinstance(x, str) and len(x) <= 64 for k, x in v.items()),
+         "an object of pip package -> version string")
     _opt(m, "runtime.providers", lambda v: isinstance(v, str) or isinstance(v, list)
          and all(isinstance(p, str) for p in v), "a list of provider names")
     rec = _opt(m, "runtime.recommended", lambda v: isinstance(v, dict), "an object")
@@ -645,11 +648,11 @@ class Bundle:
                                    % (float(scale), model.input_quant[0]))
 
     def runtime_min_version_note(self, runtime_info):
-        """A note when the installed runtime is older than runtime.min_version (None otherwise)."""
-        rt = self.manifest.get("runtime") or {}
-        want = rt.get("min_version")
-        pkgs = [str(p).split("=")[0].split("<")[0].split(">")[0].strip().lower() for p in rt.get("packages") or []]
-        if not want or (pkgs and runtime_info.package not in pkgs[:1]):
+        """A note when the installed runtime package is older than the bundle's minimum for that package
+        (``runtime.min_versions``; None otherwise). Each package has its own: ai-edge-litert 2.3 is
+        newer than tflite-runtime 2.14."""
+        want = ((self.manifest.get("runtime") or {}).get("min_versions") or {}).get(runtime_info.package)
+        if not want:
             return None
         if version_tuple(runtime_info.version) < version_tuple(want):
             return ("%s %s is older than the bundle's runtime.min_version %s (hint: pip install -U %s)"

@@ -143,13 +143,24 @@ class LatencyMeter:
 
     def p50s_ms(self, models: Sequence[nn.Module]) -> list[float]:
         """p50 ms of each model; the first is the reference the others are timed against."""
+        return paired_p50s_ms(self._rounds(models))
+
+    def speedup(self, reference: nn.Module, candidate: nn.Module) -> dict[str, Any]:
+        """``candidate``'s speedup over ``reference``, timed together: the per-round ratios' median,
+        spread and lower confidence bound (``edgec.ondevice.paired.summarize_ratios``, the figures
+        ``edgec bench --baseline`` reports and ``edgec check --min-speedup`` judges)."""
+        from edgec.ondevice.paired import summarize_ratios
+
+        rounds = np.asarray(self._rounds([reference, candidate]), dtype=np.float64)
+        return summarize_ratios(rounds[:, 0] / rounds[:, 1])
+
+    def _rounds(self, models: Sequence[nn.Module]) -> list[list[float]]:
         exported = [self._export(m) for m in models]
         if self.emulated is not None:
             from edgec.base.emulation import emulated_round_p50s_ms
 
-            return paired_p50s_ms(emulated_round_p50s_ms(self.emulated, [path for path, _ in exported], self.threads,
-                                                         rounds=ROUNDS))
-        return paired_p50s_ms(self._host_rounds(exported))
+            return emulated_round_p50s_ms(self.emulated, [path for path, _ in exported], self.threads, rounds=ROUNDS)
+        return self._host_rounds(exported)
 
     def _export(self, model: nn.Module) -> tuple[Path, dict]:
         from edgec.base.quiet import native_logs_captured

@@ -7,9 +7,12 @@
    and the model passes through unpruned: no accuracy is spent on speed this host does not give.
 3. Otherwise NetAdapt's greedy path (``algorithms/netadapt.py``) towards the target: the table
    ranks the steps, and each candidate the table says is fast enough is exported and timed again,
-   so the path ends where the *measured* latency meets the target. Then the furthest point of it
+   so the path ends where the *measured* latency meets the target. Measured means what the speedup
+   gate judges: the candidate and the dense model timed together in paired rounds, and the lower
+   confidence bound of the per-round speedups, not their median: a bundle whose median just meets the
+   target fails ``edgec check --min-speedup`` about every other run. Then the furthest point of it
    whose validation drop after a recovery (``retrain``) stays within the stage's share of the
-   accuracy budget; its latency is measured once more and that figure is the one reported.
+   accuracy budget; its speedup is measured once more and reported (median and bound).
 """
 
 from __future__ import annotations
@@ -38,15 +41,16 @@ from ..stage import StageContext
 from ..training import fit
 
 MIN_USEFUL_SPEEDUP = 1.1  # below this at the narrowest widths, width does not buy latency on this host
+JUDGED_ON = "paired-lower-bound"  # a candidate's speedup: the lower confidence bound of paired rounds
 CALIBRATION_SAMPLES = 32  # the table's int8 conversions: ranges do not change the latency
 
 
 def latency_key_material(cfg, target) -> dict[str, Any]:
     """What besides the model decides the stage's output: the runtime, the device (this CPU or the
-    emulated core), the threads, and how latency is timed (``TABLE_VERSION``: a stage output chosen by
-    an older timing method is not served)."""
+    emulated core), the threads, and how latency is timed and judged (``TABLE_VERSION``,
+    ``JUDGED_ON``: a stage output chosen by an older method is not served)."""
     common = {"target": {"format": target.format, "precision": target.precision}, "timing": TABLE_VERSION,
-              "device": cfg.latency_device, "threads": cfg.latency_threads}
+              "judged_on": JUDGED_ON, "device": cfg.latency_device, "threads": cfg.latency_threads}
     if cfg.latency_device == "host":
         return {**common, "runtime": runtime_identity(target), "host": host_identity()}
     python = emulated_python(target)
@@ -88,10 +92,9 @@ def run_latency_pruning(stage, source: Artifact, ctx: StageContext, out_dir: Pat
 def _prune_or_say_why(stage, ckpt, model, example, groups, table, cached, identity, meter, ctx, out_dir):
     cfg, data = stage.config, ctx.data
 
-    def measure(candidate: nn.Module) -> float:
-        """The candidate's p50 as the table's dense p50 times its ratio to the dense model, timed together."""
-        dense_ms, candidate_ms = meter.p50s_ms([model, candidate])
-        return table["dense_ms"] * candidate_ms / dense_ms
+    def speedup_of(candidate: nn.Module) -> dict[str, Any]:
+        """The candidate's speedup over the dense model, the two timed together in paired rounds."""
+        return meter.speedup(model, candidate)
 
     where = (f"{identity['host']['cpu'] or 'this CPU'}, {identity['runtime']['package']} {identity['runtime']['version']} "
              f"{ctx.target.precision}, {cfg.latency_threads} thread(s)")
@@ -102,7 +105,7 @@ def _prune_or_say_why(stage, ckpt, model, example, groups, table, cached, identi
         line = no_speed_line(stage.id, table, where)
         ctx.console.print(line)
         return _unpruned(ckpt, model, data, out_dir, {**record, "pruned": False, "reason": line})
-    return _prune_along_path(stage, ckpt, model, example, groups, table, measure, ctx, out_dir, record)
+    return _prune_along_path(stage, ckpt, model, example, groups, table, speedup_of, ctx, out_dir, record)
 
 
 def no_speed_line(stage_id: str, table: dict[str, Any], where: str) -> str:
@@ -116,7 +119,7 @@ def target_ms(cfg, table: dict[str, Any]) -> float:
     return table["dense_ms"] / cfg.target_speedup if cfg.target_speedup is not None else cfg.max_p50_ms
 
 
-def _prune_along_path(stage, ckpt, model, example, groups, table, measure, ctx: StageContext, out_dir: Path,
+def _prune_along_path(stage, ckpt, model, example, groups, table, speedup_of, ctx: StageContext, out_dir: Path,
                       record: dict[str, Any]) -> dict[str, Any]:
     cfg, data = stage.config, ctx.data
     baseline = stage_baseline(model, ctx, "prune")  # judged against the trained reference, as the budgeted prune is
@@ -127,7 +130,9 @@ def _prune_along_path(stage, ckpt, model, example, groups, table, measure, ctx: 
                         masks=dict(ckpt.masks))
 
     drops = {g.name: {str(w): drop_of(narrow({g.name: w})[0]) for w in cfg.latency_widths} for g in groups}
-    path = greedy_path(table, drops, target_ms(cfg, table), measure=lambda keep: measure(narrow(keep)[0]))
+    # the path's measured latency is the gate's figure: dense over the speedup's lower confidence bound
+    path = greedy_path(table, drops, target_ms(cfg, table),
+                       measure=lambda keep: table["dense_ms"] / speedup_of(narrow(keep)[0])["lower_bound"])
     share = baseline.allowance
 
     def trial(keep: dict[str, float]):
@@ -148,15 +153,17 @@ def _prune_along_path(stage, ckpt, model, example, groups, table, measure, ctx: 
         ctx.console.print(line)
         return _unpruned(ckpt, model, data, out_dir, {**record, "pruned": False, "reason": line})
     pruned_model, masks = best
-    measured = measure(pruned_model)
-    speedup = table["dense_ms"] / measured
-    met = measured <= target_ms(cfg, table) + 1e-12
+    speed = speedup_of(pruned_model)
+    measured = table["dense_ms"] / speed["median"]
+    met = table["dense_ms"] / speed["lower_bound"] <= target_ms(cfg, table) + 1e-12
     record.update(pruned=True, chosen=path[index]["keep"], estimated_ms=path[index]["estimated_ms"],
-                  measured_ms=measured, measured_speedup=speedup, target_met=met,
-                  drop_pt=next(t["drop_pt"] for t in tried if t["step"] == index))
+                  measured_ms=measured, measured_speedup=speed["median"], speedup_lower_bound=speed["lower_bound"],
+                  speedup_rounds=speed, target_met=met, drop_pt=next(t["drop_pt"] for t in tried if t["step"] == index))
     ctx.console.print(
-        f"{stage.id}: {speedup:.2f}x measured ({table['dense_ms']:.3g} -> {measured:.3g} ms p50 on {record['measured_on']}), "
-        f"target {_target_text(cfg, table)} {'met' if met else 'NOT met'}; validation drop {record['drop_pt']:.2f} pt "
+        f"{stage.id}: {speed['median']:.2f}x measured ({table['dense_ms']:.3g} -> {measured:.3g} ms p50 on "
+        f"{record['measured_on']}; {speed['confidence']:.0%} lower bound {speed['lower_bound']:.2f}x over "
+        f"{speed['rounds']} paired rounds), target {_target_text(cfg, table)} {'met' if met else 'NOT met'} "
+        f"(judged on the lower bound, as `edgec check --min-speedup` is); validation drop {record['drop_pt']:.2f} pt "
         f"after recovery (share {share:.2g} pt)")
     widths = channel_widths(model)
     cost = model_cost(model, example)
