@@ -346,16 +346,7 @@ def test_run_py_public_key_without_cryptography_names_the_package(copy_signed, k
 # ---------------------------------------------------------------------------------------------
 # emulated arm64 (Raspberry Pi OS bookworm, Python 3.11, under qemu-user)
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def arm64_cache():
-    from edgec.base import emulation
-    if os.environ.get("EDGEC_SKIP_EMULATION") == "1":
-        pytest.skip("EDGEC_SKIP_EMULATION=1")
-    if shutil.which("qemu-aarch64-static") is None:
-        pytest.skip("qemu-aarch64-static not found (apt-get install qemu-user-static)")
-    return emulation.DEFAULT_CACHE_DIR
-
-
+# arm64_cache: tests/conftest.py
 def test_emulated_arm64_verify_checks_the_signature(arm64_cache, copy_signed, keys):
     from edgec.base.emulation import verify_bundle_emulated
     b = copy_signed("tflite-int8")
