@@ -1,11 +1,11 @@
-"""Each Raspberry Pi runtime gets the test-vector tolerance its op families need, and no more.
+"""Each Raspberry Pi runtime gets the test-vector tolerance its op families and depth need, and no more.
 
 A bundle's expected outputs come from ai-edge-litert; tflite-runtime 2.14's int8 hardswish and
 multiply kernels round differently (targets/device_tolerance.py has the measurements). The manifest
 records each runtime's allowance (``tolerance.runtimes``) and run.py applies the one of the runtime it
 loaded. Host tests: the allowance by op family, the manifest fields (recorded, applied, range-checked)
 and that a corrupted weight fails verify beyond every runtime's tolerance. The slow emulated tests
-verify ResNet, MobileNetV2 and MobileNetV3 blocks with both runtimes on arm64 under qemu-user (they
+verify ResNet, MobileNetV2 (3 and 8 inverted residuals) and MobileNetV3 blocks with both runtimes on arm64 under qemu-user (they
 skip like tests/test_emulation.py without qemu-aarch64-static or with EDGEC_SKIP_EMULATION=1; about
 a minute per model here, plus the device wheels' download on the first run).
 """
@@ -33,7 +33,7 @@ from edgec.targets.device_tolerance import SCALE_MARGIN, tflite_op_names, tolera
 TESTS = Path(__file__).parent
 # Epochs enough for every test vector's top-1 to be decisive (an undertrained model's near-ties flip
 # under any rounding, and the emulated check demands identical top-1).
-EPOCHS = {"resnet_basic": 8, "inverted_residual": 30, "mobilenet_v3_block": 30}
+EPOCHS = {"resnet_basic": 8, "inverted_residual": 30, "mobilenet_v3_block": 30, "deep_inverted_residual": 30}
 
 
 def build_rpi_bundle(workdir: Path, factory: str) -> Path:
@@ -82,12 +82,15 @@ def mobilenet_v3(workdir) -> Path:
 
 
 @pytest.mark.parametrize("ops, tflite_runtime_steps", [
-    ({"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN", "FULLY_CONNECTED"}, 2),  # ResNet, MobileNetV2
-    ({"CONV_2D", "HARD_SWISH"}, 5),
-    ({"CONV_2D", "MUL"}, 4),  # squeeze-excite
-    ({"CONV_2D", "HARD_SWISH", "MUL"}, 7),  # MobileNetV3: the families' differences add up
+    (["CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN", "FULLY_CONNECTED"], 2),  # shallow ResNet, MobileNetV2
+    (["CONV_2D", "HARD_SWISH"], 5),
+    (["CONV_2D", "MUL"], 4),  # squeeze-excite
+    (["CONV_2D", "HARD_SWISH", "MUL"], 7),  # MobileNetV3: the families' differences add up
+    (["CONV_2D"] * 18 + ["DEPTHWISE_CONV_2D"] * 8 + ["ADD"] * 6 + ["FULLY_CONNECTED"], 11),  # 27 weighted: 7 measured
+    (["CONV_2D"] * 33 + ["DEPTHWISE_CONV_2D"] * 17 + ["FULLY_CONNECTED"], 21),  # 51 weighted: 10 measured
+    (["CONV_2D"] * 13 + ["HARD_SWISH", "MUL"], 6 + 5),  # depth and families add up
 ])
-def test_each_runtime_gets_its_base_plus_the_extra_steps_of_its_op_families(ops, tflite_runtime_steps):
+def test_each_runtime_gets_its_base_or_depth_plus_the_extra_steps_of_its_op_families(ops, tflite_runtime_steps):
     tolerances = tolerances_for_ops(ops, 0.05)
     assert tolerances["ai-edge-litert"]["int8_steps"] == 1  # it made the expected outputs
     assert tolerances["tflite-runtime"]["int8_steps"] == tflite_runtime_steps
@@ -115,8 +118,8 @@ def test_each_runtime_package_is_compared_with_its_own_minimum_version(package, 
 
 def test_the_manifest_records_each_runtimes_tolerance_and_verify_applies_the_loaded_ones(mobilenet_v3):
     manifest = json.loads((mobilenet_v3 / "manifest.json").read_text())
-    ops = set(tflite_op_names(mobilenet_v3 / "model.tflite"))
-    assert {"HARD_SWISH", "MUL"} <= ops
+    ops = tflite_op_names(mobilenet_v3 / "model.tflite")
+    assert {"HARD_SWISH", "MUL"} <= set(ops)
     assert manifest["tolerance"]["runtimes"] == tolerances_for_ops(ops, output_scale(mobilenet_v3))
     bundle = load_bundle(str(mobilenet_v3))
     assert bundle.atol_for("tflite-runtime") == manifest["tolerance"]["runtimes"]["tflite-runtime"]["atol"]
