@@ -29,10 +29,11 @@ from rich.console import Console
 from edgec.build_layout import REFERENCE_FILE, UNCOMPRESSED_FILE
 from edgec.base.errors import InputError
 from edgec.ondevice.integrity import MANIFEST_NAME, RECOMMENDED_NAME, SIGNATURE_NAME
+from edgec.ondevice.paired import DEFAULT_ROUNDS
 
 BENCH_SCHEMA = "edgec-bench"
 BASELINE_CALIBRATION_SAMPLES = 512
-PAIRED_ROUNDS = 9  # interleaved rounds of --baseline timing (edgec.ondevice.paired)
+PAIRED_ROUNDS = DEFAULT_ROUNDS  # interleaved rounds of --baseline timing (the prune stage's measure too)
 # Figures compared by --compare: (path in the result, lower is better, regression threshold)
 COMPARED = [
     ("latency_ms.p50", True, 0.10),

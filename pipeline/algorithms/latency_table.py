@@ -146,21 +146,21 @@ class LatencyMeter:
         return paired_p50s_ms(self._rounds(models))
 
     def speedup(self, reference: nn.Module, candidate: nn.Module) -> dict[str, Any]:
-        """``candidate``'s speedup over ``reference``, timed together: the per-round ratios' median,
-        spread and lower confidence bound (``edgec.ondevice.paired.summarize_ratios``, the figures
-        ``edgec bench --baseline`` reports and ``edgec check --min-speedup`` judges)."""
-        from edgec.ondevice.paired import summarize_ratios
+        """``candidate``'s speedup over ``reference``, timed together in as many rounds as ``edgec bench
+        --baseline`` times them: the per-round ratios' median, spread and lower confidence bound
+        (``edgec.ondevice.paired.summarize_ratios``: the figure ``edgec check --min-speedup`` judges)."""
+        from edgec.ondevice.paired import DEFAULT_ROUNDS, summarize_ratios
 
-        rounds = np.asarray(self._rounds([reference, candidate]), dtype=np.float64)
+        rounds = np.asarray(self._rounds([reference, candidate], DEFAULT_ROUNDS), dtype=np.float64)
         return summarize_ratios(rounds[:, 0] / rounds[:, 1])
 
-    def _rounds(self, models: Sequence[nn.Module]) -> list[list[float]]:
+    def _rounds(self, models: Sequence[nn.Module], rounds: int = ROUNDS) -> list[list[float]]:
         exported = [self._export(m) for m in models]
         if self.emulated is not None:
             from edgec.base.emulation import emulated_round_p50s_ms
 
-            return emulated_round_p50s_ms(self.emulated, [path for path, _ in exported], self.threads, rounds=ROUNDS)
-        return self._host_rounds(exported)
+            return emulated_round_p50s_ms(self.emulated, [path for path, _ in exported], self.threads, rounds=rounds)
+        return self._host_rounds(exported, rounds)
 
     def _export(self, model: nn.Module) -> tuple[Path, dict]:
         from edgec.base.quiet import native_logs_captured
@@ -176,7 +176,7 @@ class LatencyMeter:
             self._exports[key] = (path, {"input": done.inputs[0], "output": done.outputs[0]})
         return self._exports[key]
 
-    def _host_rounds(self, exported: list[tuple[Path, dict]]) -> list[list[float]]:
+    def _host_rounds(self, exported: list[tuple[Path, dict]], rounds: int) -> list[list[float]]:
         from edgec.ondevice.runtimes import open_model
         from edgec.ondevice.timing import summarize, timed_loop
 
@@ -186,16 +186,16 @@ class LatencyMeter:
             steps = [runner.prepare(self.example.numpy()) for runner in runners]
             for step in steps:
                 timed_loop(step, WARMUP_RUNS)
-            rounds = []
-            for r in range(ROUNDS):
+            rows = []
+            for r in range(rounds):
                 row = [0.0] * len(steps)
                 for i in (range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))):
                     row[i] = float(summarize(timed_loop(steps[i], TIMING_RUNS, TIMING_SECONDS)[0])["p50"])
-                rounds.append(row)
+                rows.append(row)
         finally:
             for runner in runners:
                 runner.close()
-        return rounds
+        return rows
 
 
 Measure = Callable[[Sequence[nn.Module]], list[float]]
