@@ -1,6 +1,7 @@
 """Latency-driven channel pruning (prune.mode = "channels" with target_speedup / max_p50_ms)."""
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from edgec.pipeline.algorithms.latency_table import (
     CACHE_STAGE, cached_table, channel_groups, host_identity, runtime_identity, table_key,
 )
 from edgec.ondevice.paired import DEFAULT_ROUNDS
-from edgec.pipeline.algorithms.netadapt import furthest_within, greedy_path
+from edgec.pipeline.algorithms.netadapt import MAX_PATHS, furthest_meeting_target, furthest_within, greedy_path
 from edgec.pipeline.cache import StageCache, stable_hash
 from edgec.pipeline.runner import check_chain, run_chain
 from edgec.pipeline.stage import StageContext
@@ -229,6 +230,37 @@ def test_greedy_path_ends_honestly_at_its_best_measured_point_when_the_target_is
     path = greedy_path(_overshooting_table(), drops, target_ms=3.0, measure=_measured)
     assert len(path) == 3 and path[-1]["keep"] == {"a": 0.5, "b": 0.5, "c": 0.5}
     assert path[-1]["measured_ms"] == 4.0 > 3.0  # every group narrowed: the measured 4 ms is what there is
+
+
+def _path_for(aim_ms: float, narrowest_step: int = 9) -> list[dict]:
+    """A path from a 10 ms model: step i narrows group g to 1 - 0.1 i and saves 1 ms, until the aim."""
+    steps = min(narrowest_step, int(math.ceil(10.0 - aim_ms - 1e-9)))
+    return [{"keep": {"g": round(1.0 - 0.1 * i, 6)}, "estimated_ms": 10.0 - i} for i in range(1, steps + 1)]
+
+
+def _slower_after_recovery(extra_ms: float):
+    return lambda result: 10.0 - 10.0 * (1.0 - result["g"]) + extra_ms  # the path point's latency + extra
+
+
+def test_a_recovered_model_measured_short_of_the_target_sends_a_path_aimed_lower():
+    """The path ended where a point measured 5 ms before recovery; the recovered model measured 6 ms
+    (a busier moment, or the recovery): a path aimed at 5 x 5/6 ms is walked, recovered and kept."""
+    recovered = lambda keep: (0.0, dict(keep))  # noqa: E731: within the allowance everywhere
+    path, index, result, _, ms, paths = furthest_meeting_target(_path_for, recovered, 0.5, _slower_after_recovery(1.0), 5.0)
+    assert [p["aim_ms"] for p in paths] == pytest.approx([5.0, 5.0 * 5.0 / 6.0])
+    assert result["g"] == pytest.approx(0.4) and index == len(path) - 1 and ms <= 5.0 + 1e-9
+
+
+def test_no_lower_path_where_accuracy_stopped_the_path_or_nothing_narrower_is_left():
+    within = lambda keep: (0.0 if keep["g"] >= 0.5 else 1.0, dict(keep))  # noqa: E731: narrower loses 1 pt
+    *_, result, _, ms, paths = furthest_meeting_target(_path_for, within, 0.5, _slower_after_recovery(1.0), 5.0)
+    assert len(paths) == 2 and result["g"] == pytest.approx(0.5) and ms == pytest.approx(6.0)  # honest: short
+    capped = lambda aim: _path_for(aim, narrowest_step=5)  # noqa: E731: g = 0.5 is as narrow as it goes
+    everything = lambda keep: (0.0, dict(keep))  # noqa: E731
+    *_, ms, paths = furthest_meeting_target(capped, everything, 0.5, _slower_after_recovery(1.0), 5.0)
+    assert len(paths) == 1 and ms == pytest.approx(6.0)  # the lower aim reached the same model: not trained again
+    *_, paths = furthest_meeting_target(_path_for, everything, 0.5, _slower_after_recovery(3.0), 5.0)
+    assert len(paths) == MAX_PATHS  # bounded
 
 
 def test_with_measurements_groups_the_table_saw_save_nothing_are_narrowed_last_each_step_timed():

@@ -27,6 +27,7 @@ from typing import Any
 # A group whose narrowing costs less than this (points) is ranked as if it cost this: the ratio stays
 # finite and a free, fast step still beats a free, slow one.
 DROP_FLOOR_PT = 0.05
+MAX_PATHS = 3  # paths walked when the recovered model measures short of the target, each aimed lower
 
 
 def estimated_ms(table: dict[str, Any], keep: dict[str, float]) -> float:
@@ -127,3 +128,29 @@ def furthest_within(path: list[dict[str, Any]], trial: Callable[[dict[str, float
         else:
             hi = mid
     return (lo if lo >= 0 else None), best, tried
+
+
+def furthest_meeting_target(path_for: Callable[[float], list[dict[str, Any]]],
+                            trial: Callable[[dict[str, float]], tuple[float, Any]], allowance_pt: float,
+                            final_ms: Callable[[Any], float], target_ms: float, max_paths: int = MAX_PATHS):
+    """The path towards ``target_ms`` (``path_for(aim_ms)``), its furthest point within the accuracy
+    allowance (:func:`furthest_within`), and that recovered model's latency as judged (``final_ms``).
+    A path ends where a measurement *before* recovery met the target; measured again after it (or at a
+    busier moment: a ResNet-18 path met 2x on its bound, the recovered model's bound said 1.59x) it can
+    fall short. Then, where accuracy allowed the path's end, a path aimed lower by the shortfall is
+    walked and recovered, up to ``max_paths`` paths, until one meets the target or nothing narrower is
+    left; of the recovered models the fastest is kept. Returns (path, index or None, trial result,
+    trials, final ms or None, one record per path)."""
+    aim, aims, kept = target_ms, [], None
+    while True:
+        path = path_for(aim)
+        if kept is not None and (not path or path[-1]["keep"] == kept[0][-1]["keep"]):
+            return kept  # the lower aim reaches no narrower model
+        index, result, tried = furthest_within(path, trial, allowance_pt)
+        ms = final_ms(result) if index is not None else None
+        aims.append({"aim_ms": aim, "path_steps": len(path), "chosen_step": index, "final_ms": ms})
+        if kept is None or (ms is not None and ms < kept[4]):
+            kept = (path, index, result, tried, ms, aims)
+        if ms is None or ms <= target_ms + 1e-12 or index < len(path) - 1 or len(aims) >= max_paths:
+            return kept
+        aim *= target_ms / ms
