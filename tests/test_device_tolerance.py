@@ -113,7 +113,9 @@ def test_each_runtime_package_is_compared_with_its_own_minimum_version(package, 
     note = bundle.runtime_min_version_note(RuntimeInfo("tflite", package, version, None))
     assert (note is not None) == noted, note
     if noted:
-        assert note.startswith(f"{package} {version} is older than") and f"pip install -U {package}" in note
+        want = TFLiteConverter.min_runtime_versions[package]
+        assert note.startswith(f"{package} {version} is older than {want}, the bundle's runtime.min_versions for it")
+        assert f"pip install -U {package}" in note
 
 
 def test_the_manifest_records_each_runtimes_tolerance_and_verify_applies_the_loaded_ones(mobilenet_v3):

@@ -655,7 +655,7 @@ class Bundle:
         if not want:
             return None
         if version_tuple(runtime_info.version) < version_tuple(want):
-            return ("%s %s is older than the bundle's runtime.min_version %s (hint: pip install -U %s)"
+            return ("%s %s is older than %s, the bundle's runtime.min_versions for it (hint: pip install -U %s)"
                     % (runtime_info.package, runtime_info.version, want, runtime_info.package))
         return None
 
