@@ -9,8 +9,8 @@ penalty, the scores in units of ``mask_lr / lr``, ``fit``'s best validation epoc
 suffix also trains the task's own biases (``task_biases``), ``:eN`` trains N epochs, ``:LN`` masks
 only hidden layer N's weights (default: both hidden layers, as the learn stage does). Printed per
 setting, one JSON line: the best validation accuracy, the share of weights the mask drops (per
-layer too) and the bytes its coded flips take in the bundle (``mask_codec``, LZMA as the tasks
-payload compresses them). Test accuracy is never looked at.
+layer too) and the bytes its coded flips take in the bundle (``mask_codec``'s smallest coding and
+position order, LZMA as the tasks payload compresses them). Test accuracy is never looked at.
 """
 
 from __future__ import annotations
@@ -38,8 +38,18 @@ TRAIN = OptimConfig(epochs=4, batch_size=64, lr=2e-3, patience=4, device="cpu") 
 MASKED = ["hidden.0.weight", "hidden.1.weight"]
 
 
-def coded_bytes(flips: np.ndarray) -> int:
-    return min(len(compress_section(mask_codec.encode(flips, c)[0])[0]) for c in mask_codec.CODINGS)
+def int8_bytes(weight: torch.Tensor) -> bytes:
+    """The weight as the bundle's int8 bytes (symmetric, one scale per output channel): what the
+    mask coding's magnitude order reads."""
+    w = weight.detach().reshape(weight.shape[0], -1)
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    return torch.round(w / scale).to(torch.int8).numpy().tobytes()
+
+
+def coded_bytes(flips: np.ndarray, base: bytes) -> int:
+    """The fewest bytes the flips take in the bundle (every coding and position order, LZMA)."""
+    return min(len(compress_section(mask_codec.encode(flips[mask_codec.position_order(o, base)], c)[0])[0])
+               for c in mask_codec.CODINGS for o in mask_codec.ORDERS)
 
 
 def learn_mask(backbone: dict, data, mask_lr: float, init: float, keep: float, lr: float, new_head: bool,
@@ -66,7 +76,7 @@ def learn_mask(backbone: dict, data, mask_lr: float, init: float, keep: float, l
     flips = np.concatenate([(~masks[n]).numpy().reshape(-1) for n in masked])
     return {"val_accuracy": round(r.best_val_accuracy, 4), "dropped": round(float(flips.mean()), 4),
             "dropped_per_layer": [round(float((~masks[n]).float().mean()), 4) for n in masked],
-            "coded_bytes": coded_bytes(flips)}
+            "coded_bytes": coded_bytes(flips, b"".join(int8_bytes(backbone[n]) for n in masked))}
 
 
 def main() -> None:

@@ -390,6 +390,76 @@ def test_sparse_masks_cost_far_less_than_a_bit_per_weight():
     assert len(payload) * 8 / (3 * weights) < 0.18
 
 
+def test_masks_that_drop_large_weights_are_coded_in_magnitude_order():
+    """A task that drops large weights far more often than small ones (as learned masks do): its
+    flips, grouped by the base byte's |int8| (``order = "magnitude"``), code smaller than in file
+    order, the payload says so, and the files decode exactly."""
+    from edgec.ondevice import mask_codec
+    from edgec.pipeline.algorithms.transport_codec import compress_section
+
+    rng = np.random.default_rng(4)
+    base = rng.integers(-127, 128, 40000).astype(np.int8).view(np.uint8)
+    base[base == 0] = 1
+    files = {}
+    for i in range(2):
+        f = base.copy()
+        mags = np.abs(base.view(np.int8).astype(np.int16))
+        f[rng.random(len(f)) < np.where(mags >= 64, 0.08, 0.002)] = 0
+        files[f"model.t{i}.tflite"] = f.tobytes()
+    payload = pb.encode_masked_models(base.tobytes(), "model.tflite", files)
+    assert decode_task_models(payload, base.tobytes()) == files
+    entries = [f for f in _payload_header(payload)[0]["files"] if f["mode"] == "bitmask"]
+    assert {e["order"] for e in entries} == {"magnitude"}
+    flips = np.frombuffer(files["model.t0.tflite"], dtype=np.uint8) == 0
+    in_file_order = min(len(compress_section(mask_codec.encode(flips, c)[0])[0]) for c in mask_codec.CODINGS)
+    assert entries[0]["flips"][1] < 0.9 * in_file_order
+
+
+def _files_with_rescaled_scales(rng, tasks=3):
+    """A base whose bytes 8000..9024 are 256 float32 scales, and task files that drop some weight
+    bytes and hold those scales times their own ratio (as a task's bias scales follow its activation
+    scale), with a few scales off the ratio (the residual must correct them)."""
+    base = rng.integers(1, 256, 12000, dtype=np.uint8)
+    scales = rng.uniform(1e-4, 1e-2, 256).astype(np.float32)
+    base[8000:9024] = scales.view(np.uint8)
+    files = {}
+    for i in range(tasks):
+        f = base.copy()
+        f[1000:7000][rng.random(6000) < 0.03] = 0
+        own = (scales * np.float32(0.3 + 0.2 * i)).astype(np.float32)
+        own[:3] *= np.float32(1.5)
+        f[8000:9024] = own.view(np.uint8)
+        files[f"model.t{i}.tflite"] = f.tobytes()
+    return base, files
+
+
+def test_scales_that_follow_one_ratio_are_predicted_from_the_base():
+    """The residual of a run of scales that are the base's times one ratio is zeros and last bits,
+    not 1 KiB of random bytes per task: the payload names the run and its ratio and decodes exactly."""
+    rng = np.random.default_rng(5)
+    base, files = _files_with_rescaled_scales(rng)
+    payload = pb.encode_masked_models(base.tobytes(), "model.tflite", files)
+    assert decode_task_models(payload, base.tobytes()) == files
+    header, _ = _payload_header(payload)
+    for i, e in enumerate(f for f in header["files"] if f["mode"] == "bitmask"):
+        assert [run[:2] for run in e["scaled"]] == [[8000, 256]]
+        assert e["scaled"][0][2] == pytest.approx(0.3 + 0.2 * i, rel=1e-6)
+    assert header["bit_residuals"][1] < 3 * 1024 // 4  # compressed residuals of three tasks
+
+
+def test_hostile_scaled_runs_are_one_line_errors():
+    rng = np.random.default_rng(6)
+    base, files = _files_with_rescaled_scales(rng, tasks=1)
+    payload = pb.encode_masked_models(base.tobytes(), "model.tflite", files)
+    for scaled in ([[8001, 256, 0.5]], [[8000, 0, 0.5]], [[8000, -2, 0.5]], [[11996, 2, 0.5]],
+                   [[8000, 256, float("nan")]], [[8000, 256, "0.5"]], [[8000, 256]], [[True, 256, 0.5]],
+                   [[8000, 256, float("inf")]], {"start": 8000}, [[8000, 10 ** 12, 0.5]]):
+        hostile = _with_header(payload, lambda h: h["files"][0].update(scaled=scaled))
+        with pytest.raises(TransportError, match="scaled words are malformed") as err:
+            decode_task_models(hostile, base.tobytes())
+        assert "\n" not in str(err.value)
+
+
 def test_hostile_mask_entries_are_one_line_errors():
     rng = np.random.default_rng(3)
     base = rng.integers(1, 256, 12000, dtype=np.uint8)
@@ -416,7 +486,9 @@ def test_hostile_mask_entries_are_one_line_errors():
                       _with_header(payload, entry(flip_count=True)),
                       _with_header(payload, entry(coding="zstd")),
                       _with_header(payload, entry(ref="previous")),  # no earlier mask
-                      _with_header(payload, entry(ref=["ones"]))],
+                      _with_header(payload, entry(ref=["ones"])),
+                      _with_header(payload, entry(order="sorted")),  # an order the decoder does not know
+                      _with_header(payload, entry(order=["magnitude"]))],
         "too large": [section(b"\0" * (positions + 100), "runs", 5)],  # longer than 5 flips can be
         "flip runs do not give": [section(bytes(6), "runs", 5),  # 6 flips declared as 5
                                   section(b"\xff" * (positions // 255) + bytes([positions % 255]), "runs", 1)],  # outside the mask

@@ -10,6 +10,13 @@ whichever compresses smaller (the tasks payload LZMA-compresses every section):
 * ``runs``: the unflipped positions before each flip, in base 255 (``transport.encode_runs``, the
   zero runs of the sparse weight coding), at most ``count + P // 255`` bytes.
 
+and in one of two position orders (``ORDERS``): ``region`` (the order of the bytes in the model file)
+or ``magnitude``, the positions grouped by ``|int8 value of the base byte| // 16`` (largest first,
+stable inside a group). A task drops large weights far more often than small ones (measured on a
+Permuted-MNIST mask: 0.1% of the weights of |q| 5, 7-12% of |q| 40-100), so grouping by magnitude
+puts the flips of similar density together and the coded mask is ~9% smaller; the decoder has the
+base bytes, so the order costs nothing to send.
+
 The decoder checks the declared sizes before it allocates from them.
 """
 
@@ -18,6 +25,8 @@ import numpy as np
 from .transport import TransportError, decode_runs, encode_runs
 
 CODINGS = ("bits", "runs")
+ORDERS = ("region", "magnitude")
+MAGNITUDE_GROUP = 16  # |int8| values per group of the magnitude order (8 groups)
 
 
 def encode(flips, coding):
@@ -30,7 +39,7 @@ def encode(flips, coding):
 def max_coded_bytes(coding, count, length):
     """The most bytes ``count`` flips of ``length`` positions take in ``coding`` (TransportError when
     the coding or the numbers are malformed): the bound a decoder reads up to."""
-    if coding not in CODINGS or not _is_int(count) or not _is_int(length) or not 0 <= count <= length:
+    if coding not in CODINGS or not is_int(count) or not is_int(length) or not 0 <= count <= length:
         raise TransportError("a mask's coding or flip count is malformed")
     return (length + 7) // 8 if coding == "bits" else count + length // 255 + 1
 
@@ -56,5 +65,17 @@ def decode(raw, coding, count, length):
     return flips
 
 
-def _is_int(v):
+def position_order(order, base_bytes):
+    """The permutation that puts positions in ``order``, given the base's bytes at those positions
+    (TransportError when the order is unknown): ``flips[perm]`` is coded, ``flips[perm] = coded``
+    decoded."""
+    if order not in ORDERS:
+        raise TransportError("a mask's position order is malformed")
+    if order == "region":
+        return np.arange(len(base_bytes))
+    groups = np.abs(np.frombuffer(bytes(base_bytes), dtype=np.int8).astype(np.int16)) // MAGNITUDE_GROUP
+    return np.argsort(-groups, kind="stable")
+
+
+def is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)

@@ -27,9 +27,11 @@ byte-wise modulo 256, its residual the L-th base-sized slice of ``residuals``; a
 
 Piggyback ships the unmasked backbone as ``model_file`` (its test vectors are the backbone's) and
 every task's file as ``{..., "mode": "bitmask", "index": i, "ref": "ones" | "previous", "coding":
-"bits" | "runs", "flip_count": n, "flips": section}``: its mask has one bit per byte of the base
-inside ``regions`` (set: the file keeps the base's byte, else 0), coded as the ``n`` positions where
-it differs from all ones or from the previous bitmask file's mask (``mask_codec``); the header's
+"bits" | "runs", ["order": "region" | "magnitude",] "flip_count": n, "flips": section}``: its mask
+has one bit per byte of the base inside ``regions`` (set: the file keeps the base's byte, else 0),
+coded as the ``n`` positions where it differs from all ones or from the previous bitmask file's mask,
+taken in ``order`` (default ``region``; ``mask_codec``); ``scaled``, optional, lists float32 runs
+predicted as the base's times a ratio (``apply_scaled``); the header's
 ``bit_residuals`` section holds one base-sized residual per file (the i-th), added byte-wise modulo
 256.
 """
@@ -273,6 +275,27 @@ def magnitude_order(data):
     return np.argsort(-mags, kind="stable")
 
 
+def apply_scaled(predicted, scaled):
+    """``predicted`` (a model file's bytes as a uint8 array, changed in place) with each
+    ``[start, count, ratio]`` of ``scaled`` applied: the ``count`` float32 words from byte ``start``
+    times ``ratio`` (in float32). A task file's quantization scales that follow an activation scale
+    (a bias's per-channel scales are ``input scale x weight scale``) are the base's times one ratio,
+    so predicting them leaves a residual of zeros and last-bit differences instead of random bytes.
+    TransportError when ``scaled`` is malformed or lies outside the file."""
+    if not isinstance(scaled, list) or len(scaled) > 4096:
+        raise TransportError("a bitmask file's scaled words are malformed")
+    words = predicted[:len(predicted) // 4 * 4].view("<f4")
+    for item in scaled:
+        if not (isinstance(item, list) and len(item) == 3 and all(mask_codec.is_int(v) for v in item[:2])
+                and isinstance(item[2], float) and np.isfinite(item[2]) and item[0] % 4 == 0
+                and item[1] > 0 and 0 <= item[0] and item[0] + 4 * item[1] <= len(words) * 4):
+            raise TransportError("a bitmask file's scaled words are malformed")
+        first = item[0] // 4
+        with np.errstate(all="ignore"):
+            words[first:first + item[1]] = words[first:first + item[1]] * np.float32(item[2])
+    return predicted
+
+
 def header_filters():
     return [{"id": lzma.FILTER_LZMA2, "lc": 3, "lp": 0, "pb": 0, "dict_size": 1 << 16}]
 
@@ -381,6 +404,14 @@ class _BitmaskSections(object):
             raise TransportError("the bit mask residuals have the wrong length")
         self.count, self.base, self.payload, self.start = n, base_arr, payload, start
         self.previous = None
+        self._orders = {}
+
+    def _order(self, order):
+        if not isinstance(order, str) or order not in mask_codec.ORDERS:
+            raise TransportError("a bitmask file entry is malformed")
+        if order not in self._orders:
+            self._orders[order] = mask_codec.position_order(order, self.base[self.positions].tobytes())
+        return self._orders[order]
 
     def file(self, entry):
         i, size, ref = entry.get("index"), len(self.base), entry.get("ref")
@@ -388,14 +419,17 @@ class _BitmaskSections(object):
                 or ref not in ("ones", "previous") or (ref == "previous" and self.previous is None):
             raise TransportError("a bitmask file entry is malformed")
         coding, count, length = entry.get("coding"), entry.get("flip_count"), len(self.positions)
+        perm = self._order(entry.get("order", "region"))
         coded = _section(self.payload, self.start, entry.get("flips"), mask_codec.max_coded_bytes(coding, count, length))
-        flips = mask_codec.decode(coded, coding, count, length)
+        flips = np.empty(length, dtype=bool)
+        flips[perm] = mask_codec.decode(coded, coding, count, length)
         kept = ~flips if ref == "ones" else self.previous ^ flips
         self.previous = kept
         keep = np.ones(size, dtype=bool)
         keep[self.positions] = kept
         residual = np.frombuffer(self.residuals[i * size:(i + 1) * size], dtype=np.uint8)
-        return (np.where(keep, self.base, 0).astype(np.uint8) + residual).astype(np.uint8).tobytes()
+        predicted = apply_scaled(np.where(keep, self.base, 0).astype(np.uint8), entry.get("scaled", []))
+        return (predicted + residual).astype(np.uint8).tobytes()
 
 
 def check_tasks_transport(bundle):
@@ -431,5 +465,5 @@ def check_tasks_transport(bundle):
 
 
 __all__ = ["TASKS_MAGIC", "TaskModel", "bundle_tasks", "check_tasks_transport", "decode_task_models",
-           "header_filters", "magnitude_order", "open_full_task_model", "open_task_model", "region_positions",
+           "apply_scaled", "header_filters", "magnitude_order", "open_full_task_model", "open_task_model", "region_positions",
            "select_task", "task_accuracies", "task_labels", "verify_tasks"]

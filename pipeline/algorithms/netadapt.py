@@ -22,7 +22,7 @@ MobileNetV2's estimate summed to 2.6x its dense latency, and each timing costs a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 # A group whose narrowing costs less than this (points) is ranked as if it cost this: the ratio stays
 # finite and a free, fast step still beats a free, slow one.
@@ -130,6 +130,19 @@ def furthest_within(path: list[dict[str, Any]], trial: Callable[[dict[str, float
     return (lo if lo >= 0 else None), best, tried
 
 
+class PathChoice(NamedTuple):
+    """What :func:`furthest_meeting_target` kept: the path, its chosen step (None: none recovered
+    within the allowance), that step's trial result, every trial, the recovered model's latency as
+    judged (None without a chosen step) and one record per path walked."""
+
+    path: list[dict[str, Any]]
+    index: int | None
+    result: Any
+    trials: list[dict[str, Any]]
+    final_ms: float | None
+    paths: list[dict[str, Any]]
+
+
 def furthest_meeting_target(path_for: Callable[[float], list[dict[str, Any]]],
                             trial: Callable[[dict[str, float]], tuple[float, Any]], allowance_pt: float,
                             final_ms: Callable[[Any], float], target_ms: float, max_paths: int = MAX_PATHS):
@@ -139,18 +152,17 @@ def furthest_meeting_target(path_for: Callable[[float], list[dict[str, Any]]],
     busier moment: a ResNet-18 path met 2x on its bound, the recovered model's bound said 1.59x) it can
     fall short. Then, where accuracy allowed the path's end, a path aimed lower by the shortfall is
     walked and recovered, up to ``max_paths`` paths, until one meets the target or nothing narrower is
-    left; of the recovered models the fastest is kept. Returns (path, index or None, trial result,
-    trials, final ms or None, one record per path)."""
+    left; of the recovered models the fastest is kept (a :class:`PathChoice`)."""
     aim, aims, kept = target_ms, [], None
     while True:
         path = path_for(aim)
-        if kept is not None and (not path or path[-1]["keep"] == kept[0][-1]["keep"]):
+        if kept is not None and (not path or path[-1]["keep"] == kept.path[-1]["keep"]):
             return kept  # the lower aim reaches no narrower model
         index, result, tried = furthest_within(path, trial, allowance_pt)
         ms = final_ms(result) if index is not None else None
         aims.append({"aim_ms": aim, "path_steps": len(path), "chosen_step": index, "final_ms": ms})
-        if kept is None or (ms is not None and ms < kept[4]):
-            kept = (path, index, result, tried, ms, aims)
+        if kept is None or (ms is not None and ms < kept.final_ms):
+            kept = PathChoice(path, index, result, tried, ms, aims)
         if ms is None or ms <= target_ms + 1e-12 or index < len(path) - 1 or len(aims) >= max_paths:
             return kept
         aim *= target_ms / ms

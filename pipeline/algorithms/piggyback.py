@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from edgec.base.errors import InputError
+from edgec.ondevice import mask_codec
 
 
 def scale_keepers(weight: torch.Tensor) -> torch.Tensor:
@@ -157,9 +158,11 @@ def encode_masked_models(base: bytes, base_name: str, files: Mapping[str, bytes]
     rebuilt from ``base`` (the unmasked backbone's model file) as ``mode = "bitmask"``: inside the
     byte ranges where some file zeroes a byte of the base (the masked weight buffers), a mask says
     whether the file keeps the base's byte, coded as its flips against all ones or the previous
-    file's mask, in whichever coding compresses smallest (``edgec.ondevice.mask_codec``); the rest
+    file's mask, in whichever coding and position order compresses smallest
+    (``edgec.ondevice.mask_codec``); the rest
     (biases, activation scales that differ between the files) is a byte-wise residual per file,
-    nearly all zeros. The payload is decoded again before it is kept."""
+    nearly all zeros, after the runs of scales that follow one ratio are predicted from the base's
+    (``scaled_runs``). The payload is decoded again before it is kept."""
     from edgec.ondevice import tasks as fmt
 
     from .tasks_payload import TasksPayloadWriter, level_regions
@@ -172,13 +175,19 @@ def encode_masked_models(base: bytes, base_name: str, files: Mapping[str, bytes]
     regions = level_regions(zeroed)
     positions = fmt.region_positions(regions, len(base))
     writer = TasksPayloadWriter(base, base_name)
+    orders = {o: mask_codec.position_order(o, base_arr[positions].tobytes()) for o in mask_codec.ORDERS}
     rebuilt, residuals, previous = {}, [], None
     for i, (name, data) in enumerate(same.items()):
         arr = np.frombuffer(data, dtype=np.uint8)
         keep = np.ones(len(base), dtype=bool)
-        keep[positions] = arr[positions] == base_arr[positions]
-        residuals.append((arr - np.where(keep, base_arr, 0)).astype(np.uint8).tobytes())
-        rebuilt[name] = {"mode": "bitmask", "index": i, **_coded_mask(writer, keep[positions], previous)}
+        keep[positions] = (arr[positions] != 0) | (base_arr[positions] == 0)  # a byte the file zeroes is dropped
+        scaled = scaled_runs(arr, base_arr)
+        for start, count, _ in scaled:
+            keep[start:start + 4 * count] = True  # predicted from the base's words, not masked
+        predicted = fmt.apply_scaled(np.where(keep, base_arr, 0).astype(np.uint8), scaled)
+        residuals.append((arr - predicted).astype(np.uint8).tobytes())
+        rebuilt[name] = {"mode": "bitmask", "index": i, **_coded_mask(writer, keep[positions], previous, orders),
+                         **({"scaled": scaled} if scaled else {})}
         previous = keep[positions]
     if same:
         writer.header["regions"] = regions
@@ -186,16 +195,44 @@ def encode_masked_models(base: bytes, base_name: str, files: Mapping[str, bytes]
     return writer.finish(files, rebuilt)
 
 
-def _coded_mask(writer, kept: np.ndarray, previous: np.ndarray | None) -> dict:
-    """``kept``'s smallest coding (its flips against all ones or ``previous``) as a payload section;
-    the file entry's keys that describe it."""
-    from edgec.ondevice import mask_codec
+MIN_SCALED_WORDS = 8  # shorter runs cost more header than they save
 
+
+def scaled_runs(data: np.ndarray, base: np.ndarray, rtol: float = 1e-5) -> list[list]:
+    """``[start, count, ratio]`` of each run of at least MIN_SCALED_WORDS float32 words (4-aligned)
+    where ``data`` differs from ``base`` and most words are ``base``'s times one common ratio
+    (``edgec.ondevice.tasks.apply_scaled``; the residual corrects the rest): a task's bias scales,
+    which are the base's times the ratio of the two files' activation scales."""
+    n = len(data) // 4
+    got, had = data[:4 * n].view("<f4"), base[:4 * n].view("<f4")
+    differ = np.flatnonzero(data[:4 * n].view("<u4") != base[:4 * n].view("<u4"))
+    runs = []
+    for words in np.split(differ, np.flatnonzero(np.diff(differ) > 1) + 1):
+        if len(words) < MIN_SCALED_WORDS:
+            continue
+        with np.errstate(all="ignore"):
+            ratios = got[words].astype(np.float64) / had[words]
+            ratio = np.float32(np.median(ratios))
+            normal = _normal(had[words]) & _normal(had[words] * ratio)  # no NaN or subnormal arithmetic
+        if normal.all() and np.mean(np.abs(ratios - ratio) <= rtol * abs(ratio)) >= 0.5:
+            runs.append([int(words[0]) * 4, len(words), float(ratio)])
+    return runs
+
+
+def _normal(words: np.ndarray) -> np.ndarray:
+    """Finite float32 values of normal size (the same product on every CPU, arm64 included)."""
+    return np.isfinite(words) & (np.abs(words) >= np.finfo(np.float32).tiny)
+
+
+def _coded_mask(writer, kept: np.ndarray, previous: np.ndarray | None, orders: Mapping[str, np.ndarray]) -> dict:
+    """``kept``'s smallest coding (its flips against all ones or ``previous``, in each position
+    order of ``orders``) as a payload section; the file entry's keys that describe it."""
     refs = {"ones": ~kept, **({} if previous is None else {"previous": kept ^ previous})}
     candidates = []
     for ref, flips in refs.items():
-        for coding in mask_codec.CODINGS:
-            raw, count = mask_codec.encode(flips, coding)
-            candidates.append(({"ref": ref, "coding": coding, "flip_count": count}, raw))
+        for order, perm in orders.items():
+            for coding in mask_codec.CODINGS:
+                raw, count = mask_codec.encode(flips[perm], coding)
+                candidates.append(({"ref": ref, "order": order, "coding": coding, "flip_count": count}, raw))
     meta, section = writer.add_smallest(candidates)
     return {**meta, "flips": section}
