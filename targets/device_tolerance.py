@@ -14,6 +14,7 @@ squeeze-excite with ReLU (MUL: gate and scale)         0                     2 (
 MobileNetV3 blocks (HARD_SWISH and MUL; 14)            0                     4 (11)
 MobileNetV2, 8 inverted residuals (27)                 0                     7 (11)
 MobileNetV2, 16 inverted residuals (51)                0                     10 (21)
+MobileNetV3, 8 blocks (HARD_SWISH and MUL; 44)         0                     4 (23)
 MobileNetV2-0.35 at 96x96, channel-pruned (53)         0                     4 (22)
 
 tflite-runtime 2.14's int8 HARD_SWISH and MUL kernels round differently from ai-edge-litert's, so

@@ -33,7 +33,8 @@ from edgec.targets.device_tolerance import SCALE_MARGIN, tflite_op_names, tolera
 TESTS = Path(__file__).parent
 # Epochs enough for every test vector's top-1 to be decisive (an undertrained model's near-ties flip
 # under any rounding, and the emulated check demands identical top-1).
-EPOCHS = {"resnet_basic": 8, "inverted_residual": 30, "mobilenet_v3_block": 30, "deep_inverted_residual": 30}
+EPOCHS = {"resnet_basic": 8, "inverted_residual": 30, "mobilenet_v3_block": 30, "deep_inverted_residual": 30,
+          "deep_mobilenet_v3": 30}
 
 
 def build_rpi_bundle(workdir: Path, factory: str) -> Path:
