@@ -407,7 +407,7 @@ class _BitmaskSections(object):
         self._orders = {}
 
     def _order(self, order):
-        if not isinstance(order, str) or order not in mask_codec.ORDERS:
+        if not isinstance(order, str):  # a dict key below; position_order checks the name
             raise TransportError("a bitmask file entry is malformed")
         if order not in self._orders:
             self._orders[order] = mask_codec.position_order(order, self.base[self.positions].tobytes())
