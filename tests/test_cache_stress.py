@@ -69,6 +69,7 @@ def check_artifact(art, key: str, what: str) -> None:
 def forge(root: Path, key: str, rng: random.Random) -> None:
     """Atomically replace an entry with one the cache must refuse."""
     stage_dir = root / STAGE
+    stage_dir.mkdir(parents=True, exist_ok=True)  # a forge may come before the first put
     tmp = make_temp_dir(stage_dir)
     try:
         for name, data in payload(key).items():
