@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,15 @@ from ..training import fit
 MIN_USEFUL_SPEEDUP = 1.1  # below this at the narrowest widths, width does not buy latency on this host
 JUDGED_ON = "paired-lower-bound, recovered"  # the bound of paired rounds, after recovery too (netadapt.py)
 CALIBRATION_SAMPLES = 32  # the table's int8 conversions: ranges do not change the latency
+
+
+@dataclass
+class Recovered:
+    """A narrowed model after its recovery, and its speedup once measured (``final_ms``)."""
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    speed: dict[str, Any] | None = None
 
 
 def latency_key_material(cfg, target) -> dict[str, Any]:
@@ -131,16 +141,16 @@ def _prune_along_path(stage, ckpt, model, example, groups, table, speedup_of, ct
                         masks=dict(ckpt.masks))
 
     drops = {g.name: {str(w): drop_of(narrow({g.name: w})[0]) for w in cfg.latency_widths} for g in groups}
-    share, speeds = baseline.allowance, {}  # id(recovered result) -> its speedup
+    share = baseline.allowance
 
     def path_for(aim_ms: float):
         # the path's measured latency is the gate's figure: dense over the speedup's lower confidence bound
         return greedy_path(table, drops, aim_ms,
                            measure=lambda keep: table["dense_ms"] / speedup_of(narrow(keep)[0])["lower_bound"])
 
-    def final_ms(result) -> float:
-        speeds[id(result)] = speedup_of(result[0])
-        return table["dense_ms"] / speeds[id(result)]["lower_bound"]
+    def final_ms(result: Recovered) -> float:
+        result.speed = speedup_of(result.model)
+        return table["dense_ms"] / result.speed["lower_bound"]
 
     def trial(keep: dict[str, float]):
         candidate, masks = narrow(keep)
@@ -150,7 +160,7 @@ def _prune_along_path(stage, ckpt, model, example, groups, table, speedup_of, ct
                 fit(candidate, data, cfg.retrain, ctx.seed, ctx.console, label=label, after_step=enforcer.reapply)
         else:
             fit(candidate, data, cfg.retrain, ctx.seed, ctx.console, label=label)
-        return drop_of(candidate.eval()), (candidate, masks)
+        return drop_of(candidate.eval()), Recovered(candidate, masks)
 
     path, index, best, tried, _, aims = furthest_meeting_target(path_for, trial, share, final_ms, target_ms(cfg, table))
     record.update(drops=drops, path=path, trials=tried, share_pt=share, paths=aims)
@@ -159,8 +169,7 @@ def _prune_along_path(stage, ckpt, model, example, groups, table, speedup_of, ct
                 f"{share:.2g} pt of validation accuracy (measured on {record['measured_on']})")
         ctx.console.print(line)
         return _unpruned(ckpt, model, data, out_dir, {**record, "pruned": False, "reason": line})
-    pruned_model, masks = best
-    speed = speeds[id(best)]
+    pruned_model, masks, speed = best.model, best.masks, best.speed
     measured = table["dense_ms"] / speed["median"]
     met = table["dense_ms"] / speed["lower_bound"] <= target_ms(cfg, table) + 1e-12
     record.update(pruned=True, chosen=path[index]["keep"], estimated_ms=path[index]["estimated_ms"],
