@@ -320,6 +320,7 @@ def main() -> None:
     import torch
     from rich.console import Console
 
+    from edgec.ondevice.machine import machine_info
     from edgec.ondevice.op_profile import profile_ops
     from edgec.ondevice.manifest import load_bundle
 
@@ -340,7 +341,7 @@ def main() -> None:
             python = prepare_arm64_python(DEFAULT_CACHE_DIR, "ai-edge-litert", progress=console.log)
         for key in args.models:
             row, bundle, extra = run_model(key, MODELS[key], args, work, target, python, console)
-            result["models"][key] = row
+            result["models"][key] = {**row, "machine": machine_info()}  # rows kept from other runs keep theirs
             _write(args.json, result, start)  # the row is kept even if the profile or the gate runs are cut short
             if key == COMPUTE_BOUND:
                 result["ops_profile"] = {"bundle": f"{key} compressed", **profile_ops(
@@ -357,6 +358,7 @@ def main() -> None:
 
 
 def _write(path: Path, result: dict, start: float) -> None:
+    """``machine`` is the last run's; each row has the machine it ran on."""
     from edgec.ondevice.machine import machine_info
 
     result.update(machine=machine_info(), command="python benchmarks/speed.py",
