@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from support import run_cli
 from test_ondevice import bundles, copy_bundle, read_manifest, run_py, write_manifest  # noqa: F401  (fixtures)
