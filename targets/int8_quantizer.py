@@ -63,7 +63,8 @@ def capture_graph(model: torch.nn.Module, example: torch.Tensor):
     raise ExportError("torch.export could not capture the model: " + "; ".join(errors))
 
 
-def full_integer_quantizer(per_channel: bool = True, activation_observer: str = "histogram", qat: bool = False):
+def full_integer_quantizer(per_channel: bool = True, activation_observer: str = "histogram", qat: bool = False,
+                           weight_bits: int = 8):
     """litert-torch's PT2E quantizer (static int8 activations, int8 weights) with additions.
 
     The stock quantizer annotates known op patterns only (conv, linear, add, mul, pooling, concat,
@@ -97,22 +98,27 @@ def full_integer_quantizer(per_channel: bool = True, activation_observer: str = 
     observers (``qat_fake_quantizers``: moving-average min-max activations, so the tensors feeding
     the output already keep their full range; weights at their current range) and conv + BatchNorm
     annotated as one (``edgec.targets.qat``).
+
+    ``weight_bits``: 8 (-127..127) or 7 (-63..63, what the ONNX int8 route needs: ``onnx_export``).
     """
     if activation_observer not in ("histogram", "minmax"):
         raise ValueError(f"activation_observer must be histogram or minmax, got {activation_observer!r}")
-    config, minmax = _quantization_config(per_channel, activation_observer, qat)
+    config, minmax = _quantization_config(per_channel, activation_observer, qat, weight_bits)
     quantizer = _quantizer_class()()
     quantizer.annotations = _Annotations(config.input_activation, minmax)
     return quantizer.set_global(config)
 
 
-def _quantization_config(per_channel: bool, activation_observer: str, qat: bool):
+def _quantization_config(per_channel: bool, activation_observer: str, qat: bool, weight_bits: int):
     """litert-torch's symmetric config with edgec's observers, and the min-max activation spec that
     the tensors feeding the graph output get."""
     from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.observer import MinMaxObserver
 
     config = get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat)
+    if weight_bits != 8:
+        largest = 2 ** (weight_bits - 1) - 1
+        config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=-largest, quant_max=largest))
     if qat:
         config = qat_fake_quantizers(config, per_channel)
     # QAT's activation fake-quantizers already track the full (moving-average) min-max range.

@@ -27,9 +27,16 @@ from .exported import strip_dropout
 from .int8_quantizer import capture_graph, full_integer_quantizer, load_litert
 
 _STATE_PREFIX = "activation_post_process_"  # what prepare_qat_pt2e names its fake-quantize modules
+WEIGHT_BITS = {"tflite": 8, "onnx": 7}  # the int8 weights each format's export makes (onnx_export: reduce_range)
 
 
-def prepare_qat(model: nn.Module, example: torch.Tensor, per_channel: bool = True) -> torch.fx.GraphModule:
+def weight_bits_for(target_format: str) -> int:
+    """The weight bits a target's int8 export uses, so QAT trains on the grid the file will have."""
+    return WEIGHT_BITS.get(target_format, 8)
+
+
+def prepare_qat(model: nn.Module, example: torch.Tensor, per_channel: bool = True,
+                weight_bits: int = 8) -> torch.fx.GraphModule:
     """The model captured in training mode with fake-quantize modules inserted; its parameters
     keep the model's names (``conv1.weight``), so masks and codebooks address them as before.
 
@@ -44,7 +51,7 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, per_channel: bool = Tru
         raise ExportError(f"quantization-aware training needs a model torch.export captures with a dynamic batch "
                           f"dimension; this one was captured only as {capture!r}")
     try:
-        return prepare_qat_pt2e(graph, full_integer_quantizer(per_channel, qat=True))
+        return prepare_qat_pt2e(graph, full_integer_quantizer(per_channel, qat=True, weight_bits=weight_bits))
     except Exception as e:
         raise ExportError(f"preparing the model for quantization-aware training failed: {type(e).__name__}: {e}") from e
 
@@ -80,10 +87,19 @@ class QATModel(nn.Module):
         return {name: trained.get(name, value) for name, value in model.state_dict().items()}
 
 
-def qat_extension(graph: torch.fx.GraphModule, per_channel: bool) -> dict[str, Any]:
-    """What the checkpoint keeps for the exporters: the quantizer setting and every fake-quantizer's state."""
+def qat_extension(graph: torch.fx.GraphModule, per_channel: bool, weight_bits: int = 8) -> dict[str, Any]:
+    """What the checkpoint keeps for the exporters: the quantizer settings and every fake-quantizer's state."""
     state = {k: v.detach().clone() for k, v in graph.state_dict().items() if k.startswith(_STATE_PREFIX)}
-    return {"per_channel": per_channel, "state": state}
+    return {"per_channel": per_channel, "weight_bits": weight_bits, "state": state}
+
+
+def record_weight_bits(extension: Mapping[str, Any]) -> int:
+    """The record's weight bits (8 in records from before they were kept), checked."""
+    bits = extension.get("weight_bits", 8)
+    if type(bits) is not int or bits not in set(WEIGHT_BITS.values()):
+        raise ExportError(f"the checkpoint's qat record has weight_bits {bits!r}; expected one of "
+                          f"{sorted(set(WEIGHT_BITS.values()))}; rerun the qat stage")
+    return bits
 
 
 def restore_qat(model: nn.Module, example: torch.Tensor, extension: Any) -> torch.fx.GraphModule:
@@ -94,7 +110,7 @@ def restore_qat(model: nn.Module, example: torch.Tensor, extension: Any) -> torc
         raise ExportError("the checkpoint's qat record is damaged (expected per_channel and state); rerun the qat stage")
     from torchao.quantization.pt2e import move_exported_model_to_eval
 
-    graph = prepare_qat(model, example, extension["per_channel"])
+    graph = prepare_qat(model, example, extension["per_channel"], record_weight_bits(extension))
     move_exported_model_to_eval(graph)  # the form the qat stage's training ended in
     with torch.no_grad():
         graph(torch.cat([example, example]))  # sizes the per-channel buffers, which start empty, for the check below

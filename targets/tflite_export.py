@@ -188,10 +188,10 @@ def _convert_int8(
 def _convert_int8_qat(model: torch.nn.Module, example: torch.Tensor, qat: Mapping[str, Any]):
     from litert_torch.quantize.quant_config import QuantConfig
 
-    from .qat import convert_qat, restore_qat
+    from .qat import convert_qat, record_weight_bits, restore_qat
 
     quantized = convert_qat(restore_qat(model, example, qat))
-    quantizer = full_integer_quantizer(qat["per_channel"], qat=True)
+    quantizer = full_integer_quantizer(qat["per_channel"], qat=True, weight_bits=record_weight_bits(qat))
     edge_model = load_litert().convert(quantized, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
     return edge_model, {
         "precision": "int8",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 import torch
@@ -326,6 +327,10 @@ def test_onnx_int8_is_per_channel_qdq_and_agrees(tmp_path, trained, name, method
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)
     assert info.conversion["calibration_method"] == method and info.conversion["calibration_samples"] == 128
     assert decisive_agreement(run_onnx(info.path, x_test), reference(model, x_test), "int8") >= MIN_AGREEMENT
+    # 7-bit weights: onnxruntime's x86 kernels without VNNI add u8 x s8 products in 16-bit pairs (onnx_export.py)
+    weights = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("weight_quantized")]
+    assert weights and max(np.abs(w.astype(np.int16)).max() for w in weights) <= 64
+    assert info.conversion["weight_bits"] == 7
 
 
 def test_onnx_mlp_on_28x28_images_with_flatten(tmp_path):

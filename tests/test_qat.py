@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from rich.console import Console
@@ -23,7 +24,7 @@ from edgec.pipeline.stages.share import ShareConfig, ShareStage
 from edgec.pipeline.stages.train import TrainConfig, TrainStage
 from edgec.targets.profile import load_target
 from edgec.pipeline.extensions import QAT_EXT as QAT_EXTENSION
-from edgec.targets.qat import QATModel, convert_qat, prepare_qat, qat_extension, restore_qat
+from edgec.targets.qat import QATModel, convert_qat, prepare_qat, qat_extension, restore_qat, weight_bits_for
 from support import run_cli, zoo_source
 
 
@@ -74,11 +75,33 @@ def test_a_damaged_or_foreign_qat_record_is_refused():
         {"per_channel": True, "state": {**good["state"], name: torch.ones(1000)}},
         {"per_channel": True, "state": {**good["state"], name: torch.full_like(good["state"][name], float("nan"))}},
         {"per_channel": True, "state": {**good["state"], name: "1.0"}},
+        *({**good, "weight_bits": bits} for bits in (True, 9, 0, "7", 7.0, None)),
         "not a record",
     ]
     for record in bad_records:
         with pytest.raises(ExportError, match="qat record"):
             restore_qat(model, x[:1], record)
+
+
+def test_qat_trains_on_the_weight_grid_of_the_targets_export_and_onnx_refuses_another(tmp_path):
+    from edgec.targets.onnx_export import export_onnx
+
+    assert (weight_bits_for("tflite"), weight_bits_for("onnx")) == (8, 7)
+    model, graph, x = _trained_graph()  # 8-bit weights, as for TFLite
+    with pytest.raises(ExportError, match="trained with 8-bit weights; the ONNX int8 route needs 7"):
+        export_onnx(model, x[:1], tmp_path / "m.onnx", precision="int8", qat=qat_extension(graph, per_channel=True))
+    seven = prepare_qat(model, x[:1], weight_bits=7)
+    with torch.no_grad():
+        seven(x)
+    record = qat_extension(seven, per_channel=True, weight_bits=7)
+    info = export_onnx(model, x[:1], tmp_path / "m.onnx", precision="int8", qat=record)
+    assert info.conversion["weight_bits"] == 7
+    # the float weights are quantized in the graph, then clipped to the trained grid before their DequantizeLinear
+    g = onnx.load(info.path).graph
+    constants = {t.name: int(onnx.numpy_helper.to_array(t)) for t in g.initializer if not t.dims}
+    weight_q = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear" and n.input[0].endswith(".weight")}
+    clips = [n for n in g.node if n.op_type == "Clip" and n.input[0] in weight_q]
+    assert len(clips) == 2 and all((constants[c.input[1]], constants[c.input[2]]) == (-63, 63) for c in clips)
 
 
 def test_assignments_are_recovered_from_fine_tuned_unsorted_codebooks():
@@ -126,7 +149,8 @@ def test_qat_keeps_masks_and_codebooks_and_rpi_int8_ships_its_ranges(pruned_and_
             values = torch.unique(param[param != 0])
             assert len(values) <= len(before.codebooks[name]) and torch.isin(values, after.codebooks[name]).all()
     assert any(not torch.equal(before.codebooks[n], after.codebooks[n]) for n in before.codebooks)  # it trained
-    assert set(after.extensions[QAT_EXTENSION]) == {"per_channel", "state"}
+    assert set(after.extensions[QAT_EXTENSION]) == {"per_channel", "weight_bits", "state"}
+    assert after.extensions[QAT_EXTENSION]["weight_bits"] == 8  # TFLite's grid
     manifest = json.loads((export_step.artifact.path / "manifest.json").read_text())
     assert manifest["conversion"]["quantization_aware_training"] is True
     assert "prepare_qat_pt2e" in manifest["conversion"]["tool"] and "calibration_samples" not in manifest["conversion"]
@@ -144,6 +168,7 @@ def test_desktop_gpu_int8_is_qdq_onnx_from_the_same_training(pruned_and_shared):
     ops = {node.op_type for node in onnx.load(export_step.artifact.path / "model.onnx").graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     assert export_step.artifact.info["top1_agreement"] >= 0.99
+    assert qat_step.artifact.checkpoint().extensions[QAT_EXTENSION]["weight_bits"] == 7  # the ONNX route's grid
     masks = qat_step.artifact.checkpoint().masks
     model = qat_step.artifact.checkpoint().build(ctx.trust)
     assert all(not p[~masks[n]].any() for n, p in model.named_parameters() if n in masks)
@@ -226,18 +251,22 @@ def test_mobile_architectures_export_their_qat_ranges_on_both_routes(name, tmp_p
         module.eval()
 
     train(model, model.parameters(), 8, 3e-3)
-    graph = prepare_qat(model, x[:1])
-    trainee = QATModel(graph)
-    train(trainee, graph.parameters(), 1, 1e-4)
-    model.load_state_dict(trainee.trained_state(model))
-    record = qat_extension(graph, per_channel=True)
-    with torch.no_grad():
-        logits = restore_qat(model, x[:1], record)(x_test).numpy()
-    reference = logits.argmax(1)
-    assert (reference == data.y_test).mean() > 0.6  # trained, not near chance
-    top2 = np.sort(logits, axis=1)[:, -2:]
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
     step = None
-    for exporter, runtime, file in ((export_tflite, "tflite", "m.tflite"), (export_onnx, "onnxruntime", "m.onnx")):
+    for exporter, fmt, runtime, file in ((export_tflite, "tflite", "tflite", "m.tflite"),
+                                         (export_onnx, "onnx", "onnxruntime", "m.onnx")):
+        model.load_state_dict(trained)  # each route fine-tunes on its own weight grid (8 bits; 7 for ONNX)
+        bits = weight_bits_for(fmt)
+        graph = prepare_qat(model, x[:1], weight_bits=bits)
+        trainee = QATModel(graph)
+        train(trainee, graph.parameters(), 1, 1e-4)
+        model.load_state_dict(trainee.trained_state(model))
+        record = qat_extension(graph, per_channel=True, weight_bits=bits)
+        with torch.no_grad():
+            logits = restore_qat(model, x[:1], record)(x_test).numpy()
+        reference = logits.argmax(1)
+        assert (reference == data.y_test).mean() > 0.6  # trained, not near chance
+        top2 = np.sort(logits, axis=1)[:, -2:]
         info = exporter(model, x[:1], tmp_path / file, precision="int8", qat=record)
         assert info.conversion["quantization_aware_training"] is True
         step = step or info.outputs[0]["quantization"]["scale"]  # the int8 output step (TFLite's int8 output)

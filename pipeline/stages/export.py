@@ -51,8 +51,8 @@ class ExportConfig(StageConfig):
 
 class ExportStage(Stage):
     kind = "export"
-    version = 3  # 2: the bundle's validation figure (the accuracy budget), the margin-aware parity gate;
-    # 3: Piggyback's tasks payload (magnitude-ordered flips, predicted bias scales)
+    version = 4  # 2: the bundle's validation figure (the accuracy budget), the margin-aware parity gate;
+    # 3: Piggyback's tasks payload (magnitude-ordered flips, predicted bias scales); 4: ONNX int8 weights in 7 bits
     produces = BUNDLE
     target_dependent = True
     accepts_extensions = (QAT_EXT,)

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from edgec.base.errors import ConfigError, ExportError
 from edgec.base.quiet import native_logs_captured
-from edgec.targets.qat import QATModel, prepare_qat, qat_extension
+from edgec.targets.qat import QATModel, prepare_qat, qat_extension, weight_bits_for
 
 from ..algorithms.pruning import MaskEnforcer
 from ..algorithms.sharing import CentroidTrainer, assignments_for
@@ -42,7 +42,8 @@ class QatConfig(StageConfig, OptimConfig):
 
 class QatStage(TrainingStage):
     kind = "qat"
-    version = 1
+    version = 2  # 2: trained on the target's weight grid (7 bits for ONNX: targets/onnx_export.py)
+    target_dependent = True
     writes_extensions = (QAT_EXT,)
     Config = QatConfig
 
@@ -56,17 +57,19 @@ class QatStage(TrainingStage):
                               "calibrates them after training)")
         try:
             with native_logs_captured():
-                prepare_qat(probe.model, probe.sample(1), self.config.per_channel)
+                prepare_qat(probe.model, probe.sample(1), self.config.per_channel, weight_bits_for(probe.target.format))
         except ExportError as e:
             raise ConfigError(f"{e}; leave qat out to export with post-training calibration") from e
-        return probe.evolve(extensions={**probe.extensions, QAT_EXT: {"per_channel": self.config.per_channel}})
+        record = {"per_channel": self.config.per_channel, "weight_bits": weight_bits_for(probe.target.format)}
+        return probe.evolve(extensions={**probe.extensions, QAT_EXT: record})
 
     def run(self, source: Artifact, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         ckpt = source.checkpoint()
         model = ckpt.build(ctx.trust)
         example = torch.from_numpy(ctx.data.to_input(ctx.data.x_train[:1]))
+        bits = weight_bits_for(ctx.target.format)
         with native_logs_captured():
-            graph = prepare_qat(model, example, self.config.per_channel)
+            graph = prepare_qat(model, example, self.config.per_channel, bits)
         trainee = QATModel(graph)
         train = functools.partial(fit, trainee, ctx.data, self.config, ctx.seed, ctx.console, label=self.id)
         if ckpt.codebooks:  # cluster-preserving: train the shared values; pruned weights are in no cluster
@@ -80,7 +83,7 @@ class QatStage(TrainingStage):
             result = train()
         model.load_state_dict(trainee.trained_state(model))
         ckpt.state_dict = model.state_dict()
-        ckpt.extensions = {**ckpt.extensions, QAT_EXT: qat_extension(graph, self.config.per_channel)}
+        ckpt.extensions = {**ckpt.extensions, QAT_EXT: qat_extension(graph, self.config.per_channel, bits)}
         ckpt.save(out_dir / CHECKPOINT_FILE)
         return {
             **compressed_model_info(model, ckpt, ctx.data),
