@@ -9,7 +9,7 @@
   ``quantize_static`` in QDQ format with int8 activations and weights (s8s8), per-channel weights
   by default, calibrated by feeding the calibration samples one at a time. Inputs and outputs stay
   float32 (QDQ keeps the float interface); the graph quantizes at its edges. Weights use 7 bits
-  (``reduce_range``): on x86 CPUs without VNNI (AVX2 only: AMD Zen 2/3, most laptops before 2019)
+  (``reduce_range``): on x86 CPUs without VNNI (AVX2 only: AMD Zen 2 and 3, Intel before Ice Lake)
   onnxruntime multiplies with ``VPMADDUBSW``, whose 16-bit pair sums saturate for 8-bit weights
   (onnxruntime's quantization docs). Measured on an AVX2-only AMD EPYC: an int8 LeNet-5 off by
   14% of its output range with 8-bit weights, 0.9% with 7; the result is then the same integer
